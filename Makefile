@@ -1,0 +1,37 @@
+# One entry point. `make run` and `make test` are the README's two commands.
+VENV   ?= .venv
+PYTHON ?= python3
+BIN    := $(abspath $(VENV))/bin
+
+# The venv's python is the `python` that dvc.yaml's commands run.
+export PATH := $(BIN):$(PATH)
+# Both tools phone home unless told not to.
+export MLFLOW_DISABLE_TELEMETRY := true
+export DO_NOT_TRACK := true
+export DVC_NO_ANALYTICS := 1
+
+.PHONY: setup run test test-fast check-params ui bench preset clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+setup: $(VENV)/.installed             ## create .venv with the pinned dependencies
+
+run: setup                            ## run the whole pipeline on params.yaml
+	$(BIN)/dvc repro
+	@echo
+	@echo "Report: metrics/report.md   plots: metrics/plots/   compare: dvc exp show   UI: make ui"
+
+test: setup                           ## the whole test suite, end-to-end tests included (what CI runs)
+	$(BIN)/python -m pytest -q
+
+test-fast: setup                      ## the fast tests only (seconds)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+check-params: setup                   ## validate params.yaml without running anything
+	$(BIN)/python -m rnnlab.config params.yaml
+
+clean:                                ## remove pipeline outputs (not the venv, not mlflow.db)
+	rm -rf data/raw data/tokens models checkpoints metrics/variants metrics/curves metrics/samples metrics/plots metrics/report.md

@@ -1,0 +1,26 @@
+"""Expected mistakes, and the one place that shows them to the user."""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+
+class UserError(Exception):
+    """A mistake the user can fix (bad params, missing file, failed download).
+
+    The message is complete on its own: what was wrong, the value, what is allowed or what to do.
+    `run_main` prints it as `error: <message>` without a traceback and exits with status 2.
+    """
+
+
+def run_main(main: Callable[[], None]) -> None:
+    """Run a stage's main(); show a UserError once, without a traceback."""
+    try:
+        main()
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(130) from None

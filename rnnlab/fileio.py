@@ -1,0 +1,66 @@
+"""Atomic file writes: every output is written to a temporary name and renamed.
+
+A crash, a full disk or a read-only folder therefore never leaves a truncated file at the
+output path: either the old file (or none) is there, or the complete new one.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from rnnlab.errors import UserError
+
+# OS errors that mean "this place cannot take the file", which the user can fix.
+_USER_FIXABLE = {errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EPERM, errno.EDQUOT}
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to `path`; rename it onto `path` if the block succeeds.
+
+    On any failure the temporary file is removed and `path` is left as it was. A disk-full or
+    permission error becomes a UserError naming the path.
+    """
+    path = Path(path)
+    tmp: Path | None = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp = Path(name)
+        yield tmp
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as err:
+        if err.errno in _USER_FIXABLE:
+            raise UserError(
+                f"cannot write {path}: {err.strerror}; nothing was written there "
+                "(free some disk space or make the folder writable, then run again)"
+            ) from None
+        raise
+    finally:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
