@@ -1,0 +1,95 @@
+"""Checkpoints: weights + model config + vocabulary, loadable without the training code.
+
+A model checkpoint (best.pt) is a plain dict of tensors, numbers and strings, read back with
+`torch.load(weights_only=True)`; `load_checkpoint` rebuilds the model from it alone. A resumable
+checkpoint (resume.pt) also holds the optimizer and RNG states and a fingerprint of the settings
+and data, so a run is only ever resumed with the settings that started it.
+"""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rnnlab.errors import UserError
+from rnnlab.fileio import atomic_path
+from rnnlab.models import RNNLM, ModelConfig, build_model
+from rnnlab.vocab import Vocab
+
+FORMAT = "rnnlab-checkpoint/1"
+
+
+def save_checkpoint(path: str | Path, model: RNNLM, vocab: Vocab, **meta: Any) -> None:
+    payload = {
+        "format": FORMAT,
+        "model_config": asdict(model.config),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "vocab": vocab.to_dict(),
+        **meta,
+    }
+    _save(path, payload)
+
+
+def load_checkpoint(path: str | Path, vocab: Vocab | None = None,
+                    device: torch.device | str = "cpu") -> tuple[RNNLM, Vocab, dict]:
+    """Rebuild the model saved at `path`; with `vocab`, also check it was trained on that one."""
+    payload = _load(path)
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise UserError(f"{path}: not an rnnlab model checkpoint (expected format {FORMAT})")
+    try:
+        model = build_model(ModelConfig(**payload["model_config"]))
+        saved_vocab = Vocab.from_dict(payload["vocab"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise UserError(f"{path}: the checkpoint's model config or vocabulary is unreadable ({err})") from None
+    if vocab is not None and saved_vocab.tokens != vocab.tokens:
+        raise UserError(
+            f"{path}: the checkpoint was trained on another vocabulary ({len(saved_vocab)} tokens) "
+            f"than the data given ({len(vocab)} tokens); retrain it on this data"
+        )
+    try:
+        model.load_state_dict(payload["state_dict"])
+    except RuntimeError as err:
+        first = str(err).splitlines()[1].strip() if "\n" in str(err) else str(err)
+        raise UserError(
+            f"{path}: the weights do not fit the model config stored with them (from another "
+            f"variant or a damaged file?): {first}"
+        ) from None
+    meta = {k: v for k, v in payload.items() if k not in ("state_dict", "model_config", "vocab")}
+    return model.to(device), saved_vocab, meta
+
+
+def save_resume(path: str | Path, snapshot: dict, fingerprint: str, **meta: Any) -> None:
+    _save(path, {"format": FORMAT + "+resume", "fingerprint": fingerprint, **meta, **snapshot})
+
+
+def load_resume(path: str | Path, fingerprint: str) -> dict | None:
+    """The resumable state at `path` if it was made with the same settings and data, else None."""
+    if not Path(path).is_file():
+        return None
+    try:
+        payload = _load(path)
+    except UserError:
+        return None  # unreadable: start over rather than fail (it is only a cache)
+    if not isinstance(payload, dict) or payload.get("fingerprint") != fingerprint:
+        return None
+    return payload
+
+
+def _save(path: str | Path, payload: dict) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def _load(path: str | Path) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: checkpoint not found; run the train stage first")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as err:
+        raise UserError(f"{path}: not a readable checkpoint (truncated or corrupt?): {err}") from None

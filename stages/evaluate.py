@@ -1,0 +1,88 @@
+"""DVC stage `evaluate@<variant>`: perplexity of the best checkpoint on every split, beside a
+uniform model's (= vocabulary size), and text samples after each prefix in params.yaml."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from rnnlab.checkpoint import load_checkpoint
+from rnnlab.config import load_params, resolve_train
+from rnnlab.corpus import SPLITS, load_tokens
+from rnnlab.errors import UserError, run_main
+from rnnlab.fileio import read_json, write_text
+from rnnlab.records import record_summary
+from rnnlab.sampling import continue_text
+from rnnlab.tracking import tracked_run
+from rnnlab.training import perplexity, resolve_device
+
+
+def samples_markdown(name: str, samples: dict[str, dict], temperature: float, seed: int) -> str:
+    lines = [f"# Samples: {name}", ""]
+    for prefix, s in samples.items():
+        lines += [f"## `{prefix}`", "", f"- greedy: `{s['greedy']}`"]
+        lines += [f"- sampled (temperature {temperature}, seed {seed}): `{t}`" for t in s["sampled"]]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--variant", required=True)
+    parser.add_argument("--data", required=True, help="the tokenize stage's output folder")
+    parser.add_argument("--model", required=True, help="the train stage's output folder")
+    parser.add_argument("--metrics", required=True, help="metrics JSON to write")
+    parser.add_argument("--samples", required=True, help="samples Markdown to write")
+    args = parser.parse_args()
+
+    params = load_params(args.params)
+    name = args.variant
+    if name not in params.variants:
+        raise UserError(f"--variant {name!r} is not in params.yaml variants: {', '.join(params.variants)}")
+    cfg, ev = resolve_train(params, name), params.evaluate
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    tokens = load_tokens(args.data)
+    model, vocab, meta = load_checkpoint(Path(args.model) / "best.pt", tokens.vocab, device)
+    trained = read_json(Path(args.model) / "train.json")
+
+    start = time.perf_counter()
+    ppl = {s: perplexity(model, torch.as_tensor(tokens.splits[s]), cfg.batch_size, cfg.num_steps, device)
+           for s in SPLITS}
+    gen = torch.Generator().manual_seed(ev.seed)
+    samples = {
+        prefix: {
+            "greedy": continue_text(model, vocab, prefix, ev.num_tokens),
+            "sampled": [continue_text(model, vocab, prefix, ev.num_tokens, ev.temperature, gen, warn=False)
+                        for _ in range(ev.num_samples)],
+        }
+        for prefix in ev.prefixes
+    }
+    metrics = {
+        "train_ppl": ppl["train"], "val_ppl": ppl["val"], "test_ppl": ppl["test"],
+        "uniform_ppl": len(vocab),
+        "final_train_ppl": trained["final_train_ppl"],
+        "tokens_per_sec": trained["tokens_per_sec"],
+        "epochs": trained["epochs"], "best_epoch": trained["best_epoch"],
+        "train_seconds": trained["train_seconds"], "parameters": trained["parameters"],
+        "eval_seconds": time.perf_counter() - start,
+    }
+    corpus = f"{tokens.stats['corpus']}-{tokens.stats['token']}"
+    with tracked_run(params.tracking, corpus, name, {"rnnlab.evaluated": "true"},
+                     run_id=trained.get("mlflow_run_id")) as tracker:
+        metrics = record_summary(args.metrics, metrics, tracker)
+        write_text(args.samples, samples_markdown(name, samples, ev.temperature, ev.seed))
+        tracker.log_artifact(args.samples, "samples")
+    print(f"{name}: train ppl {metrics['train_ppl']}  val {metrics['val_ppl']}  test {metrics['test_ppl']}  "
+          f"(uniform {metrics['uniform_ppl']}); best epoch {metrics['best_epoch']}/{metrics['epochs']}")
+    for prefix, s in samples.items():
+        print(f"  {s['greedy']!r}")
+
+
+if __name__ == "__main__":
+    run_main(main)

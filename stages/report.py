@@ -1,0 +1,114 @@
+"""DVC stage `report`: one comparison of all variants (a Markdown table and PNG plots)."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+from rnnlab.config import Params, load_params, resolve_train  # noqa: E402
+from rnnlab.errors import UserError, run_main  # noqa: E402
+from rnnlab.fileio import atomic_path, read_json, write_text  # noqa: E402
+
+
+def read_curves(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def differing_settings(params: Params) -> dict[str, str]:
+    """For each variant, the settings that set it apart (model and training overrides)."""
+    out = {}
+    for name, v in params.variants.items():
+        cfg = resolve_train(params, name)
+        parts = [f"{v.cell}/{v.impl}", f"{v.num_layers}x{cfg.hidden_size}"]
+        if v.embed_size:
+            parts.append(f"embed {v.embed_size}")
+        parts += [f"{k}={val}" for k, val in v.train.items()]
+        out[name] = ", ".join(parts)
+    return out
+
+
+def report_table(params: Params, metrics: dict[str, dict]) -> str:
+    head = ("| variant | model, overrides | train ppl | val ppl | test ppl | best epoch | "
+            "tokens/s | train time |\n|---|---|---:|---:|---:|---:|---:|---:|")
+    rows = []
+    settings = differing_settings(params)
+    for name, m in sorted(metrics.items(), key=lambda kv: kv[1]["test_ppl"]):
+        rows.append(f"| {name} | {settings[name]} | {m['train_ppl']:.3f} | {m['val_ppl']:.3f} | "
+                    f"{m['test_ppl']:.3f} | {m['best_epoch']}/{m['epochs']} | "
+                    f"{m['tokens_per_sec']:,.0f} | {m['train_seconds']:.0f} s |")
+    uniform = next(iter(metrics.values()))["uniform_ppl"]
+    return "\n".join([head, *rows]) + f"\n\nA uniform model's perplexity (the vocabulary size): {uniform}.\n"
+
+
+def plot_val(curves: dict[str, list[dict]], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, rows in curves.items():
+        ax.plot([r["epoch"] for r in rows], [r["val_ppl"] for r in rows], marker="o", ms=3, label=name)
+    ax.set(xlabel="epoch", ylabel="validation perplexity", title="Validation perplexity per epoch")
+    ax.set_yscale("log")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    _save(fig, path)
+
+
+def plot_train_val(curves: dict[str, list[dict]], path: Path) -> None:
+    n = len(curves)
+    cols = min(3, n)
+    rows_n = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows_n, cols, figsize=(4.2 * cols, 3.2 * rows_n), squeeze=False, sharey=True)
+    for ax, (name, rows) in zip(axes.flat, curves.items()):
+        epochs = [r["epoch"] for r in rows]
+        ax.plot(epochs, [r["train_ppl"] for r in rows], label="train")
+        ax.plot(epochs, [r["val_ppl"] for r in rows], label="validation")
+        ax.set(title=name, xlabel="epoch", yscale="log")
+        ax.grid(True, which="both", alpha=0.3)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    axes[0][0].set_ylabel("perplexity")
+    axes[0][0].legend()
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def _save(fig, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--metrics", required=True, help="folder of evaluate's <variant>.json")
+    parser.add_argument("--curves", required=True, help="folder of train's <variant>.csv")
+    parser.add_argument("--out", required=True, help="report Markdown to write")
+    parser.add_argument("--plots", required=True, help="folder for the PNG plots")
+    args = parser.parse_args()
+
+    params = load_params(args.params)
+    metrics, curves = {}, {}
+    for name in params.variants:
+        m, c = Path(args.metrics) / f"{name}.json", Path(args.curves) / f"{name}.csv"
+        if not m.is_file() or not c.is_file():
+            raise UserError(f"no results for variant {name!r} ({m}, {c}); run its train and evaluate stages")
+        metrics[name], curves[name] = read_json(m), read_curves(c)
+    plots = Path(args.plots)
+    plot_val(curves, plots / "val_ppl.png")
+    plot_train_val(curves, plots / "train_val.png")
+    s = params.data
+    table = report_table(params, metrics)
+    write_text(args.out, f"# Report: {s.corpus}, {params.tokenize.token} tokens\n\n{table}\n"
+               f"![validation perplexity](plots/val_ppl.png)\n\n![train and validation](plots/train_val.png)\n")
+    print(table)
+    print(f"report: {args.out}; plots: {plots / 'val_ppl.png'}, {plots / 'train_val.png'}")
+
+
+if __name__ == "__main__":
+    run_main(main)

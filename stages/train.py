@@ -1,0 +1,114 @@
+"""DVC stage `train@<variant>`: train one variant, keep the checkpoint with the best validation
+perplexity, record per-epoch curves (DVC plots + MLflow). Killed part-way, it resumes from the
+last completed epoch when run again with the same settings and data."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from rnnlab.checkpoint import load_resume, save_checkpoint, save_resume
+from rnnlab.config import flatten, load_params, resolve_train
+from rnnlab.corpus import load_tokens
+from rnnlab.errors import UserError, run_main
+from rnnlab.models import build_model, model_config
+from rnnlab.records import record_curves, record_summary
+from rnnlab.tracking import dvc_tags, folder_sha1, git_tags, tracked_run
+from rnnlab.training import EpochResult, new_state, resolve_device, run_epochs
+
+
+def epoch_line(r: EpochResult, epochs: int) -> str:
+    return (f"epoch {r.epoch:>3}/{epochs}  train ppl {r.train_ppl:8.3f}  val ppl {r.val_ppl:8.3f}  "
+            f"grad {r.grad_norm:6.3f} (clipped {r.clipped_frac:4.0%})  lr {r.lr:.3g}  "
+            f"{r.tokens_per_sec:>9,.0f} tok/s  {r.seconds:6.1f}s{'  *best' if r.is_best else ''}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--variant", required=True, help="a key of params.yaml's variants")
+    parser.add_argument("--data", required=True, help="the tokenize stage's output folder")
+    parser.add_argument("--out", required=True, help="folder for best.pt and train.json")
+    parser.add_argument("--curves", required=True, help="per-epoch CSV (a DVC plots file)")
+    parser.add_argument("--work", required=True, help="folder for resumable state (kept across runs)")
+    args = parser.parse_args()
+
+    params = load_params(args.params)
+    name = args.variant
+    if name not in params.variants:
+        raise UserError(f"--variant {name!r} is not in params.yaml variants: {', '.join(params.variants)}")
+    cfg = resolve_train(params, name)
+    tokens = load_tokens(args.data)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+
+    torch.manual_seed(cfg.seed)
+    model = build_model(model_config(params.variants[name], cfg, len(tokens.vocab))).to(device)
+    state = new_state(model, cfg)
+    data_sha1 = folder_sha1(args.data)
+    fingerprint = hashlib.sha1(json.dumps(
+        [asdict(model.config), cfg.model_dump(), data_sha1], sort_keys=True).encode()).hexdigest()
+    work = Path(args.work)
+    resume = load_resume(work / "resume.pt", fingerprint)
+    if resume:
+        state.restore(resume)
+        print(f"{name}: resuming after epoch {state.epoch} of {cfg.epochs} from {work / 'resume.pt'}")
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"{name}: {model.config.cell} ({model.config.impl}), {model.config.num_layers} layer(s) x "
+          f"{model.config.hidden_size}, {n_params:,} parameters, on {device}; "
+          f"{len(tokens.splits['train']):,} training tokens")
+
+    corpus = f"{tokens.stats['corpus']}-{tokens.stats['token']}"
+    exp = os.environ.get("DVC_EXP_NAME")
+    tags = {**git_tags(), **dvc_tags(os.environ.get("DVC_STAGE", f"train@{name}"), args.params),
+            "rnnlab.variant": name, "rnnlab.data_sha1": data_sha1}
+    with tracked_run(params.tracking, corpus, f"{name} [{exp}]" if exp else name, tags,
+                     run_id=resume and resume.get("mlflow_run_id")) as tracker:
+        if not resume:
+            tracker.log_params({**flatten({"data": params.data, "tokenize": params.tokenize,
+                                           "train": cfg, "model": asdict(model.config)}),
+                                "variant": name, "model.parameters": n_params})
+            tracker.log_dataset(tokens.splits["train"], args.data, f"{corpus}-train", data_sha1, "training")
+        train_ids = torch.as_tensor(tokens.splits["train"])
+        val_ids = torch.as_tensor(tokens.splits["val"])
+        for result in run_epochs(state, train_ids, val_ids, cfg, device):
+            if result.is_best:
+                save_checkpoint(work / "best.pt", model, tokens.vocab, variant=name,
+                                epoch=result.epoch, val_ppl=result.val_ppl)
+            record_curves(args.curves, state.history, tracker)
+            save_resume(work / "resume.pt", state.snapshot(), fingerprint, mlflow_run_id=tracker.run_id)
+            print(epoch_line(result, cfg.epochs), flush=True)
+
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(work / "best.pt", out / ".best.pt.tmp")
+        os.replace(out / ".best.pt.tmp", out / "best.pt")
+        last = state.history[-1]
+        summary = record_summary(out / "train.json", {
+            "best_epoch": state.best_epoch,
+            "best_val_ppl": state.best_val_ppl,
+            "final_train_ppl": last["train_ppl"],
+            "epochs": cfg.epochs,
+            "tokens_per_sec": sum(h["tokens_per_sec"] for h in state.history) / len(state.history),
+            "train_seconds": sum(h["seconds"] for h in state.history),
+            "parameters": n_params,
+            "device": str(device),
+            "mlflow_run_id": tracker.run_id,
+        }, tracker)
+        tracker.log_artifact(out / "best.pt", "checkpoint")
+        tracker.log_artifact(Path(args.data) / "vocab.json", "checkpoint")
+        tracker.log_artifact(args.curves, "curves")
+    shutil.rmtree(work)  # finished: nothing left to resume
+    print(f"{name}: best val ppl {summary['best_val_ppl']} at epoch {summary['best_epoch']} -> {out / 'best.pt'}")
+
+
+if __name__ == "__main__":
+    run_main(main)
