@@ -1,0 +1,446 @@
+"""Fetch a corpus, check it, and lay it out for the tokenize stage.
+
+`prepare_raw(data, out_dir)` writes exactly one of
+
+    out_dir/corpus.txt                          one text; tokenize cuts it by `tokenize.split`
+    out_dir/train.txt, val.txt, test.txt        a corpus that comes with its own splits
+
+plus `out_dir/source.json`:
+    {"corpus": name, "source": URL or path read, "sha1": of the fetched file (null for a folder),
+     "member": zip member or null, "splits": true/false, "chars": characters in all texts}.
+
+Where the text comes from (`data` is params.yaml's `data` section):
+    built-in corpus   data.source if set, else the copy bundled in rnnlab/corpora, else its URL;
+                      its sha1 in `BUILTIN` is always checked, the bundled copy's too.
+    corpus: custom    data.source: a text file, a folder or zip with train/val/test files, or a
+                      URL to a file or zip; data.sha1 is checked when set.
+
+Nothing is cached: a download goes to a temporary sibling folder of out_dir and is deleted when
+the stage ends. DVC's cache already keeps out_dir, so the network is used only when the stage
+really reruns. out_dir itself is built in another sibling folder and renamed into place at the
+end, so a failure leaves neither a half-made out_dir nor stray folders, and an old out_dir is
+replaced only by a complete new one.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+from urllib.parse import urlparse
+from urllib.request import url2pathname
+
+import requests
+import urllib3
+from tqdm import tqdm
+
+from rnnlab.config import Data
+from rnnlab.corpora import BUILTIN
+from rnnlab.errors import UserError
+from rnnlab.fileio import atomic_path, write_json, write_text
+
+CHUNK = 1 << 16  # bytes per read while streaming or copying
+
+# Split file names a folder or zip may use; the first name of each is what out_dir gets.
+SPLIT_NAMES = {
+    "train.txt": ("train.txt",),
+    "val.txt": ("val.txt", "valid.txt", "validation.txt"),
+    "test.txt": ("test.txt",),
+}
+EXPECTED_SPLITS = "train.txt, val.txt (or valid.txt / validation.txt) and test.txt"
+OUTPUT_NAMES = {"corpus.txt", *SPLIT_NAMES, "source.json"}  # all this stage ever writes
+
+ADVICE = (
+    "check the network and run again, or fetch the file by hand and set data.source "
+    "to the local copy"
+)
+
+
+class _Transient(Exception):
+    """A download failure worth another attempt (timeout, dropped connection, HTTP 5xx)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# fetch: one file from a URL or a path, checked, written atomically
+
+
+def fetch(
+    url_or_path: str,
+    dest: str | os.PathLike,
+    sha1: str | None = None,
+    *,
+    retries: int = 3,
+    timeout: float = 30.0,
+    progress: bool = True,
+    backoff: float = 1.0,
+) -> str:
+    """Copy `url_or_path` (http(s)://, file:// or a local path) to `dest`; return its sha1.
+
+    HTTP is tried at most 1 + `retries` times, waiting `backoff` * 1, 2, 4... seconds between
+    attempts; only timeouts, dropped connections and HTTP 5xx are retried. `timeout` is how
+    many seconds the server may take to connect or to send the next bytes. When `sha1` is
+    given, a file with another sha1 is an error. On any error `dest` is left as it was (no file
+    when there was none): the bytes go to a temporary name that is renamed only at the end.
+    """
+    local = local_path(url_or_path)
+    if local is not None:
+        return _copy_local(local, Path(dest), sha1, shown=url_or_path)
+    attempts = 1 + retries
+    for attempt in range(1, attempts + 1):
+        try:
+            return _download_once(url_or_path, Path(dest), sha1, timeout, progress, attempt)
+        except _Transient as err:
+            problem = str(err)
+            if attempt < attempts:
+                print(f"{url_or_path}: {problem}; trying again", file=sys.stderr)
+                time.sleep(backoff * 2 ** (attempt - 1))
+    raise UserError(
+        f"download of {url_or_path} failed: {problem} "
+        f"({attempts} attempt{'s' if attempts > 1 else ''}); {ADVICE}"
+    )
+
+
+def local_path(source: str) -> Path | None:
+    """The file a `file://` URL or plain path names; None for http(s) URLs."""
+    scheme = re.match(r"([A-Za-z][A-Za-z0-9+.-]*)://", source)
+    if scheme is None:
+        return Path(source).expanduser()
+    kind = scheme.group(1).lower()
+    if kind in ("http", "https"):
+        return None
+    if kind != "file":
+        raise UserError(
+            f"data.source = {source!r}: unsupported URL scheme {kind!r}; "
+            "use http://, https://, file:// or a local path"
+        )
+    parts = urlparse(source)
+    if parts.netloc not in ("", "localhost"):
+        raise UserError(
+            f"data.source = {source!r}: a file:// URL needs an absolute path, "
+            f"e.g. file:///data/{parts.netloc}{parts.path}"
+        )
+    return Path(url2pathname(parts.path))
+
+
+def _copy_local(src: Path, dest: Path, sha1: str | None, shown: str) -> str:
+    try:
+        f = open(src, "rb")
+    except FileNotFoundError:
+        raise UserError(f"{shown}: file not found (check data.source)") from None
+    except IsADirectoryError:
+        raise UserError(f"{shown}: is a folder, not a file (check data.source)") from None
+    except PermissionError:
+        raise UserError(f"{shown}: cannot read it: permission denied") from None
+    digest = hashlib.sha1()
+    with f, atomic_path(dest) as tmp, open(tmp, "wb") as out:
+        for chunk in iter(lambda: f.read(CHUNK), b""):
+            digest.update(chunk)
+            out.write(chunk)
+        _check_sha1(shown, sha1, digest.hexdigest())  # before the rename: a bad file never lands
+    return digest.hexdigest()
+
+
+def _download_once(
+    url: str, dest: Path, sha1: str | None, timeout: float, progress: bool, attempt: int
+) -> str:
+    """One HTTP attempt. Raises _Transient for what another attempt may fix, else UserError."""
+    try:
+        # identity: the byte count must match Content-Length, and the sha1 is of the raw file
+        with requests.get(
+            url, stream=True, timeout=timeout, headers={"Accept-Encoding": "identity"}
+        ) as resp:
+            if resp.status_code >= 500:
+                raise _Transient(f"HTTP {resp.status_code} {resp.reason}")
+            if resp.status_code >= 400:
+                raise UserError(
+                    f"download of {url} failed: HTTP {resp.status_code} {resp.reason} "
+                    f"(attempt {attempt}; a client error is not retried); check the URL, or "
+                    "fetch the file by hand and set data.source to the local copy"
+                )
+            size = _content_length(resp)
+            name = Path(urlparse(url).path).name
+            with atomic_path(dest) as tmp:
+                actual = _stream(resp, tmp, size, timeout, progress, desc=name)
+                _check_sha1(url, sha1, actual)
+            return actual
+    except requests.Timeout:
+        raise _Transient(f"timed out after {timeout:g} s waiting for an answer") from None
+    except requests.ConnectionError as err:
+        raise _Transient(f"connection failed ({_reason(err)})") from None
+    except (requests.exceptions.InvalidURL, requests.TooManyRedirects) as err:
+        raise UserError(f"download of {url} failed: {err}; check the URL") from None
+
+
+def _stream(
+    resp: requests.Response, tmp: Path, size: int | None, timeout: float, progress: bool, desc: str
+) -> str:
+    """Write the body to `tmp` with a progress bar; return its sha1."""
+    digest = hashlib.sha1()
+    got = 0
+    # disable=None: a bar on a terminal only, so logs don't fill with carriage returns
+    bar = tqdm(total=size, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
+               disable=None if progress else True, file=sys.stderr)
+    try:
+        with bar, open(tmp, "wb") as out:
+            for chunk in resp.iter_content(CHUNK):
+                digest.update(chunk)
+                out.write(chunk)
+                got += len(chunk)
+                bar.update(len(chunk))
+    except requests.exceptions.ChunkedEncodingError:
+        # urllib3 buffers a short read before it notices the end: count what left the socket
+        raise _Transient(_dropped(max(got, resp.raw.tell()), size)) from None
+    except requests.ConnectionError as err:
+        # requests reports a read timeout in the middle of the body as a ConnectionError
+        if isinstance(err.args[0] if err.args else None, urllib3.exceptions.ReadTimeoutError):
+            raise _Transient(
+                f"timed out after {timeout:g} s without data, {got:,} bytes in"
+            ) from None
+        raise _Transient(f"{_dropped(got, size)} ({_reason(err)})") from None
+    if size is not None and got < size:
+        raise _Transient(_dropped(got, size))
+    return digest.hexdigest()
+
+
+def _content_length(resp: requests.Response) -> int | None:
+    """The body size the server announced, when it is a plain byte count."""
+    value = resp.headers.get("Content-Length", "")
+    return int(value) if value.isdigit() and "Content-Encoding" not in resp.headers else None
+
+
+def _dropped(got: int, size: int | None) -> str:
+    of = f" of {size:,}" if size is not None else ""
+    return f"connection dropped after {got:,}{of} bytes"
+
+
+def _reason(err: Exception) -> str:
+    """What went wrong underneath: urllib3's MaxRetryError wraps the socket error."""
+    cause = err.args[0] if err.args else err
+    return str(getattr(cause, "reason", cause))
+
+
+def _check_sha1(where: str, expected: str | None, actual: str) -> None:
+    if expected is not None and actual != expected:
+        raise UserError(
+            f"{where}: sha1 mismatch: expected {expected}, got {actual}; the file changed or is "
+            "corrupt: set data.source to a good copy, or for a custom corpus fix data.sha1"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# prepare_raw: the download stage's output folder
+
+
+def prepare_raw(data: Data, out_dir: str | os.PathLike) -> dict:
+    """Fetch and check the corpus `data` names; write out_dir (see the module docstring).
+
+    Returns what it writes to out_dir/source.json.
+    """
+    out_dir = Path(os.path.abspath(out_dir))  # a name and a parent even for `.` or `raw/`
+    _check_replaceable(out_dir)
+    source, sha1, member = resolve_source(data)
+    _make_parent(out_dir)
+    with tempfile.TemporaryDirectory(
+        prefix=f".{out_dir.name}.", suffix=".download", dir=out_dir.parent
+    ) as tmp:
+        texts, actual = read_texts(source, sha1, member, Path(tmp), custom=data.corpus == "custom")
+    info = {
+        "corpus": data.corpus,
+        "source": source,
+        "sha1": actual,
+        "member": member,
+        "splits": "corpus.txt" not in texts,
+        "chars": sum(len(t) for t in texts.values()),
+    }
+    _publish(texts, info, out_dir)
+    return info
+
+
+def resolve_source(data: Data) -> tuple[str, str | None, str | None]:
+    """What to read for `data`: (URL or path, sha1 to check or None, zip member or None)."""
+    if data.corpus == "custom":
+        return data.source, data.sha1, None
+    corpus = BUILTIN[data.corpus]
+    if data.sha1 is not None and data.sha1 != corpus.sha1:
+        raise UserError(
+            f"data.sha1 = {data.sha1!r}: corpus {corpus.name!r} is always checked against its "
+            f"own sha1 {corpus.sha1}; data.sha1 is for corpus: custom, so set it to null"
+        )
+    if data.source:
+        return data.source, corpus.sha1, corpus.member
+    bundled = corpus.bundled_path()
+    return (_shown(bundled) if bundled else corpus.url), corpus.sha1, corpus.member
+
+
+def _shown(path: Path) -> str:
+    """`path` relative to the working directory when inside it: source.json (a DVC output)
+    then reads the same in every checkout."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def read_texts(
+    source: str, sha1: str | None, member: str | None, tmp: Path, custom: bool
+) -> tuple[dict[str, str], str | None]:
+    """The texts of `source` by output file name, and the sha1 of the file read (None for a
+    folder). Downloads land in `tmp`."""
+    local = local_path(source)
+    if custom and local is not None and local.is_dir():
+        if sha1 is not None:
+            raise UserError(
+                f"data.sha1 is set but data.source = {source!r} is a folder, which has no single "
+                "sha1; set data.sha1 to null, or zip the folder and point data.source at the zip"
+            )
+        return _folder_splits(local, source), None
+    fetched = tmp / "fetched"
+    actual = fetch(source, fetched, sha1)
+    if member is not None:
+        return {"corpus.txt": _zip_member(fetched, member, source)}, actual
+    if zipfile.is_zipfile(fetched):
+        return _zip_splits(fetched, source), actual
+    return {"corpus.txt": decode(fetched.read_bytes(), source)}, actual
+
+
+def decode(raw: bytes, where: str) -> str:
+    """Strict UTF-8 without a BOM; an undecodable or blank text is a UserError."""
+    try:
+        text = raw.decode("utf-8-sig")  # -sig: drop a leading BOM, which is not text
+    except UnicodeDecodeError as err:
+        raise UserError(
+            f"{where}: not UTF-8 text (byte 0x{raw[err.start]:02x} at offset {err.start:,}); "
+            "save it as UTF-8 (e.g. iconv -f latin1 -t utf-8 in.txt > out.txt)"
+        ) from None
+    if not text.strip():
+        raise UserError(f"{where}: empty (no text besides whitespace)")
+    return text
+
+
+def _folder_splits(folder: Path, source: str) -> dict[str, str]:
+    found = {p.name: p for p in folder.iterdir() if p.is_file()}
+    picked = _pick_splits(found, source)
+    return {out: decode(found[name].read_bytes(), str(found[name])) for out, name in picked.items()}
+
+
+def _zip_splits(path: Path, source: str) -> dict[str, str]:
+    with _open_zip(path, source) as zf:
+        files = [n for n in zf.namelist() if not n.endswith("/") and not n.startswith("__MACOSX/")]
+        # `zip -r corpus.zip corpus/` puts every file under one folder: look inside it
+        tops = {n.split("/", 1)[0] for n in files}
+        prefix = f"{next(iter(tops))}/" if len(tops) == 1 and all("/" in n for n in files) else ""
+        found = {n.removeprefix(prefix): n for n in files}
+        picked = _pick_splits(found, source)
+        return {
+            out: decode(_read_member(zf, found[name], source), f"{source}:{found[name]}")
+            for out, name in picked.items()
+        }
+
+
+def _pick_splits(found: dict, source: str) -> dict[str, str]:
+    """Output name -> the name in `found` that holds that split."""
+    picked, missing = {}, []
+    for out, names in SPLIT_NAMES.items():
+        present = [n for n in names if n in found]
+        if len(present) > 1:
+            raise UserError(
+                f"data.source = {source!r}: both {' and '.join(present)} present; keep one"
+            )
+        if present:
+            picked[out] = present[0]
+        else:
+            missing.append(out)
+    if missing:
+        listing = ", ".join(sorted(found)[:10]) or "nothing"
+        raise UserError(
+            f"data.source = {source!r}: no {', '.join(missing)}; a folder or zip corpus needs "
+            f"{EXPECTED_SPLITS} (found: {listing}); for one text, point data.source at the file"
+        )
+    return picked
+
+
+def _zip_member(path: Path, member: str, source: str) -> str:
+    with _open_zip(path, source) as zf:
+        if member not in zf.namelist():
+            listing = ", ".join(zf.namelist()[:10]) or "nothing"
+            raise UserError(f"{source}: no member {member!r} in the zip (it holds: {listing})")
+        return decode(_read_member(zf, member, source), f"{source}:{member}")
+
+
+def _open_zip(path: Path, source: str) -> zipfile.ZipFile:
+    try:
+        return zipfile.ZipFile(path)
+    except zipfile.BadZipFile as err:
+        raise UserError(f"{source}: not a readable zip file ({err})") from None
+
+
+def _read_member(zf: zipfile.ZipFile, name: str, source: str) -> bytes:
+    try:
+        return zf.read(name)
+    except zipfile.BadZipFile as err:  # e.g. a bad CRC: the zip is corrupt
+        raise UserError(f"{source}:{name}: corrupt zip member ({err})") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# writing out_dir in one step
+
+
+def _check_replaceable(out_dir: Path) -> None:
+    """Refuse an out_dir holding anything this stage did not write: replacing it would delete
+    that (think `--out data` instead of `--out data/raw`)."""
+    if not os.path.lexists(out_dir):
+        return
+    if out_dir.is_symlink() or not out_dir.is_dir():
+        raise UserError(f"{out_dir}: exists and is not a folder; remove it or choose another path")
+    others = sorted(set(os.listdir(out_dir)) - OUTPUT_NAMES)
+    if others:
+        raise UserError(
+            f"{out_dir}: holds files the download stage did not write ({', '.join(others[:5])}); "
+            "refusing to replace it: choose another output folder or empty this one"
+        )
+
+
+def _make_parent(out_dir: Path) -> None:
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EEXIST):
+            raise UserError(f"cannot create {out_dir.parent}: {err.strerror}") from None
+        raise
+
+
+def _publish(texts: dict[str, str], info: dict, out_dir: Path) -> None:
+    """Write the texts and source.json into a sibling folder, then rename it to out_dir."""
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".new", dir=out_dir.parent))
+    try:
+        for name, text in texts.items():
+            write_text(staging / name, text)
+        write_json(staging / "source.json", info)
+        _swap(staging, out_dir)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+
+
+def _swap(new: Path, out_dir: Path) -> None:
+    """Rename `new` to `out_dir`. An old out_dir is moved aside first (POSIX cannot rename a
+    folder onto a non-empty one) and deleted only once the new one is in place."""
+    # _check_replaceable made sure an existing out_dir is a folder of our own outputs
+    if not os.path.lexists(out_dir):
+        os.rename(new, out_dir)
+        return
+    old = new.with_name(new.name + ".old")  # `new` is unique, so this name is free
+    os.rename(out_dir, old)
+    try:
+        os.rename(new, out_dir)
+    except OSError:
+        os.rename(old, out_dir)  # put the old output back
+        raise
+    shutil.rmtree(old)
