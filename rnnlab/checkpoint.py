@@ -91,5 +91,5 @@ def _load(path: str | Path) -> Any:
         raise UserError(f"{path}: checkpoint not found; run the train stage first")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as err:
+    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as err:
         raise UserError(f"{path}: not a readable checkpoint (truncated or corrupt?): {err}") from None

@@ -1,0 +1,85 @@
+"""params.yaml validation: every mistake is one readable line naming the key, value and rule."""
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rnnlab.config import Params, deep_merge, flatten, load_params, resolve_train, validate_params
+from rnnlab.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_shipped_params_are_valid():
+    params = load_params(ROOT / "params.yaml")
+    assert {"rnn_scratch", "rnn", "gru", "lstm", "lstm2"} <= set(params.variants)
+    assert params.variants["lstm2"].num_layers == 2
+
+
+def test_every_train_key_has_a_comment_in_params_yaml():
+    lines = (ROOT / "params.yaml").read_text().splitlines()
+    for key in Params.model_fields["train"].annotation.model_fields:
+        line = next((ln for ln in lines if ln.strip().startswith(f"{key}:")), None)
+        assert line is not None and "#" in line, f"train.{key} has no comment in params.yaml"
+
+
+@pytest.mark.parametrize("mutate, expected", [
+    (lambda p: p["train"].update(clip_thta=1), "train.clip_thta: unknown key; allowed: lr, clip_theta"),
+    (lambda p: p["train"].update(lr=0), "train.lr = 0: Input should be greater than 0"),
+    (lambda p: p["train"].update(lr=float("nan")), "train.lr = nan"),
+    (lambda p: p["train"].update(num_steps=0), "train.num_steps = 0: Input should be greater than or equal to 1"),
+    (lambda p: p["train"].update(hidden_size="256"), "train.hidden_size = '256': Input should be a valid integer"),
+    (lambda p: p["train"].update(optimizer="rmsprop"), "train.optimizer = 'rmsprop': Input should be 'sgd' or 'adam'"),
+    (lambda p: p["evaluate"].update(temperature=0), "evaluate.temperature = 0"),
+    (lambda p: p["evaluate"].update(prefixes=[""]), "evaluate.prefixes.0 = ''"),
+    (lambda p: p["tokenize"].update(split={"train": 0.5, "val": 0.2, "test": 0.2}), "must be 1, got 0.9"),
+    (lambda p: p["tokenize"].update(token="byte"), "tokenize.token = 'byte': Input should be 'char' or 'word'"),
+    (lambda p: p["data"].update(corpus="nope"), "data.corpus = 'nope': unknown corpus; allowed: timemachine, jaychou_lyrics, custom"),
+    (lambda p: p["data"].update(corpus="custom"), "corpus 'custom' needs data.source"),
+    (lambda p: p["variants"]["rnn"].update(cell="cnn"), "variants.rnn.cell = 'cnn': Input should be 'rnn', 'gru' or 'lstm'"),
+    (lambda p: p["variants"]["rnn"].update(impl="cudnn"), "variants.rnn.impl = 'cudnn': Input should be 'scratch' or 'torch'"),
+    (lambda p: p["variants"]["rnn"].update(bidirectional=True), "cannot be a next-token language model"),
+    (lambda p: p["variants"]["rnn"].update(train={"lrr": 1}), "unknown key 'lrr'"),
+    (lambda p: p["variants"]["rnn"].update(train={"lr": -1}), "variants.rnn.train.lr = -1: Input should be greater than 0"),
+    (lambda p: p.update(variants={}), "variants"),
+    (lambda p: p.update(trian={}), "trian: unknown key; allowed: data, tokenize, train, variants"),
+])
+def test_bad_values_are_named(params_dict, mutate, expected):
+    p = copy.deepcopy(params_dict)
+    mutate(p)
+    with pytest.raises(UserError) as err:
+        validate_params(p)
+    assert expected in str(err.value)
+
+
+def test_variant_overrides_apply(params_dict):
+    params_dict["variants"]["rnn"].update(hidden_size=32, train={"lr": 0.5, "epochs": 3})
+    params = validate_params(params_dict)
+    cfg = resolve_train(params, "rnn")
+    assert (cfg.lr, cfg.epochs, cfg.hidden_size) == (0.5, 3, 32)
+    assert resolve_train(params, "lstm_scratch").lr == 0.01
+
+
+def test_yaml_syntax_error_names_the_line(tmp_path):
+    (tmp_path / "p.yaml").write_text("train:\n  lr: [1\n")
+    with pytest.raises(UserError, match=r"not valid YAML.*line"):
+        load_params(tmp_path / "p.yaml")
+
+
+def test_overlay_merges_nested_keys():
+    assert deep_merge({"a": {"b": 1, "c": 2}}, {"a": {"c": 3}}) == {"a": {"b": 1, "c": 3}}
+    assert flatten({"train": {"lr": 1}, "x": 2}) == {"train.lr": 1, "x": 2}
+
+
+def test_cli_prints_one_error_without_traceback(tmp_path, params_dict):
+    params_dict["train"]["clip_thta"] = 1
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params_dict))
+    proc = subprocess.run([sys.executable, "-m", "rnnlab.config", str(tmp_path / "params.yaml")],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2
+    assert "train.clip_thta: unknown key" in proc.stderr
+    assert "Traceback" not in proc.stderr

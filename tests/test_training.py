@@ -1,0 +1,133 @@
+"""The training loop: clipping, perplexity, determinism, divergence, checkpoints, sampling."""
+
+import math
+from itertools import islice
+
+import pytest
+import torch
+from torch import nn
+
+from rnnlab.checkpoint import load_checkpoint, save_checkpoint
+from rnnlab.config import Train
+from rnnlab.errors import UserError
+from rnnlab.models import ModelConfig, build_model
+from rnnlab.sampling import continue_text, encode_prefix
+from rnnlab.training import new_state, perplexity, run_epochs
+from rnnlab.vocab import build_vocab
+
+VOCAB = build_vocab(list("the time traveller was expounding a recondite matter to us "))
+IDS = torch.as_tensor(VOCAB.encode(list("the time traveller was expounding a recondite matter to us " * 30)))
+
+
+def tiny(cell="rnn", impl="torch", seed=0, **kw):
+    torch.manual_seed(seed)
+    return build_model(ModelConfig(vocab_size=len(VOCAB), cell=cell, impl=impl, hidden_size=16, **kw))
+
+
+def cfg(**kw):
+    base = dict(lr=0.01, clip_theta=1.0, num_steps=8, batch_size=4, epochs=2, optimizer="adam",
+                device="cpu", threads=1)
+    return Train(**{**base, **kw})
+
+
+def train(model, c):
+    state = new_state(model, c)
+    return list(run_epochs(state, IDS, IDS[:200], c, torch.device("cpu"))), state
+
+
+def test_clipping_scales_the_global_norm_to_theta():
+    model = tiny()
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 3.0)
+    before = math.sqrt(sum(p.numel() * 9.0 for p in model.parameters()))
+    returned = nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+    after = math.sqrt(sum(float((p.grad ** 2).sum()) for p in model.parameters()))
+    assert float(returned) == pytest.approx(before)
+    assert after == pytest.approx(0.5, rel=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["torch", "scratch"])
+def test_uniform_model_perplexity_is_vocab_size(impl):
+    model = tiny(impl=impl)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.shape[0] == len(VOCAB):  # the output layer: all logits equal
+                p.zero_()
+    assert perplexity(model, IDS, 4, 8) == pytest.approx(len(VOCAB), rel=1e-6)
+
+
+@pytest.mark.parametrize("sampling", ["sequential", "random"])
+@pytest.mark.parametrize("cell,impl", [("rnn", "scratch"), ("gru", "torch"), ("lstm", "torch")])
+def test_training_lowers_perplexity_and_reruns_identically(cell, impl, sampling):
+    c = cfg(sampling=sampling, epochs=3)
+    results, _ = train(tiny(cell, impl), c)
+    again, _ = train(tiny(cell, impl), c)
+    assert results[-1].val_ppl < results[0].val_ppl < len(VOCAB)
+    for a, b in zip(results, again):
+        assert (a.train_ppl, a.val_ppl, a.grad_norm) == (b.train_ppl, b.val_ppl, b.grad_norm)
+    assert all(0 <= r.clipped_frac <= 1 for r in results)
+
+
+def test_resume_from_snapshot_matches_an_uninterrupted_run():
+    c = cfg(epochs=4, dropout=0.1, lr_schedule="cosine")
+    full, _ = train(tiny(), c)
+    state = new_state(tiny(), c)
+    first = list(islice(run_epochs(state, IDS, IDS[:200], c, torch.device("cpu")), 2))
+    snap = state.snapshot()
+    later = new_state(tiny(seed=99), c)       # different weights, restored from the snapshot
+    later.restore(snap)
+    rest = list(run_epochs(later, IDS, IDS[:200], c, torch.device("cpu")))
+    assert [r.val_ppl for r in first + rest] == [r.val_ppl for r in full]
+
+
+def test_divergence_stops_with_epoch_and_step():
+    model = tiny()
+    with torch.no_grad():
+        next(model.parameters()).fill_(float("nan"))
+    with pytest.raises(UserError, match=r"diverged.*epoch 1, step 1.*lower train.lr"):
+        train(model, cfg())
+
+
+def test_batch_too_large_for_the_split_is_named():
+    with pytest.raises(UserError, match=r"train.batch_size = 500.*needs at least"):
+        train(tiny(), cfg(batch_size=500))
+
+
+def test_checkpoint_round_trip_and_mismatches(tmp_path):
+    model = tiny("lstm", num_layers=2)
+    save_checkpoint(tmp_path / "best.pt", model, VOCAB, epoch=3)
+    back, vocab, meta = load_checkpoint(tmp_path / "best.pt", VOCAB)
+    assert meta["epoch"] == 3 and vocab == VOCAB
+    x = IDS[:20][None]
+    assert torch.equal(back(x)[0], model(x)[0])
+    # another vocabulary
+    other = build_vocab(list("abc"))
+    with pytest.raises(UserError, match="another vocabulary"):
+        load_checkpoint(tmp_path / "best.pt", other)
+    # truncated file
+    data = (tmp_path / "best.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError, match="truncated or corrupt"):
+        load_checkpoint(tmp_path / "cut.pt")
+    # weights of another variant under this config
+    payload = torch.load(tmp_path / "best.pt", weights_only=True)
+    payload["state_dict"] = tiny("gru").state_dict()
+    torch.save(payload, tmp_path / "mixed.pt")
+    with pytest.raises(UserError, match="do not fit the model config"):
+        load_checkpoint(tmp_path / "mixed.pt")
+    with pytest.raises(UserError, match="not found"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_greedy_prediction_is_deterministic_and_unknowns_warn(capsys):
+    model = tiny()
+    a = continue_text(model, VOCAB, "time ", 10)
+    assert a.startswith("time ") and len(a) == 15 and a == continue_text(model, VOCAB, "time ", 10)
+    sampled = continue_text(model, VOCAB, "time ", 10, 0.8, torch.Generator().manual_seed(0))
+    assert sampled == continue_text(model, VOCAB, "time ", 10, 0.8, torch.Generator().manual_seed(0))
+    capsys.readouterr()
+    ids = encode_prefix(VOCAB, "TIME")
+    assert "'T', 'I', 'M', 'E' not in the vocabulary" in capsys.readouterr().err
+    assert ids.tolist() == [0, 0, 0, 0]
+    with pytest.raises(ValueError, match="empty prefix"):
+        encode_prefix(VOCAB, "")
