@@ -24,7 +24,8 @@ def samples_markdown(name: str, samples: dict[str, dict], temperature: float, se
     lines = [f"# Samples: {name}", ""]
     for prefix, s in samples.items():
         lines += [f"## `{prefix}`", "", f"- greedy: `{s['greedy']}`"]
-        lines += [f"- sampled (temperature {temperature}, seed {seed}): `{t}`" for t in s["sampled"]]
+        lines += [f"- sample {i} (temperature {temperature}, seed {seed}): `{t}`"
+                  for i, t in enumerate(s["sampled"], start=1)]
         lines.append("")
     return "\n".join(lines)
 

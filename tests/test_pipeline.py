@@ -1,0 +1,85 @@
+"""End to end: the real `dvc repro` on a temp copy of the repository, with tiny settings."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.slow
+
+
+def run(cmd, cwd, **kw):
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+           "MLFLOW_TRACKING_URI": f"sqlite:///{cwd}/mlflow.db"}
+    env.pop("DVC_EXP_NAME", None)
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, **kw)
+    assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    """A git + DVC copy of the project's tracked files, with tiny params."""
+    dest = tmp_path_factory.mktemp("repo")
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.split()
+    for f in files:
+        if (ROOT / f).is_file():
+            (dest / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / f, dest / f)
+    params = yaml.safe_load((dest / "params.yaml").read_text())
+    params["data"]["max_tokens"] = 600
+    params["train"].update(epochs=2, hidden_size=16, num_steps=8, batch_size=4, threads=1)
+    params["variants"] = {"rnn_scratch": {"cell": "rnn", "impl": "scratch"},
+                          "lstm": {"cell": "lstm", "num_layers": 2}}
+    params["evaluate"].update(num_tokens=10, num_samples=1)
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
+                ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tiny"]):
+        subprocess.run(cmd, cwd=dest, check=True)
+    return dest
+
+
+def test_repro_runs_every_stage_then_is_a_noop(repo):
+    out = run([str(BIN / "dvc"), "repro"], repo)
+    for stage in ("download", "tokenize", "train@rnn_scratch", "train@lstm", "evaluate@lstm", "report"):
+        assert f"Running stage '{stage}'" in out
+    for name in ("rnn_scratch", "lstm"):
+        metrics = yaml.safe_load((repo / "metrics/variants" / f"{name}.json").read_text())
+        assert {"train_ppl", "val_ppl", "test_ppl", "tokens_per_sec", "epochs", "best_epoch"} <= set(metrics)
+        assert 1 < metrics["test_ppl"] < 28 * 1.5 and metrics["uniform_ppl"] == 28
+        assert "time traveller" in (repo / "metrics/samples" / f"{name}.md").read_text()
+        assert (repo / "metrics/curves" / f"{name}.csv").read_text().count("\n") == 3  # header + 2 epochs
+        assert (repo / "models" / name / "best.pt").is_file()
+    assert (repo / "metrics/plots/val_ppl.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| lstm |" in (repo / "metrics/report.md").read_text()
+    assert not (repo / "checkpoints").exists() or not any((repo / "checkpoints").iterdir())
+
+    again = run([str(BIN / "dvc"), "repro"], repo)
+    assert "Running stage" not in again
+
+
+def test_changing_lr_reruns_train_and_evaluate_only(repo):
+    run([str(BIN / "dvc"), "repro"], repo)
+    out = run([str(BIN / "dvc"), "exp", "run", "-S", "train.lr=0.05"], repo)
+    ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
+    assert ran == {"train@rnn_scratch", "train@lstm", "evaluate@rnn_scratch", "evaluate@lstm", "report"}
+    show = run([str(BIN / "dvc"), "exp", "show", "--csv"], repo)
+    assert "metrics/variants/lstm.json:test_ppl" in show
+
+
+def test_changing_token_type_reruns_from_tokenize(repo):
+    run([str(BIN / "dvc"), "repro"], repo)
+    status = run([str(BIN / "dvc"), "status"], repo)
+    assert "up to date" in status
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["tokenize"]["token"] = "word"
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = run([str(BIN / "dvc"), "repro", "tokenize"], repo)
+    assert "Running stage 'tokenize'" in out and "Running stage 'download'" not in out
