@@ -10,7 +10,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: setup run test test-fast check-params ui clean
+.PHONY: setup run test test-fast check-params preset ui clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,9 @@ check-params: setup                   ## validate params.yaml without running an
 
 clean:                                ## remove pipeline outputs (not the venv, not mlflow.db)
 	rm -rf data/raw data/tokens models checkpoints metrics/variants metrics/curves metrics/samples metrics/plots metrics/report.md
+
+preset: setup                         ## run presets/$(NAME).yaml as the DVC experiment $(NAME); extra: ARGS="-S key=value"
+	$(BIN)/python -m rnnlab.presets $(NAME) $(ARGS)
 
 ui: setup                             ## the MLflow UI on the local store (http://127.0.0.1:5000)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000 --workers 1

@@ -23,10 +23,9 @@ def run(cmd, cwd, **kw):
     return proc.stdout + proc.stderr
 
 
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory):
-    """A git + DVC copy of the project's tracked files, with tiny params."""
-    dest = tmp_path_factory.mktemp("repo")
+def copy_repo(dest: Path) -> Path:
+    """A git + DVC copy of the project's files (tracked and untracked-not-ignored), with tiny params."""
+    dest.mkdir(parents=True, exist_ok=True)
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT,
                            capture_output=True, text=True, check=True).stdout.split()
     for f in files:
@@ -39,11 +38,16 @@ def repo(tmp_path_factory):
     params["variants"] = {"rnn_scratch": {"cell": "rnn", "impl": "scratch"},
                           "lstm": {"cell": "lstm", "num_layers": 2}}
     params["evaluate"].update(num_tokens=10, num_samples=1)
-    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False, allow_unicode=True))
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
                 ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tiny"]):
         subprocess.run(cmd, cwd=dest, check=True)
     return dest
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    return copy_repo(tmp_path_factory.mktemp("repo"))
 
 
 def test_repro_runs_every_stage_then_is_a_noop(repo):

@@ -1,0 +1,69 @@
+"""Presets: each validates, and its `dvc exp run -S` overrides give exactly the merged params."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from dvc.utils.hydra import apply_overrides
+
+from rnnlab.config import read_yaml, validate_params
+from rnnlab.errors import UserError
+from rnnlab.presets import PRESETS, available, hydra_value, load_preset, merged, overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+NAMES = available(ROOT / PRESETS)
+
+
+def test_the_book_presets_ship():
+    assert {"book-rnn-concise", "book-rnn-scratch", "book-rnn-scratch-random", "book-gru", "book-lstm",
+            "book-deep-lstm", "jaychou-scratch", "jaychou-concise"} <= set(NAMES)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_preset_validates_against_the_schema(name):
+    overlay = load_preset(name, ROOT / PRESETS)
+    params = validate_params(merged(read_yaml(ROOT / "params.yaml"), overlay), name)
+    assert set(params.variants) == set(overlay["variants"])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_overrides_reproduce_the_merged_params(name, tmp_path):
+    overlay = load_preset(name, ROOT / PRESETS)
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    apply_overrides(tmp_path / "params.yaml", overrides(overlay))  # what `dvc exp run -S` does
+    assert read_yaml(tmp_path / "params.yaml") == merged(read_yaml(ROOT / "params.yaml"), overlay)
+
+
+def test_hydra_values():
+    assert hydra_value("sgd") == "sgd"
+    assert hydra_value("time traveller") == "'time traveller'"
+    assert hydra_value("null") == "'null'" and hydra_value(None) == "null"
+    assert hydra_value({"a": [1, 2.5, True], "b": "it's"}) == "{a:[1,2.5,true],b:'it\\'s'}"
+
+
+def test_unknown_preset_lists_the_known_ones():
+    with pytest.raises(UserError, match="available: book-deep-lstm"):
+        load_preset("nope", ROOT / PRESETS)
+
+
+@pytest.mark.slow
+def test_presets_run_as_named_experiments(tmp_path):
+    """A Time Machine preset and a lyrics preset, 2 epochs each, through `dvc exp run --temp`."""
+    from tests.test_pipeline import copy_repo, run
+
+    repo = copy_repo(tmp_path / "repo")
+    lyrics = tmp_path / "lyrics.txt"  # a stand-in for the real (not redistributable) corpus
+    lyrics.write_text("想要有直升机 想要和你飞到宇宙去\n" * 300 + "分开 不分开 我不能再想\n" * 100, encoding="utf-8")
+    tiny = ["-S", "train.epochs=2", "-S", "evaluate.num_tokens=5"]
+    before = (repo / "params.yaml").read_text()
+    run([sys.executable, "-m", "rnnlab.presets", "book-rnn-concise", *tiny], repo)
+    run([sys.executable, "-m", "rnnlab.presets", "jaychou-concise", *tiny, "-S", "data.corpus=custom",
+         "-S", f"data.source={lyrics}"], repo)
+    assert (repo / "params.yaml").read_text() == before  # the user's params are untouched
+    show = run([str(Path(sys.executable).parent / "dvc"), "exp", "show", "--csv"], repo)
+    assert "book-rnn-concise" in show and "jaychou-concise" in show
+    assert "metrics/variants/jaychou_concise.json:test_ppl" in show
