@@ -10,10 +10,11 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
 
 from rnnlab.corpora import BUILTIN
 from rnnlab.errors import UserError
@@ -98,6 +99,18 @@ class Train(Section):
     threads: Annotated[int, Field(ge=0)] = 2
 
 
+class TrainOverrides(Train):
+    """A variant's `train`: any train key but hidden_size, with the same types and ranges. Only the
+    keys given are validated and applied (`model_fields_set`); the rest come from `train`."""
+
+    NOT_ALLOWED: ClassVar[tuple[str, ...]] = ("hidden_size",)
+
+    @field_validator("hidden_size")
+    @classmethod
+    def _own_hidden_size(cls, v: int) -> int:
+        raise ValueError("set the variant's own hidden_size, not train.hidden_size")
+
+
 TRAIN_KEYS = tuple(Train.model_fields)
 
 
@@ -108,7 +121,7 @@ class Variant(Section):
     hidden_size: Count | None = None
     embed_size: Annotated[int, Field(ge=0)] = 0
     bidirectional: bool = False
-    train: dict[str, Any] = Field(default_factory=dict)
+    train: TrainOverrides = TrainOverrides()
 
     @field_validator("bidirectional")
     @classmethod
@@ -120,19 +133,19 @@ class Variant(Section):
             )
         return v
 
-    @field_validator("train")
-    @classmethod
-    def _known_overrides(cls, v: dict[str, Any]) -> dict[str, Any]:
-        for key in v:
-            if key == "hidden_size":
-                raise ValueError("set the variant's own hidden_size, not train.hidden_size")
-            if key not in TRAIN_KEYS:
-                raise ValueError(f"unknown key {key!r}; allowed: {', '.join(TRAIN_KEYS)}")
-        return v
+    def overrides(self) -> dict[str, Any]:
+        """The train keys this variant sets itself."""
+        return self.train.model_dump(include=self.train.model_fields_set)
+
+
+def _has_text(prefix: str) -> str:
+    if not prefix.strip():
+        raise ValueError("a prefix needs at least one character besides spaces (it is what the model warms up on)")
+    return prefix
 
 
 class Evaluate(Section):
-    prefixes: list[Annotated[str, Field(min_length=1)]] = ["time traveller", "the time machine"]
+    prefixes: list[Annotated[str, AfterValidator(_has_text)]] = ["time traveller", "the time machine"]
     num_tokens: Count = 50
     temperature: Positive = 0.8
     num_samples: Annotated[int, Field(ge=0)] = 2
@@ -144,7 +157,13 @@ class Tracking(Section):
     experiment: str | None = None
 
 
-VariantName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")]
+def _stage_name(name: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        raise ValueError("use only letters, digits, _ . and - (it names the stages train@<name>, evaluate@<name>)")
+    return name
+
+
+VariantName = Annotated[str, AfterValidator(_stage_name)]
 
 
 class Params(Section):
@@ -165,7 +184,7 @@ class Params(Section):
 def resolve_train(params: Params, name: str) -> Train:
     """The training settings of one variant: the `train` section with its overrides applied."""
     variant = params.variants[name]
-    merged = {**params.train.model_dump(), **variant.train}
+    merged = {**params.train.model_dump(), **variant.overrides()}
     if variant.hidden_size is not None:
         merged["hidden_size"] = variant.hidden_size
     try:
@@ -180,12 +199,15 @@ def _lines(err: ValidationError, prefix: str = "") -> list[str]:
     for e in err.errors():
         loc = [str(p) for p in e["loc"]]
         path = ".".join([prefix, *loc] if prefix else loc)
-        msg = e["msg"].removeprefix("Value error, ")
+        msg = re.sub(r" or instance of \w+$", "", e["msg"].removeprefix("Value error, "))
         if not loc:
             lines.append(msg)
+        elif loc[-1] == "[key]":  # a mapping's key, e.g. a variant name: `variants.x y.[key]`
+            lines.append(f"{'.'.join(loc[:-2])}: name {e['input']!r}: {msg}")
         elif e["type"] == "extra_forbidden":
             parent = _model_at(e["loc"][:-1])
-            allowed = f"; allowed: {', '.join(parent.model_fields)}" if parent else ""
+            keys = [k for k in parent.model_fields if k not in getattr(parent, "NOT_ALLOWED", ())] if parent else []
+            allowed = f"; allowed: {', '.join(keys)}" if parent else ""
             lines.append(f"{path}: unknown key{allowed}")
         elif e["type"] == "missing":
             lines.append(f"{path}: missing (required)")
@@ -218,11 +240,10 @@ def validate_params(raw: Any, source: str = "params.yaml") -> Params:
     if not isinstance(raw, dict):
         raise UserError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
     try:
-        return Params(**raw)
+        return Params.model_validate(raw)
     except ValidationError as err:
-        lines = _lines(err)
-        head = f"{source}: {len(lines)} invalid setting{'s' if len(lines) > 1 else ''}"
-        raise UserError("\n".join([head, *(f"  {line}" for line in lines)])) from None
+        # one line per problem, each naming the file: `params.yaml: train.lr = 0: ...`
+        raise UserError("\n".join(f"{source}: {line}" for line in _lines(err))) from None
 
 
 def load_params(path: str | Path = "params.yaml", overlays: list[str | Path] = ()) -> Params:
@@ -233,14 +254,26 @@ def load_params(path: str | Path = "params.yaml", overlays: list[str | Path] = (
     return validate_params(raw, str(path))
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's SafeLoader reading YAML 1.2 floats: `1e-5` is a number, not the text '1e-5' (YAML
+    1.1 wants a dot, `1.0e-5`; `dvc exp run -S train.lr=1e-5` writes `lr: 1e-05`)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
 def read_yaml(path: str | Path) -> Any:
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise UserError(f"{path}: file not found") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: cannot read it: {getattr(err, 'strerror', None) or err}") from None
     try:
-        return yaml.safe_load(text) or {}
+        return yaml.load(text, Loader=_Loader) or {}
     except yaml.YAMLError as err:
         raise UserError(f"{path}: not valid YAML: {str(err).splitlines()[0]} ({_where(err)})") from None
 

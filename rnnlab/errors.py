@@ -10,7 +10,8 @@ class UserError(Exception):
     """A mistake the user can fix (bad params, missing file, failed download).
 
     The message is complete on its own: what was wrong, the value, what is allowed or what to do.
-    `run_main` prints it as `error: <message>` without a traceback and exits with status 2.
+    `run_main` prints it as `error: <message>` without a traceback and exits with status 2; a
+    message of several lines (one per problem) gets `error: ` before each.
     """
 
 
@@ -19,7 +20,8 @@ def run_main(main: Callable[[], None]) -> None:
     try:
         main()
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+        for line in str(err).splitlines():  # several problems: one `error:` line each
+            print(f"error: {line}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -29,7 +29,7 @@ def differing_settings(params: Params) -> dict[str, str]:
         parts = [f"{v.cell}/{v.impl}", f"{v.num_layers}x{cfg.hidden_size}"]
         if v.embed_size:
             parts.append(f"embed {v.embed_size}")
-        parts += [f"{k}={val}" for k, val in v.train.items()]
+        parts += [f"{k}={val}" for k, val in v.overrides().items()]
         out[name] = ", ".join(parts)
     return out
 
