@@ -90,7 +90,12 @@ def main() -> None:
     parser.add_argument("name", nargs="?", help="preset name; omit to list them")
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--dry-run", action="store_true", help="print the dvc command, run nothing")
+    parser.add_argument("--results", action="store_true",
+                        help="print a Markdown table of the runs of every preset (or of NAME)")
     args, extra = parser.parse_known_args()
+    if args.results:
+        print(results_table([args.name] if args.name else available()))
+        return
     if not args.name:
         print("presets:", ", ".join(available()))
         return
@@ -103,6 +108,59 @@ def main() -> None:
     print(shlex.join(cmd), flush=True)
     if not args.dry_run:
         raise SystemExit(subprocess.run(cmd).returncode)
+
+
+
+# --- results of preset runs, read back from their DVC experiment refs ----------------------------
+
+
+def published_figure(name: str, folder: Path = PRESETS) -> str:
+    """The book's figure, from the preset file's header comment (`Published: ...`)."""
+    header = " ".join(line.lstrip("# ").strip() for line in (folder / f"{name}.yaml").read_text(
+        encoding="utf-8").splitlines() if line.startswith("#"))
+    found = re.search(r"Published: (.+?)\.(\s|$)", header)
+    return found.group(1) if found else "?"
+
+
+def experiment_ref(name: str) -> str | None:
+    """The newest git ref of the DVC experiment `name` (refs/exps/.../<name>)."""
+    refs = subprocess.run(["git", "for-each-ref", "--sort=-creatordate", "--format=%(refname)",
+                           "refs/exps"], capture_output=True, text=True, check=True).stdout.split()
+    return next((r for r in refs if r.rsplit("/", 1)[-1] == name), None)
+
+
+def _git_show(ref: str, path: str) -> str:
+    return subprocess.run(["git", "show", f"{ref}:{path}"], capture_output=True, text=True,
+                          check=True).stdout
+
+
+def results_rows(name: str) -> list[str]:
+    """Markdown rows for one preset: the book's figure beside ours, per variant."""
+    import csv
+    import io
+    import json
+
+    ref = experiment_ref(name)
+    if ref is None:
+        return [f"| {name} | {published_figure(name)} | not run yet | | | | | |"]
+    rows = []
+    for variant in load_preset(name)["variants"]:
+        m = json.loads(_git_show(ref, f"metrics/variants/{variant}.json"))
+        curves = list(csv.DictReader(io.StringIO(_git_show(ref, f"metrics/curves/{variant}.csv"))))
+        samples = _git_show(ref, f"metrics/samples/{variant}.md")
+        greedy = re.search(r"- greedy: `(.*)`", samples).group(1)
+        rows.append(
+            f"| {name} ({variant}) | {published_figure(name)} | {m['final_train_ppl']:.2f} | "
+            f"{float(curves[-1]['val_ppl']):.1f} | {m['val_ppl']:.2f} (epoch {m['best_epoch']}) | "
+            f"{m['test_ppl']:.2f} | {m['tokens_per_sec']:,.0f} | `{greedy}` |")
+    return rows
+
+
+def results_table(names: list[str]) -> str:
+    head = ("| preset (variant) | book | train ppl, last epoch | val ppl, last epoch | "
+            "val ppl, best epoch | test ppl, best epoch | tokens/s | greedy sample |\n"
+            "|---|---|---:|---:|---:|---:|---:|---|")
+    return "\n".join([head, *(row for n in names for row in results_rows(n))])
 
 
 if __name__ == "__main__":
