@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import shutil
 from dataclasses import asdict
@@ -18,16 +19,29 @@ from rnnlab.checkpoint import load_resume, save_checkpoint, save_resume
 from rnnlab.config import flatten, load_params, resolve_train
 from rnnlab.corpus import load_tokens
 from rnnlab.errors import UserError, run_main
+from rnnlab.fileio import atomic_path
 from rnnlab.models import build_model, model_config
 from rnnlab.records import record_curves, record_summary
 from rnnlab.tracking import dvc_tags, folder_sha1, git_tags, tracked_run
-from rnnlab.training import EpochResult, new_state, resolve_device, run_epochs
+from rnnlab.training import EpochResult, check_fits, new_state, resolve_device, run_epochs
 
 
 def epoch_line(r: EpochResult, epochs: int) -> str:
     return (f"epoch {r.epoch:>3}/{epochs}  train ppl {r.train_ppl:8.3f}  val ppl {r.val_ppl:8.3f}  "
             f"grad {r.grad_norm:6.3f} (clipped {r.clipped_frac:4.0%})  lr {r.lr:.3g}  "
             f"{r.tokens_per_sec:>9,.0f} tok/s  {r.seconds:6.1f}s{'  *best' if r.is_best else ''}")
+
+
+def diverged(where: str) -> str:
+    return (f"training diverged: {where}; lower train.lr or train.clip_theta and run again "
+            "(nothing of this epoch was saved)")
+
+
+def check_finite(r: EpochResult) -> None:
+    """Weights that became NaN at an epoch's last step show only in its validation perplexity."""
+    for what, ppl in (("training", r.train_ppl), ("validation", r.val_ppl)):
+        if not math.isfinite(ppl):
+            raise UserError(diverged(f"the {what} perplexity became {ppl:g} at epoch {r.epoch}"))
 
 
 def main() -> None:
@@ -46,6 +60,7 @@ def main() -> None:
         raise UserError(f"--variant {name!r} is not in params.yaml variants: {', '.join(params.variants)}")
     cfg = resolve_train(params, name)
     tokens = load_tokens(args.data)
+    check_fits(len(tokens.splits["train"]), cfg)  # before any MLflow run or file is made
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
@@ -79,18 +94,22 @@ def main() -> None:
             tracker.log_dataset(tokens.splits["train"], args.data, f"{corpus}-train", data_sha1, "training")
         train_ids = torch.as_tensor(tokens.splits["train"])
         val_ids = torch.as_tensor(tokens.splits["val"])
-        for result in run_epochs(state, train_ids, val_ids, cfg, device):
-            if result.is_best:
-                save_checkpoint(work / "best.pt", model, tokens.vocab, variant=name,
-                                epoch=result.epoch, val_ppl=result.val_ppl)
-            record_curves(args.curves, state.history, tracker)
-            save_resume(work / "resume.pt", state.snapshot(), fingerprint, mlflow_run_id=tracker.run_id)
-            print(epoch_line(result, cfg.epochs), flush=True)
+        try:
+            for result in run_epochs(state, train_ids, val_ids, cfg, device):
+                check_finite(result)  # before anything of this epoch is saved
+                if result.is_best:
+                    save_checkpoint(work / "best.pt", model, tokens.vocab, variant=name,
+                                    epoch=result.epoch, val_ppl=result.val_ppl)
+                record_curves(args.curves, state.history, tracker)
+                save_resume(work / "resume.pt", state.snapshot(), fingerprint, mlflow_run_id=tracker.run_id)
+                print(epoch_line(result, cfg.epochs), flush=True)
+        except OverflowError:  # math.exp of a mean loss above ~709 nats
+            raise UserError(diverged(f"the perplexity overflowed (mean loss above 709 nats) at "
+                                     f"epoch {state.epoch + 1}")) from None
 
         out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(work / "best.pt", out / ".best.pt.tmp")
-        os.replace(out / ".best.pt.tmp", out / "best.pt")
+        with atomic_path(out / "best.pt") as tmp:
+            shutil.copyfile(work / "best.pt", tmp)
         last = state.history[-1]
         summary = record_summary(out / "train.json", {
             "best_epoch": state.best_epoch,
