@@ -8,8 +8,7 @@ and data, so a run is only ever resumed with the settings that started it.
 
 from __future__ import annotations
 
-import pickle
-import zipfile
+import io
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -44,16 +43,18 @@ def load_checkpoint(path: str | Path, vocab: Vocab | None = None,
     try:
         model = build_model(ModelConfig(**payload["model_config"]))
         saved_vocab = Vocab.from_dict(payload["vocab"])
-    except (KeyError, TypeError, ValueError) as err:
-        raise UserError(f"{path}: the checkpoint's model config or vocabulary is unreadable ({err})") from None
+        state_dict = payload["state_dict"]
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise UserError(f"{path}: the checkpoint's model config, vocabulary or weights are unreadable "
+                        f"({type(err).__name__}: {err})") from None
     if vocab is not None and saved_vocab.tokens != vocab.tokens:
         raise UserError(
             f"{path}: the checkpoint was trained on another vocabulary ({len(saved_vocab)} tokens) "
             f"than the data given ({len(vocab)} tokens); retrain it on this data"
         )
     try:
-        model.load_state_dict(payload["state_dict"])
-    except RuntimeError as err:
+        model.load_state_dict(state_dict)
+    except (RuntimeError, TypeError) as err:  # missing or unexpected keys, other shapes; not a dict
         first = str(err).splitlines()[1].strip() if "\n" in str(err) else str(err)
         raise UserError(
             f"{path}: the weights do not fit the model config stored with them (from another "
@@ -81,8 +82,12 @@ def load_resume(path: str | Path, fingerprint: str) -> dict | None:
 
 
 def _save(path: str | Path, payload: dict) -> None:
+    # serialise in memory, then write plain bytes: torch.save onto a full disk raises a bare
+    # RuntimeError ("unexpected pos"), a plain write the OSError (ENOSPC) that atomic_path explains
+    buf = io.BytesIO()
+    torch.save(payload, buf)
     with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+        tmp.write_bytes(buf.getvalue())
 
 
 def _load(path: str | Path) -> Any:
@@ -91,5 +96,7 @@ def _load(path: str | Path) -> Any:
         raise UserError(f"{path}: checkpoint not found; run the train stage first")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as err:
-        raise UserError(f"{path}: not a readable checkpoint (truncated or corrupt?): {err}") from None
+    except Exception as err:  # noqa: BLE001 - unpickling arbitrary bytes fails in any way at all
+        # (UnpicklingError, RuntimeError, EOFError, BadZipFile, IndexError from a text file, ...)
+        raise UserError(f"{path}: not a readable checkpoint (truncated or corrupt?): "
+                        f"{type(err).__name__}: {err}") from None
