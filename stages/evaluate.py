@@ -4,6 +4,7 @@ uniform model's (= vocabulary size), and text samples after each prefix in param
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from rnnlab.config import load_params, resolve_train
 from rnnlab.corpus import SPLITS, load_tokens
 from rnnlab.errors import UserError, run_main
 from rnnlab.fileio import read_json, write_text
+from rnnlab.models import ModelConfig, model_config
 from rnnlab.records import record_summary
 from rnnlab.sampling import continue_text
 from rnnlab.tracking import tracked_run
@@ -28,6 +30,36 @@ def samples_markdown(name: str, samples: dict[str, dict], temperature: float, se
                   for i, t in enumerate(s["sampled"], start=1)]
         lines.append("")
     return "\n".join(lines)
+
+
+def describe(c: ModelConfig) -> str:
+    return (f"{c.cell}/{c.impl} {c.num_layers}x{c.hidden_size}, embed {c.embed_size}, dropout "
+            f"{c.dropout:g}, vocabulary {c.vocab_size}")
+
+
+def check_variant(path: Path, name: str, saved_name: str | None, saved: ModelConfig,
+                  expected: ModelConfig) -> None:
+    """A checkpoint of another variant, or of other settings than params.yaml's, is not this one's."""
+    if saved_name not in (None, name) or saved != expected:
+        raise UserError(
+            f"{path}: holds variant {saved_name!r} ({describe(saved)}), but params.yaml's variant "
+            f"{name!r} is {describe(expected)}; train it again (dvc repro train@{name})"
+        )
+
+
+def read_train_summary(path: Path, name: str) -> dict:
+    """The train stage's train.json, with the numbers evaluate copies from it."""
+    try:
+        trained = read_json(path)
+    except FileNotFoundError:
+        raise UserError(f"{path}: not found; run train@{name} first") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: not valid JSON ({err}); run train@{name} again") from None
+    keys = ("final_train_ppl", "tokens_per_sec", "epochs", "best_epoch", "train_seconds", "parameters")
+    missing = [k for k in keys if not isinstance(trained, dict) or k not in trained]
+    if missing:
+        raise UserError(f"{path}: no {', '.join(missing)}; run train@{name} again")
+    return trained
 
 
 def main() -> None:
@@ -50,7 +82,9 @@ def main() -> None:
     device = resolve_device(cfg.device)
     tokens = load_tokens(args.data)
     model, vocab, meta = load_checkpoint(Path(args.model) / "best.pt", tokens.vocab, device)
-    trained = read_json(Path(args.model) / "train.json")
+    check_variant(Path(args.model) / "best.pt", name, meta.get("variant"), model.config,
+                  model_config(params.variants[name], cfg, len(vocab)))
+    trained = read_train_summary(Path(args.model) / "train.json", name)
 
     start = time.perf_counter()
     ppl = {s: perplexity(model, torch.as_tensor(tokens.splits[s]), cfg.batch_size, cfg.num_steps, device)
