@@ -116,5 +116,10 @@ def load_tokens(tokens_dir: str | Path) -> Tokens:
     tokens_dir = Path(tokens_dir)
     if not (tokens_dir / "vocab.json").is_file():
         raise UserError(f"{tokens_dir}: no vocab.json; run the tokenize stage first")
-    splits = {s: np.load(tokens_dir / f"{s}.npy") for s in SPLITS}
-    return Tokens(splits, Vocab.load(tokens_dir / "vocab.json"), read_json(tokens_dir / "stats.json"))
+    try:
+        splits = {s: np.load(tokens_dir / f"{s}.npy") for s in SPLITS}
+        return Tokens(splits, Vocab.load(tokens_dir / "vocab.json"), read_json(tokens_dir / "stats.json"))
+    except (OSError, EOFError, ValueError, KeyError, TypeError) as err:  # missing, truncated, corrupt
+        where = getattr(err, "filename", None) or tokens_dir
+        raise UserError(f"{where}: unreadable token data ({type(err).__name__}: {err}); run the "
+                        "tokenize stage again") from None

@@ -325,9 +325,15 @@ def decode(raw: bytes, where: str) -> str:
 
 
 def _folder_splits(folder: Path, source: str) -> dict[str, str]:
-    found = {p.name: p for p in folder.iterdir() if p.is_file()}
-    picked = _pick_splits(found, source)
-    return {out: decode(found[name].read_bytes(), str(found[name])) for out, name in picked.items()}
+    try:
+        found = {p.name: p for p in folder.iterdir() if p.is_file()}
+        picked = _pick_splits(found, source)
+        return {out: decode(found[name].read_bytes(), str(found[name])) for out, name in picked.items()}
+    except OSError as err:  # e.g. a split file or the folder without read permission
+        raise UserError(
+            f"{err.filename or source}: cannot read it: {err.strerror or err} (check data.source "
+            "and the file's permissions)"
+        ) from None
 
 
 def _zip_splits(path: Path, source: str) -> dict[str, str]:
