@@ -140,7 +140,8 @@ class Variant(Section):
 
 def _has_text(prefix: str) -> str:
     if not prefix.strip():
-        raise ValueError("a prefix needs at least one character besides spaces (it is what the model warms up on)")
+        raise ValueError("a prefix needs at least one character besides spaces "
+                         "(it is what the model warms up on)")
     return prefix
 
 
@@ -159,7 +160,8 @@ class Tracking(Section):
 
 def _stage_name(name: str) -> str:
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
-        raise ValueError("use only letters, digits, _ . and - (it names the stages train@<name>, evaluate@<name>)")
+        raise ValueError("use only letters, digits, _ . and - "
+                         "(it names the stages train@<name>, evaluate@<name>)")
     return name
 
 
@@ -197,7 +199,7 @@ def _lines(err: ValidationError, prefix: str = "") -> list[str]:
     """One readable line per problem: `key.path = value: what is allowed`."""
     lines = []
     for e in err.errors():
-        loc = [str(p) for p in e["loc"]]
+        loc = [str(p) if str(p).isprintable() else repr(p) for p in e["loc"]]  # a key with "\n"
         path = ".".join([prefix, *loc] if prefix else loc)
         msg = re.sub(r" or instance of \w+$", "", e["msg"].removeprefix("Value error, "))
         if not loc:
@@ -206,8 +208,9 @@ def _lines(err: ValidationError, prefix: str = "") -> list[str]:
             lines.append(f"{'.'.join(loc[:-2])}: name {e['input']!r}: {msg}")
         elif e["type"] == "extra_forbidden":
             parent = _model_at(e["loc"][:-1])
-            keys = [k for k in parent.model_fields if k not in getattr(parent, "NOT_ALLOWED", ())] if parent else []
-            allowed = f"; allowed: {', '.join(keys)}" if parent else ""
+            keys = [k for k in (parent.model_fields if parent else ())
+                    if k not in getattr(parent, "NOT_ALLOWED", ())]
+            allowed = f"; allowed: {', '.join(keys)}" if keys else ""
             lines.append(f"{path}: unknown key{allowed}")
         elif e["type"] == "missing":
             lines.append(f"{path}: missing (required)")
