@@ -1,17 +1,22 @@
 """MLflow: one run per trained variant, reopened by its evaluation.
 
 Where runs go comes from the environment: MLFLOW_TRACKING_URI, else a SQLite store `mlflow.db`
-in the working directory (the repository root under DVC). A tracking server that does not answer
-is reported before any training starts. A run that raises is ended FAILED; one stopped by Ctrl-C
-or SIGTERM is ended KILLED; none is left RUNNING.
+at the repository root: DVC_ROOT, which DVC sets for every stage and points at the parent
+repository under `dvc exp run --temp` and queued experiments, else the working directory. A SQLite
+store keeps its artifacts beside it, in `mlruns/`. A tracking server that does not answer is
+reported before any training starts. A run that raises is ended FAILED; one stopped by Ctrl-C or
+SIGTERM is ended KILLED; none is left RUNNING.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import signal
 import subprocess
+import sys
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -20,17 +25,37 @@ from typing import Any, Iterator
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # fail in seconds, not minutes
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")     # a hung server, not 120 s a call
 
 import requests  # noqa: E402
 
 from rnnlab.config import Tracking  # noqa: E402
 from rnnlab.errors import UserError  # noqa: E402
 
-DEFAULT_URI = "sqlite:///mlflow.db"
+STORE_FILE = "mlflow.db"   # the local default store, at the repository root
+ARTIFACTS_DIR = "mlruns"   # a SQLite store's artifacts, beside it
+
+
+def store_root() -> Path:
+    """The repository root: DVC_ROOT under DVC (the parent repository even in a temp copy),
+    else the working directory."""
+    return Path(os.environ.get("DVC_ROOT") or os.getcwd()).resolve()
 
 
 def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    """MLFLOW_TRACKING_URI if set, else `sqlite:///<repository root>/mlflow.db` (absolute)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{store_root() / STORE_FILE}"
+
+
+def artifact_location(uri: str, experiment: str) -> str | None:
+    """Where a new experiment keeps its artifacts: beside a SQLite store, in
+    `mlruns/<experiment>/<run id>/` (MLflow's own default is `./mlruns` of whatever the working
+    directory is: a temp copy under `dvc exp run --temp`); for a server, wherever the server
+    says (None)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    root = Path(uri.removeprefix("sqlite:///")).resolve().parent / ARTIFACTS_DIR
+    return str(root / experiment if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", experiment) else root)
 
 
 class Tracker:
@@ -68,25 +93,37 @@ class Tracker:
         if self.run_id:
             import mlflow
 
-            dataset = mlflow.data.from_numpy(ids, source=source, name=name, digest=digest[:36])
+            from mlflow.data.sources import LocalArtifactDatasetSource
+
+            # An explicit source: a bare path string matches two registered source classes and
+            # MLflow warns "The specified dataset source can be interpreted in multiple ways".
+            src = LocalArtifactDatasetSource(str(Path(source).resolve()))
+            # MLflow caps a dataset digest at 36 characters.
+            dataset = mlflow.data.from_numpy(ids, source=src, name=name, digest=digest[:36])
             mlflow.log_input(dataset, context=context)
 
 
 def check_reachable(uri: str) -> None:
     """Fail now, naming the URI, if the tracking store cannot be reached."""
     if uri.startswith(("http://", "https://")):
-        try:
-            requests.get(uri.rstrip("/") + "/health", timeout=5).raise_for_status()
-        except requests.RequestException as err:
+        if not _server_answers(uri):
             raise UserError(
-                f"the MLflow tracking server at {uri} is unreachable ({type(err).__name__}); "
-                "start it, point MLFLOW_TRACKING_URI elsewhere (unset: local mlflow.db), "
-                "or set tracking.enabled: false in params.yaml"
-            ) from None
+                f"the MLflow tracking server at {uri} is unreachable; start it, point "
+                "MLFLOW_TRACKING_URI elsewhere (unset: the local mlflow.db), or set "
+                "tracking.enabled: false in params.yaml"
+            )
     elif uri.startswith("sqlite:///"):
         folder = Path(uri.removeprefix("sqlite:///")).resolve().parent
         if not os.access(folder, os.W_OK):
             raise UserError(f"the MLflow store {uri}: folder {folder} is not writable")
+
+
+def _server_answers(uri: str) -> bool:
+    try:
+        requests.get(uri.rstrip("/") + "/health", timeout=5).raise_for_status()
+        return True
+    except requests.RequestException:
+        return False
 
 
 class Terminated(BaseException):
@@ -96,7 +133,12 @@ class Terminated(BaseException):
 @contextmanager
 def tracked_run(cfg: Tracking, experiment: str, run_name: str, tags: dict[str, Any],
                 run_id: str | None = None) -> Iterator[Tracker]:
-    """An MLflow run for the block: a new one, or `run_id` reopened (evaluation, a resume)."""
+    """An MLflow run for the block: a new one, or `run_id` reopened (evaluation, a resume).
+
+    The run ends FINISHED when the block completes, FAILED when it raises, KILLED on Ctrl-C or
+    SIGTERM (SIGTERM then exits with status 143). A tracking server lost during the block is
+    reported as a UserError naming it.
+    """
     if not cfg.enabled:
         print("tracking: off (tracking.enabled: false in params.yaml); nothing goes to MLflow")
         yield Tracker(None)
@@ -106,29 +148,86 @@ def tracked_run(cfg: Tracking, experiment: str, run_name: str, tags: dict[str, A
     import mlflow
 
     mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment(cfg.experiment or experiment)
+    name = cfg.experiment or experiment
     if run_id and not _run_exists(run_id):
         run_id = None  # the store was reset or changed: start a new run
-    run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, tags=tags)
+    run = mlflow.start_run(run_id=run_id, experiment_id=None if run_id else _experiment_id(name, uri),
+                           run_name=None if run_id else run_name, tags=tags)
     print(f"tracking: MLflow run {run.info.run_id} ({'reopened' if run_id else 'new'}) in "
-          f"experiment '{cfg.experiment or experiment}' at {uri}")
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
-    status = "FINISHED"
+          f"experiment '{name}' at {uri}", flush=True)
+    on_main_thread = threading.current_thread() is threading.main_thread()  # signals: main only
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if on_main_thread else None
+    previous = previous if previous is not None else signal.SIG_DFL  # None: not set from Python
     try:
         yield Tracker(run.info.run_id)
-    except (KeyboardInterrupt, Terminated):
-        status = "KILLED"
+    except Terminated:
+        _end_run("KILLED", on_main_thread, previous)
+        print(f"terminated (SIGTERM); MLflow run {run.info.run_id} ended KILLED", file=sys.stderr)
+        raise SystemExit(128 + signal.SIGTERM) from None
+    except KeyboardInterrupt:
+        _end_run("KILLED", on_main_thread, previous)
         raise
-    except BaseException:
-        status = "FAILED"
+    except BaseException as err:
+        _end_run("FAILED", on_main_thread, previous)
+        if _is_tracking_error(err) and uri.startswith(("http://", "https://")) \
+                and not _server_answers(uri):
+            raise UserError(f"lost the MLflow tracking server at {uri} during run "
+                            f"{run.info.run_id}: {str(err).splitlines()[0]}") from None
         raise
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    else:
+        _end_run("FINISHED", on_main_thread, previous)
+
+
+def _end_run(status: str, on_main_thread: bool, previous) -> None:
+    """End the active run with `status`, deaf to a second SIGTERM meanwhile. Called while an
+    exception is on its way up, a store that cannot be reached is reported, not raised, so the
+    original error is the one shown."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    if on_main_thread:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
         mlflow.end_run(status)
+    except (MlflowException, requests.RequestException) as err:
+        if status == "FINISHED":
+            raise
+        print(f"tracking: could not mark the run {status} ({str(err).splitlines()[0]}); "
+              "it stays RUNNING in the store", file=sys.stderr)
+    finally:
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _is_tracking_error(err: BaseException) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    return isinstance(err, (MlflowException, requests.RequestException))
 
 
 def _raise_terminated(signum, frame) -> None:
     raise Terminated()
+
+
+def _experiment_id(name: str, uri: str) -> str:
+    """The experiment's id, creating it (artifacts beside a SQLite store) if it is new."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        try:
+            return client.create_experiment(name, artifact_location=artifact_location(uri, name))
+        except MlflowException:
+            exp = client.get_experiment_by_name(name)  # created meanwhile by a parallel stage
+            if exp is None:
+                raise
+    if exp.lifecycle_stage == "deleted":
+        raise UserError(f"the MLflow experiment '{name}' at {uri} is deleted; restore it "
+                        f"(mlflow experiments restore --experiment-id {exp.experiment_id}) or "
+                        "set tracking.experiment in params.yaml to another name")
+    return exp.experiment_id
 
 
 def _run_exists(run_id: str) -> bool:
