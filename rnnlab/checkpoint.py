@@ -9,6 +9,8 @@ and data, so a run is only ever resumed with the settings that started it.
 from __future__ import annotations
 
 import io
+import pickle
+import zipfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -94,9 +96,15 @@ def _load(path: str | Path) -> Any:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: checkpoint not found; run the train stage first")
+    damaged = f"{path}: not a readable checkpoint (truncated or corrupt?)"
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip; a truncated one has lost its index
+        raise UserError(f"{damaged}: not the zip archive torch.save writes")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - unpickling arbitrary bytes fails in any way at all
-        # (UnpicklingError, RuntimeError, EOFError, BadZipFile, IndexError from a text file, ...)
-        raise UserError(f"{path}: not a readable checkpoint (truncated or corrupt?): "
-                        f"{type(err).__name__}: {err}") from None
+    except Exception as err:  # noqa: BLE001 - unpickling damaged bytes can fail in any way at all
+        # (UnpicklingError, RuntimeError, EOFError, IndexError, ...); their messages run to pages
+        first = (str(err).strip().splitlines() or [""])[0]
+        detail = ("its contents are damaged or not plain tensors, numbers and strings"  # torch's own
+                  if isinstance(err, pickle.UnpicklingError)  # message suggests weights_only=False
+                  else f"{type(err).__name__}: {first[:200]}")
+        raise UserError(f"{damaged}: {detail}") from None
