@@ -23,6 +23,9 @@ from rnnlab.errors import UserError
 from rnnlab.models import RNNLM, detach_state
 
 
+MAX_LOSS = 700.0  # exp(700) is near float64's limit: a mean loss beyond it means divergence
+
+
 @dataclass(frozen=True)
 class EpochResult:
     epoch: int
@@ -154,6 +157,12 @@ def run_epochs(state: TrainState, train_ids: torch.Tensor, val_ids: torch.Tensor
         norms_t = torch.stack(norms)
         train_loss = float(loss_sum) / len(norms)  # every minibatch has the same size
         val_ppl = perplexity(model, val_ids, cfg.batch_size, cfg.num_steps, device, cfg)
+        if not math.isfinite(val_ppl) or train_loss > MAX_LOSS:
+            raise UserError(
+                f"training diverged: after epoch {epoch} the training loss is {train_loss:.4g} and "
+                f"the validation perplexity {val_ppl:.4g}; lower train.lr or train.clip_theta and "
+                "run again (nothing of this epoch was saved)"
+            )
         is_best = val_ppl < state.best_val_ppl
         if is_best:
             state.best_val_ppl, state.best_epoch = val_ppl, epoch
@@ -213,4 +222,5 @@ def perplexity(model: RNNLM, ids: torch.Tensor, batch_size: int, num_steps: int,
         total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").double()
         count += y.numel()
     model.train(was_training)
-    return math.exp(float(total) / count)
+    mean = float(total) / count
+    return math.exp(mean) if mean <= MAX_LOSS else math.inf

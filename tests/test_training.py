@@ -131,3 +131,13 @@ def test_greedy_prediction_is_deterministic_and_unknowns_warn(capsys):
     assert ids.tolist() == [0, 0, 0, 0]
     with pytest.raises(ValueError, match="empty prefix"):
         encode_prefix(VOCAB, "")
+
+
+def test_huge_but_finite_loss_is_divergence_not_a_crash():
+    model = tiny()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.shape[0] == len(VOCAB):
+                p.mul_(0).add_(torch.randn_like(p) * 1e4)  # enormous logits: loss ~1e4, finite
+    with pytest.raises(UserError, match=r"diverged: after epoch 1"):
+        train(model, cfg(optimizer="sgd", lr=1e-12))
