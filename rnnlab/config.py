@@ -82,7 +82,7 @@ class Tokenize(Section):
 
 
 class Train(Section):
-    lr: Positive = 1.0
+    lr: Annotated[float, Field(gt=0, le=1e6, allow_inf_nan=False)] = 1.0
     clip_theta: Positive = 1.0
     num_steps: Count = 35
     hidden_size: Count = 256

@@ -26,3 +26,6 @@ def run_main(main: Callable[[], None]) -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         raise SystemExit(130) from None
+    except BrokenPipeError:  # output piped into `head` and the like: not an error
+        sys.stderr.close()
+        raise SystemExit(0) from None

@@ -21,7 +21,7 @@ from rnnlab.corpus import load_tokens
 from rnnlab.errors import UserError, run_main
 from rnnlab.fileio import atomic_path
 from rnnlab.models import build_model, model_config
-from rnnlab.records import record_curves, record_summary
+from rnnlab.records import record_curves, record_curves_png, record_summary
 from rnnlab.tracking import dvc_tags, folder_sha1, git_tags, tracked_run
 from rnnlab.training import EpochResult, check_fits, new_state, resolve_device, run_epochs
 
@@ -122,6 +122,7 @@ def main() -> None:
             "device": str(device),
             "mlflow_run_id": tracker.run_id,
         }, tracker)
+        record_curves_png(out / "curves.png", state.history, tracker, title=name)
         tracker.log_artifact(out / "best.pt", "checkpoint")
         tracker.log_artifact(Path(args.data) / "vocab.json", "checkpoint")
         tracker.log_artifact(args.curves, "curves")

@@ -84,3 +84,9 @@ def test_cli_prints_one_error_without_traceback(tmp_path, params_dict):
     assert proc.returncode == 2
     assert "train.clip_thta: unknown key" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_absurd_learning_rate_is_rejected(params_dict):
+    params_dict["train"]["lr"] = 1e38
+    with pytest.raises(UserError, match=r"train.lr = 1e\+38: Input should be less than or equal to 1000000"):
+        validate_params(params_dict)

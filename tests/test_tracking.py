@@ -296,7 +296,8 @@ def test_tags_artifacts_and_dataset(tiny_runs):
         assert tags["rnnlab.dvc_stage"] == f"train@{v}" and tags["rnnlab.dvc_exp"] == "tiny-exp"
         arts = {a.path for folder in ("checkpoint", "curves", "samples")
                 for a in c.list_artifacts(run.info.run_id, folder)}
-        assert {"checkpoint/best.pt", "checkpoint/vocab.json", f"curves/{v}.csv", f"samples/{v}.md"} <= arts
+        assert {"checkpoint/best.pt", "checkpoint/vocab.json", f"curves/{v}.csv", "curves/curves.png",
+                f"samples/{v}.md"} <= arts
         assert run.info.artifact_uri.startswith(str(tiny_runs["base"]))  # beside the store
         [inp] = run.inputs.dataset_inputs
         assert inp.dataset.name == f"{EXPERIMENT}-train"
