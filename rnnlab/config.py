@@ -183,6 +183,13 @@ class Params(Section):
         return self
 
 
+def variant_train(params: Params, name: str) -> Train:
+    """The training settings of the variant a stage was asked for; an unknown name is a UserError."""
+    if name not in params.variants:
+        raise UserError(f"--variant {name!r} is not in params.yaml variants: {', '.join(params.variants)}")
+    return resolve_train(params, name)
+
+
 def resolve_train(params: Params, name: str) -> Train:
     """The training settings of one variant: the `train` section with its overrides applied."""
     variant = params.variants[name]

@@ -73,6 +73,13 @@ class TrainState:
         self.best_epoch = snap["best_epoch"]
 
 
+def prepare_torch(cfg: Train) -> torch.device:
+    """Apply the thread setting and pick the device."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    return resolve_device(cfg.device)
+
+
 def resolve_device(name: str) -> torch.device:
     """auto: CUDA when present, else the CPU."""
     if name == "auto":

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from rnnlab.checkpoint import load_checkpoint
-from rnnlab.config import load_params, resolve_train
+from rnnlab.config import load_params, variant_train
 from rnnlab.corpus import SPLITS, load_tokens
 from rnnlab.errors import UserError, run_main
 from rnnlab.fileio import read_json, write_text
@@ -19,7 +19,7 @@ from rnnlab.models import ModelConfig, model_config
 from rnnlab.records import record_summary
 from rnnlab.sampling import continue_text
 from rnnlab.tracking import tracked_run
-from rnnlab.training import perplexity, resolve_device
+from rnnlab.training import perplexity, prepare_torch
 
 
 def samples_markdown(name: str, samples: dict[str, dict], temperature: float, seed: int) -> str:
@@ -74,12 +74,8 @@ def main() -> None:
 
     params = load_params(args.params)
     name = args.variant
-    if name not in params.variants:
-        raise UserError(f"--variant {name!r} is not in params.yaml variants: {', '.join(params.variants)}")
-    cfg, ev = resolve_train(params, name), params.evaluate
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg.device)
+    cfg, ev = variant_train(params, name), params.evaluate
+    device = prepare_torch(cfg)
     tokens = load_tokens(args.data)
     model, vocab, meta = load_checkpoint(Path(args.model) / "best.pt", tokens.vocab, device)
     check_variant(Path(args.model) / "best.pt", name, meta.get("variant"), model.config,

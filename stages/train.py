@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import os
 import shutil
 from dataclasses import asdict
@@ -16,32 +15,20 @@ from pathlib import Path
 import torch
 
 from rnnlab.checkpoint import load_resume, save_checkpoint, save_resume
-from rnnlab.config import flatten, load_params, resolve_train
+from rnnlab.config import flatten, load_params, variant_train
 from rnnlab.corpus import load_tokens
-from rnnlab.errors import UserError, run_main
+from rnnlab.errors import run_main
 from rnnlab.fileio import atomic_path
 from rnnlab.models import build_model, model_config
 from rnnlab.records import record_curves, record_curves_png, record_summary
 from rnnlab.tracking import dvc_tags, folder_sha1, git_tags, tracked_run
-from rnnlab.training import EpochResult, check_fits, new_state, resolve_device, run_epochs
+from rnnlab.training import EpochResult, check_fits, new_state, prepare_torch, run_epochs
 
 
 def epoch_line(r: EpochResult, epochs: int) -> str:
     return (f"epoch {r.epoch:>3}/{epochs}  train ppl {r.train_ppl:8.3f}  val ppl {r.val_ppl:8.3f}  "
             f"grad {r.grad_norm:6.3f} (clipped {r.clipped_frac:4.0%})  lr {r.lr:.3g}  "
             f"{r.tokens_per_sec:>9,.0f} tok/s  {r.seconds:6.1f}s{'  *best' if r.is_best else ''}")
-
-
-def diverged(where: str) -> str:
-    return (f"training diverged: {where}; lower train.lr or train.clip_theta and run again "
-            "(nothing of this epoch was saved)")
-
-
-def check_finite(r: EpochResult) -> None:
-    """Weights that became NaN at an epoch's last step show only in its validation perplexity."""
-    for what, ppl in (("training", r.train_ppl), ("validation", r.val_ppl)):
-        if not math.isfinite(ppl):
-            raise UserError(diverged(f"the {what} perplexity became {ppl:g} at epoch {r.epoch}"))
 
 
 def main() -> None:
@@ -56,14 +43,10 @@ def main() -> None:
 
     params = load_params(args.params)
     name = args.variant
-    if name not in params.variants:
-        raise UserError(f"--variant {name!r} is not in params.yaml variants: {', '.join(params.variants)}")
-    cfg = resolve_train(params, name)
+    cfg = variant_train(params, name)
     tokens = load_tokens(args.data)
     check_fits(len(tokens.splits["train"]), cfg)  # before any MLflow run or file is made
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg.device)
+    device = prepare_torch(cfg)
 
     torch.manual_seed(cfg.seed)
     model = build_model(model_config(params.variants[name], cfg, len(tokens.vocab))).to(device)
@@ -94,18 +77,14 @@ def main() -> None:
             tracker.log_dataset(tokens.splits["train"], args.data, f"{corpus}-train", data_sha1, "training")
         train_ids = torch.as_tensor(tokens.splits["train"])
         val_ids = torch.as_tensor(tokens.splits["val"])
-        try:
-            for result in run_epochs(state, train_ids, val_ids, cfg, device):
-                check_finite(result)  # before anything of this epoch is saved
-                if result.is_best:
-                    save_checkpoint(work / "best.pt", model, tokens.vocab, variant=name,
-                                    epoch=result.epoch, val_ppl=result.val_ppl)
-                record_curves(args.curves, state.history, tracker)
-                save_resume(work / "resume.pt", state.snapshot(), fingerprint, mlflow_run_id=tracker.run_id)
-                print(epoch_line(result, cfg.epochs), flush=True)
-        except OverflowError:  # math.exp of a mean loss above ~709 nats
-            raise UserError(diverged(f"the perplexity overflowed (mean loss above 709 nats) at "
-                                     f"epoch {state.epoch + 1}")) from None
+        # run_epochs stops on divergence before yielding, so nothing of a bad epoch is saved
+        for result in run_epochs(state, train_ids, val_ids, cfg, device):
+            if result.is_best:
+                save_checkpoint(work / "best.pt", model, tokens.vocab, variant=name,
+                                epoch=result.epoch, val_ppl=result.val_ppl)
+            record_curves(args.curves, state.history, tracker)
+            save_resume(work / "resume.pt", state.snapshot(), fingerprint, mlflow_run_id=tracker.run_id)
+            print(epoch_line(result, cfg.epochs), flush=True)
 
         out = Path(args.out)
         with atomic_path(out / "best.pt") as tmp:

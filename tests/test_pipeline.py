@@ -23,8 +23,9 @@ def run(cmd, cwd, **kw):
     return proc.stdout + proc.stderr
 
 
-def copy_repo(dest: Path) -> Path:
-    """A git + DVC copy of the project's files (tracked and untracked-not-ignored), with tiny params."""
+def copy_repo(dest: Path, edit=None) -> Path:
+    """A git + DVC copy of the project's files (tracked and untracked-not-ignored), with tiny params
+    (then `edit(params)`, if given)."""
     dest.mkdir(parents=True, exist_ok=True)
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT,
                            capture_output=True, text=True, check=True).stdout.split()
@@ -38,6 +39,8 @@ def copy_repo(dest: Path) -> Path:
     params["variants"] = {"rnn_scratch": {"cell": "rnn", "impl": "scratch"},
                           "lstm": {"cell": "lstm", "num_layers": 2}}
     params["evaluate"].update(num_tokens=10, num_samples=1)
+    if edit:
+        edit(params)
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False, allow_unicode=True))
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
                 ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tiny"]):

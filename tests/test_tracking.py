@@ -326,7 +326,7 @@ def test_the_runs_of_one_pipeline_or_experiment_are_one_search(tiny_runs):
 
 @pytest.mark.slow
 def test_a_diverging_run_fails_with_one_line_and_is_marked_failed(tokens, tmp_path):
-    params = tiny_params(tmp_path / "params.yaml", train={"lr": 1.0e38, "optimizer": "sgd"})
+    params = tiny_params(tmp_path / "params.yaml", train={"lr": 1.0e6, "optimizer": "sgd"})
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     proc = run_stage("train", *train_args(params, "rnn", tokens, tmp_path), env=stage_env(tmp_path, uri))
     assert proc.returncode == 2, proc.stderr
