@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import FormatStrFormatter  # noqa: E402
 
 from rnnlab.config import Params, load_params, resolve_train  # noqa: E402
 from rnnlab.errors import UserError, run_main  # noqa: E402
@@ -52,8 +53,7 @@ def plot_val(curves: dict[str, list[dict]], path: Path) -> None:
     for name, rows in curves.items():
         ax.plot([r["epoch"] for r in rows], [r["val_ppl"] for r in rows], marker="o", ms=3, label=name)
     ax.set(xlabel="epoch", ylabel="validation perplexity", title="Validation perplexity per epoch")
-    ax.set_yscale("log")
-    ax.grid(True, which="both", alpha=0.3)
+    _log_y(ax)
     ax.legend()
     _save(fig, path)
 
@@ -67,14 +67,22 @@ def plot_train_val(curves: dict[str, list[dict]], path: Path) -> None:
         epochs = [r["epoch"] for r in rows]
         ax.plot(epochs, [r["train_ppl"] for r in rows], label="train")
         ax.plot(epochs, [r["val_ppl"] for r in rows], label="validation")
-        ax.set(title=name, xlabel="epoch", yscale="log")
-        ax.grid(True, which="both", alpha=0.3)
+        ax.set(title=name, xlabel="epoch")
+        _log_y(ax)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
     axes[0][0].set_ylabel("perplexity")
     axes[0][0].legend()
     fig.tight_layout()
     _save(fig, path)
+
+
+def _log_y(ax) -> None:
+    """A log perplexity axis labelled with plain numbers (5, 6, 10), not 6x10^0."""
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+    ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
+    ax.grid(True, which="both", alpha=0.3)
 
 
 def _save(fig, path: Path) -> None:
