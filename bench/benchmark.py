@@ -1,0 +1,560 @@
+"""The benchmark: our training step against the book's, interleaved in one process, and the rest.
+
+    python -m bench.benchmark                         # default variants, batch 32 and 512
+    python -m bench.benchmark --quick                 # a smoke run: few steps, tiny extras
+    python -m bench.benchmark --variants rnn gru --batches 32 --steps 20 --repeats 5
+
+For every variant of params.yaml (or --variants) and every batch size, both sides train on the
+same Time Machine minibatches (characters, 35 steps, SGD lr 1, clipping at norm 1, 256 hidden
+units, the state carried across minibatches as the book does):
+
+    book   bench/baselines.py: d2l's RNNModel (one-hot into nn.RNN/GRU/LSTM) or its scratch RNN,
+           trained by the body of d2l's train_epoch_ch8
+    ours   rnnlab.models.build_model + the training step of rnnlab/training.py
+
+Each repeat times `--steps` minibatches of one side, then of the other (the order alternates), so
+whatever else the machine does slows both alike; the ratio is the median of the repeats' ratios.
+The FLOP bound of a row is its FLOPs per token (bench/flops.py) at the float32 matmul rate this
+machine reaches on the row's recurrent product, (batch x H) @ (H x gates*H), measured at start-up
+with torch.mm (MKL) and with oneDNN, the faster of the two; `% peak` uses the rate of a large
+product instead. Also measured, once per run: generation and evaluation speed, a no-op
+`dvc repro`, and the share of a training run spent in MLflow tracking.
+
+Writes metrics/bench/<date>-<host>-<commit>.md (the tables) and .json (every number). Not a
+test: nothing here asserts a speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import datetime as dt
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DO_NOT_TRACK", "true")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+from bench.baselines import BookScratchRNN, book_model, book_step  # noqa: E402
+from bench.flops import GATES, bound_tokens_per_sec, train_flops  # noqa: E402
+from rnnlab import training  # noqa: E402
+from rnnlab.batches import sequential_batches  # noqa: E402
+from rnnlab.config import Data, Tokenize, load_params, resolve_train  # noqa: E402
+from rnnlab.corpora import BUILTIN  # noqa: E402
+from rnnlab.corpus import tokenize_corpus  # noqa: E402
+from rnnlab.models import ModelConfig, build_model, detach_state, model_config  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+BOOK = {"num_steps": 35, "lr": 1.0, "clip_theta": 1.0, "hidden_size": 256}  # d2l 8.5-9.3
+StepFn = Callable[[torch.Tensor, torch.Tensor], object]
+
+
+# --- the training step of each side ---------------------------------------------------------------
+
+
+def _mirrored_train_step(model, x, y, h, opt, clip_theta, bf16=False):
+    """The loop body of rnnlab.training.run_epochs, until it offers it as `train_step`."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16 and x.device.type == "cuda"):
+        logits, h = model(x, h)  # (batch, num_steps, vocab)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    norm = nn.utils.clip_grad_norm_(model.parameters(), clip_theta)
+    opt.step()
+    return h, loss.detach(), norm
+
+
+TRAIN_STEP = getattr(training, "train_step", _mirrored_train_step)
+
+
+def ours_step(model: nn.Module, lr: float, clip_theta: float) -> StepFn:
+    """Our training step with the state carried (sequential sampling), as run_epochs runs it:
+    losses and norms kept as tensors, looked at every 25 steps (one host sync per 25)."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    h, window, count = None, [], 0
+
+    def step(x, y):
+        nonlocal h, window, count
+        h = detach_state(h) if h is not None else None  # detach: truncate BPTT
+        h, loss, norm = TRAIN_STEP(model, x, y, h, opt, clip_theta)
+        window.append(loss)
+        count += 1
+        if count % 25 == 0:
+            if not torch.isfinite(torch.stack(window)).all():
+                raise RuntimeError("the benchmark's training diverged")
+            window = []
+
+    return step
+
+
+# --- the data -------------------------------------------------------------------------------------
+
+
+def time_machine() -> tuple[torch.Tensor, torch.Tensor, object]:
+    """The training and validation ids of The Time Machine (characters) and its vocabulary."""
+    text = BUILTIN["timemachine"].bundled_path().read_text(encoding="utf-8")
+    tokens = tokenize_corpus(text, Data(), Tokenize())
+    return (torch.as_tensor(tokens.splits["train"]), torch.as_tensor(tokens.splits["val"]),
+            tokens.vocab)
+
+
+def minibatches(ids: torch.Tensor, batch_size: int, num_steps: int, count: int, seed: int = 0):
+    """`count` sequential minibatches (x, y), epoch after epoch, made in advance."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    while len(out) < count:
+        out.extend(sequential_batches(ids, batch_size, num_steps, gen))
+    return [(x.contiguous(), y.contiguous()) for x, y in out[:count]]
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc to keep freed memory in the process instead of handing it back to the system.
+
+    Both sides run in one process, one after the other. With glibc's defaults every switch from
+    one side's allocation pattern to the other's trims the heap, and the next minibatches fault
+    the pages in again (thousands of page faults per minibatch in a VM), which a training process
+    running one model reaches a steady state without. Blocks above 32 MiB stay mmap'ed, as in
+    training. True if glibc took the settings."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # malloc.h
+    return bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 30) and libc.mallopt(M_MMAP_THRESHOLD, 32 << 20))
+
+
+# --- the machine's matmul rate --------------------------------------------------------------------
+
+
+def _seconds_per_call(fn: Callable[[], object], min_seconds: float) -> float:
+    """Median seconds of one call over 5 rounds of at least `min_seconds / 5` each."""
+    fn()
+    t0 = time.perf_counter()
+    fn()
+    once = max(time.perf_counter() - t0, 1e-7)
+    n = max(1, int(min_seconds / 5 / once))
+    rounds = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        rounds.append((time.perf_counter() - t0) / n)
+    return statistics.median(rounds)
+
+
+def onednn_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def matmul_rates(shapes: list[tuple[int, int, int]], min_seconds: float) -> list[dict]:
+    """float32 GFLOP/s of (m x k) @ (k x n) through torch.mm (MKL) and through oneDNN."""
+    rows = []
+    for m, k, n in shapes:
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        flops = 2 * m * k * n
+        row = {"m": m, "k": k, "n": n,
+               "mkl": flops / _seconds_per_call(lambda: torch.mm(a, b), min_seconds) / 1e9}
+        if onednn_available():
+            w, lin = b.t().contiguous(), torch.ops.mkldnn._linear_pointwise
+            row["onednn"] = flops / _seconds_per_call(
+                lambda: lin(a, w, None, "none", [], ""), min_seconds) / 1e9
+        row["best"] = max(row["mkl"], row.get("onednn", 0.0))
+        rows.append(row)
+    return rows
+
+
+# --- training speed -------------------------------------------------------------------------------
+
+
+@dataclass
+class Pair:
+    """One variant at one batch size: both sides' tokens/s per repeat."""
+
+    variant: str
+    batch: int
+    config: dict
+    baseline: str
+    flops_per_token: int  # the model's (no one-hot product), training: forward + backward
+    book: list[float] = field(default_factory=list)
+    ours: list[float] = field(default_factory=list)
+
+    @property
+    def ratio(self) -> float:
+        """Median of the repeats' ratios: each repeat's two timings saw the same machine."""
+        return statistics.median(o / b for o, b in zip(self.ours, self.book))
+
+
+def baseline_for(cfg: ModelConfig) -> tuple[str, object]:
+    """The book's model closest to `cfg`: its scratch RNN, or RNNModel around nn.RNN/GRU/LSTM."""
+    if cfg.impl == "scratch" and cfg.cell == "rnn":
+        return "d2l 8.5 scratch rnn()", BookScratchRNN(cfg.vocab_size, cfg.hidden_size)
+    name = f"d2l RNNModel(nn.{ {'rnn': 'RNN', 'gru': 'GRU', 'lstm': 'LSTM'}[cfg.cell] })"
+    return name, book_model(cfg.cell, cfg.vocab_size, cfg.hidden_size, cfg.num_layers)
+
+
+def time_pair(pair: Pair, cfg: ModelConfig, ids: torch.Tensor, steps: int, repeats: int,
+              warmup: int) -> None:
+    """Alternate `steps` minibatches of each side, `repeats` times; tokens/s into `pair`."""
+    batches = minibatches(ids, pair.batch, BOOK["num_steps"], warmup + steps * repeats)
+    torch.manual_seed(0)
+    _, book_net = baseline_for(cfg)
+    torch.manual_seed(0)
+    sides = {"book": book_step(book_net, BOOK["lr"], BOOK["clip_theta"]),
+             "ours": ours_step(build_model(cfg), BOOK["lr"], BOOK["clip_theta"])}
+    for step in sides.values():
+        for x, y in batches[:warmup]:
+            step(x, y)
+    tokens = steps * pair.batch * BOOK["num_steps"]
+    for r in range(repeats):
+        chunk = batches[warmup + r * steps : warmup + (r + 1) * steps]
+        for side in (("book", "ours") if r % 2 == 0 else ("ours", "book")):
+            step = sides[side]
+            t0 = time.perf_counter()
+            for x, y in chunk:
+                step(x, y)
+            getattr(pair, side).append(tokens / (time.perf_counter() - t0))
+
+
+# --- generation, evaluation -----------------------------------------------------------------------
+
+
+def inference_speeds(cfg: ModelConfig, val_ids: torch.Tensor, vocab, num_chars: int,
+                     min_seconds: float) -> dict:
+    """Characters/s of greedy and sampled continuation; tokens/s of `perplexity`."""
+    from rnnlab.sampling import continue_text
+
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    gen = torch.Generator().manual_seed(0)
+    greedy = _seconds_per_call(lambda: continue_text(model, vocab, "time traveller", num_chars),
+                               min_seconds)
+    sampled = _seconds_per_call(lambda: continue_text(model, vocab, "time traveller", num_chars,
+                                                      temperature=0.8, gen=gen), min_seconds)
+    evaluate = _seconds_per_call(lambda: training.perplexity(model, val_ids, 32, BOOK["num_steps"]),
+                                 min_seconds)
+    return {"greedy_chars_per_sec": num_chars / greedy,
+            "sampled_chars_per_sec": num_chars / sampled,
+            "eval_tokens_per_sec": (len(val_ids) - 1) / evaluate}
+
+
+# --- a no-op `dvc repro` --------------------------------------------------------------------------
+
+
+def noop_repro_seconds(work: Path) -> dict:
+    """Seconds of `dvc repro` when nothing changed: in a git clone of HEAD with tiny params,
+    the first repro runs every stage, the second (timed) should find nothing to do."""
+    import yaml
+
+    repo = work / "repo"
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(repo)], check=True)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["data"]["max_tokens"] = 600
+    params["train"].update(epochs=1, hidden_size=8, num_steps=8, batch_size=4, threads=1)
+    params["variants"] = {"rnn": {"cell": "rnn"}}
+    params["evaluate"].update(num_tokens=5, num_samples=0)
+    params["tracking"]["enabled"] = False
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("DVC_EXP_NAME", None)
+    dvc = str(Path(sys.executable).parent / "dvc")
+
+    def repro() -> tuple[float, str]:
+        t0 = time.perf_counter()
+        proc = subprocess.run([dvc, "repro"], cwd=repo, env=env, capture_output=True, text=True)
+        seconds = time.perf_counter() - t0
+        if proc.returncode:
+            raise RuntimeError(f"dvc repro failed in {repo}:\n{proc.stdout}\n{proc.stderr}")
+        return seconds, proc.stdout
+
+    first, _ = repro()
+    second, out = repro()
+    return {"first_repro_seconds": first, "noop_repro_seconds": second,
+            "noop_ran_a_stage": "Running stage" in out}
+
+
+# --- tracking -------------------------------------------------------------------------------------
+
+
+def tracking_share(cfg: ModelConfig, ids: torch.Tensor, work: Path, epochs: int, batch: int,
+                   num_steps: int) -> dict:
+    """Seconds of the tracking calls a training run makes (record_curves each epoch, then
+    record_summary) with a real MLflow run in a local SQLite store, against the time of an epoch
+    of the same model at these settings (`batches per epoch` x the measured seconds per step)."""
+    from rnnlab.batches import num_batches
+    from rnnlab.config import Tracking
+    from rnnlab.records import record_curves, record_summary
+    from rnnlab.tracking import tracked_run
+
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    step = ours_step(model, 1.0, 1.0)
+    batches = minibatches(ids, batch, num_steps, 12)
+    for x, y in batches[:2]:
+        step(x, y)
+    t0 = time.perf_counter()
+    for x, y in batches[2:]:
+        step(x, y)
+    step_seconds = (time.perf_counter() - t0) / (len(batches) - 2)
+    per_epoch = num_batches(len(ids), batch, num_steps)
+    epoch_seconds = per_epoch * step_seconds
+
+    old_uri = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
+    history, curves = [], []
+    try:
+        t0 = time.perf_counter()
+        with tracked_run(Tracking(enabled=True, experiment="bench"), "bench", "bench", {}) as tracker:
+            started = time.perf_counter() - t0
+            for epoch in range(1, epochs + 1):
+                history.append({"epoch": epoch, "train_ppl": 10.0 / epoch, "val_ppl": 11.0 / epoch,
+                                "tokens_per_sec": 1e5, "grad_norm": 0.5, "clipped_frac": 0.1,
+                                "lr": 1.0, "seconds": epoch_seconds, "is_best": True})
+                t1 = time.perf_counter()
+                record_curves(work / "curves.csv", history, tracker)
+                curves.append(time.perf_counter() - t1)
+            t1 = time.perf_counter()
+            record_summary(work / "train.json", {"best_epoch": epochs, "best_val_ppl": 1.0,
+                                                 "epochs": epochs, "device": "cpu"}, tracker)
+            summary = time.perf_counter() - t1
+    finally:
+        if old_uri is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = old_uri
+    recorded = sum(curves) + summary
+    return {
+        "epoch_seconds": epoch_seconds, "batches_per_epoch": per_epoch, "epochs": epochs,
+        "run_start_seconds": started, "record_curves_seconds_median": statistics.median(curves),
+        "record_summary_seconds": summary,
+        "share_of_training": recorded / (epochs * epoch_seconds),
+        "share_with_run_start": (recorded + started) / (epochs * epoch_seconds),
+    }
+
+
+# --- the report -----------------------------------------------------------------------------------
+
+
+def machine() -> dict:
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+            if line.startswith("Model name:"):
+                cpu = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+
+    def git(*args: str) -> str:
+        proc = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
+        return proc.stdout.strip() if proc.returncode == 0 else "unknown"
+
+    return {"host": socket.gethostname(), "cpu": cpu, "cores": os.cpu_count(),
+            "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "onednn": onednn_available(), "python": platform.python_version(),
+            "commit": git("rev-parse", "--short", "HEAD"),
+            "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+
+
+def _k(x: float) -> str:
+    return f"{x / 1e3:,.1f}k"
+
+
+def markdown(result: dict) -> str:
+    m = result["machine"]
+    lines = [
+        f"# Benchmark {result['date']}: {m['cpu']}, {m['threads']} threads",
+        "",
+        f"host {m['host']}, commit {m['commit']}{' (dirty)' if m['dirty'] else ''}, torch "
+        f"{m['torch']}, oneDNN {'yes' if m['onednn'] else 'no'}; command: `{result['command']}`",
+        "",
+        f"Training: {result['settings']['steps']} minibatches x {result['settings']['repeats']} "
+        f"repeats per side, {BOOK['num_steps']} steps, SGD lr {BOOK['lr']:g}, clip "
+        f"{BOOK['clip_theta']:g}, The Time Machine characters (vocab {result['vocab_size']}). "
+        "tok/s: median (min-max) of the repeats; ratio: median of the repeats' ours/book; "
+        "bound: FLOPs/token at the best float32 matmul rate of the row's recurrent product; "
+        "peak: at the large product's rate.",
+        "",
+        "| variant | batch | code | tok/s | min | max | ratio | FLOPs/token | bound tok/s | % bound | % peak |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for p in result["training"]:
+        for side in ("book", "ours"):
+            s = p[side]
+            lines.append(
+                f"| {p['variant']} | {p['batch']} | {side if side == 'ours' else p['baseline']} | "
+                f"{_k(s['median'])} | {_k(s['min'])} | {_k(s['max'])} | "
+                f"{p['ratio'] if side == 'ours' else 1.0:.2f}x | {p['flops_per_token']:,} | "
+                f"{_k(p['bound'])} | {s['median'] / p['bound']:.0%} | {s['median'] / p['peak_bound']:.0%} |")
+    lines += ["", "float32 matmul rates (GFLOP/s, median of 5 rounds):", "",
+              "| m x k @ k x n | torch.mm (MKL) | oneDNN | best |", "|---|---:|---:|---:|"]
+    for r in result["matmul"]:
+        lines.append(f"| {r['m']} x {r['k']} @ {r['k']} x {r['n']} | {r['mkl']:.0f} | "
+                     f"{r.get('onednn', float('nan')):.0f} | {r['best']:.0f} |")
+    if result.get("inference"):
+        lines += ["", "Generation (after `time traveller`) and evaluation (`perplexity`, batch 32):",
+                  "", "| variant | greedy chars/s | sampled chars/s | eval tok/s |",
+                  "|---|---:|---:|---:|"]
+        for name, s in result["inference"].items():
+            lines.append(f"| {name} | {s['greedy_chars_per_sec']:,.0f} | "
+                         f"{s['sampled_chars_per_sec']:,.0f} | {_k(s['eval_tokens_per_sec'])} |")
+    if result.get("dvc"):
+        d = result["dvc"]
+        lines += ["", f"No-op `dvc repro`: {d['noop_repro_seconds']:.2f} s "
+                      f"(the first, running every stage with tiny params: {d['first_repro_seconds']:.1f} s"
+                      f"{'; WARNING: the second run ran a stage' if d['noop_ran_a_stage'] else ''})."]
+    if result.get("tracking"):
+        t = result["tracking"]
+        lines += ["", f"Tracking: record_curves {t['record_curves_seconds_median'] * 1e3:.1f} ms per "
+                      f"epoch (median), record_summary {t['record_summary_seconds'] * 1e3:.1f} ms, "
+                      f"against {t['epoch_seconds']:.2f} s per epoch ({t['batches_per_epoch']} "
+                      f"minibatches of {result['settings']['tracking_variant']}): "
+                      f"{t['share_of_training']:.2%} of {t['epochs']} epochs' training time "
+                      f"({t['share_with_run_start']:.2%} with the run's start, "
+                      f"{t['run_start_seconds']:.2f} s)."]
+    return "\n".join(lines) + "\n"
+
+
+def summarize(pair: Pair, rates: dict) -> dict:
+    gates = GATES[pair.config["cell"]]
+    rate = rates[(pair.batch, gates * pair.config["hidden_size"])]
+    out = {k: v for k, v in asdict(pair).items() if k not in ("book", "ours")}
+    for side in ("book", "ours"):
+        values = getattr(pair, side)
+        out[side] = {"median": statistics.median(values), "min": min(values), "max": max(values),
+                     "repeats": values}
+    out["ratio"] = pair.ratio
+    out["bound"] = bound_tokens_per_sec(pair.flops_per_token, rate * 1e9)
+    out["peak_bound"] = bound_tokens_per_sec(pair.flops_per_token, rates["peak"] * 1e9)
+    return out
+
+
+def run(args: argparse.Namespace) -> dict:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    kept = keep_freed_memory()
+    params = load_params(ROOT / "params.yaml")
+    train_ids, val_ids, vocab = time_machine()
+    names = args.variants or list(params.variants)
+    unknown = [n for n in names if n not in params.variants]
+    if unknown:
+        raise SystemExit(f"unknown variant(s) {', '.join(unknown)}; params.yaml has "
+                         f"{', '.join(params.variants)}")
+    configs = {}
+    for name in names:
+        cfg = model_config(params.variants[name], resolve_train(params, name), len(vocab))
+        configs[name] = ModelConfig(**{**asdict(cfg), "hidden_size": BOOK["hidden_size"],
+                                       "dropout": 0.0})
+
+    hidden = BOOK["hidden_size"]
+    widths = sorted({GATES[c.cell] * hidden for c in configs.values()})
+    shapes = [(b, hidden, w) for b in args.batches for w in widths]
+    big = 512 if args.quick else 2048
+    shapes.append((big, big, big))
+    print(f"matmul rates: {len(shapes)} shapes ...", flush=True)
+    matmul = matmul_rates(shapes, 0.2 if args.quick else 1.0)
+    rates = {(r["m"], r["n"]): r["best"] for r in matmul[:-1]}
+    rates["peak"] = matmul[-1]["best"]
+
+    pairs = []
+    for name, cfg in configs.items():
+        for batch in args.batches:
+            pair = Pair(name, batch, asdict(cfg), baseline_for(cfg)[0], train_flops(cfg))
+            time_pair(pair, cfg, train_ids, args.steps, args.repeats, args.warmup)
+            s = summarize(pair, rates)
+            print(f"{name:>12} batch {batch:>4}: book {_k(s['book']['median']):>8}  ours "
+                  f"{_k(s['ours']['median']):>8} tok/s  {s['ratio']:.2f}x  "
+                  f"{s['ours']['median'] / s['bound']:.0%} of bound", flush=True)
+            pairs.append(s)
+
+    result = {"date": dt.datetime.now().isoformat(timespec="seconds"), "machine": machine(),
+              "command": " ".join(["python -m bench.benchmark", *sys.argv[1:]]),
+              "vocab_size": len(vocab), "malloc_keeps_freed_memory": kept,
+              "settings": {"steps": args.steps, "repeats": args.repeats, "warmup": args.warmup,
+                           "batches": args.batches, "tracking_variant": names[0], **BOOK},
+              "matmul": matmul, "training": pairs}
+    if not args.skip_extras:
+        num_chars = 20 if args.quick else 200
+        result["inference"] = {}
+        for name, cfg in configs.items():
+            result["inference"][name] = inference_speeds(cfg, val_ids, vocab, num_chars,
+                                                         0.1 if args.quick else 1.0)
+            print(f"{name:>12}: {result['inference'][name]}", flush=True)
+        fastest = max(pairs, key=lambda p: p["ours"]["median"])["variant"]
+        result["settings"]["tracking_variant"] = fastest  # the largest share tracking can take
+        with tempfile.TemporaryDirectory(prefix="rnnlab-bench-") as tmp:
+            result["tracking"] = tracking_share(
+                configs[fastest], train_ids, Path(tmp), params.train.epochs,
+                params.train.batch_size, params.train.num_steps)
+            print(f"tracking: {result['tracking']}", flush=True)
+        if not args.skip_dvc:
+            with tempfile.TemporaryDirectory(prefix="rnnlab-bench-") as tmp:
+                result["dvc"] = noop_repro_seconds(Path(tmp))
+                print(f"dvc: {result['dvc']}", flush=True)
+    return result
+
+
+def write(result: dict, out_dir: Path) -> Path:
+    """metrics/bench/<date>-<host>-<commit>.md and .json; returns the .md path."""
+    m = result["machine"]
+    stem = f"{result['date'][:10]}-{m['host']}-{m['commit']}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
+    md = out_dir / f"{stem}.md"
+    md.write_text(markdown(result))
+    return md
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variants", nargs="+", help="names in params.yaml (default: all)")
+    parser.add_argument("--batches", nargs="+", type=int, default=[32, 512])
+    parser.add_argument("--steps", type=int, default=20, help="minibatches per side per repeat")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=3, help="untimed minibatches per side")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (0: torch's default)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run: 2 steps x 2 repeats, 1 warm-up, batch 32 and short extras")
+    parser.add_argument("--skip-extras", action="store_true",
+                        help="training only: no generation, evaluation, tracking, dvc")
+    parser.add_argument("--skip-dvc", action="store_true", help="no no-op `dvc repro` timing")
+    parser.add_argument("--out", type=Path, default=ROOT / "metrics" / "bench")
+    args = parser.parse_args(argv)
+    if args.quick:
+        given = set(argv if argv is not None else sys.argv[1:])
+        if "--steps" not in given:
+            args.steps = 2
+        if "--repeats" not in given:
+            args.repeats = 2
+        if "--warmup" not in given:
+            args.warmup = 1
+        if "--batches" not in given:
+            args.batches = [32]
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    result = run(args)
+    path = write(result, args.out)
+    print()
+    print(path.read_text())
+    print(f"written: {path} and {path.with_suffix('.json')}")
+
+
+if __name__ == "__main__":
+    main()
