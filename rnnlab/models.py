@@ -7,11 +7,14 @@ A model is: tokens -> input (one-hot, or a learned embedding) -> `num_layers` re
 
     cell  rnn  | gru  | lstm        state (h,) | (h,) | (h, c), each (num_layers, batch, hidden)
     impl  scratch: the book's equations, explicit parameters, a Python loop over time steps
-          torch:   nn.RNN (tanh) / nn.GRU / nn.LSTM (cuDNN on a GPU)
+          torch:   nn.RNN (tanh) / nn.GRU / nn.LSTM: cuDNN on a GPU; on the CPU nn.LSTM's oneDNN
+                   kernel, and for rnn and gru a fused path with the same parameters (below)
 
 The two impls of a cell compute the same function (tests/test_models.py checks logits, state and
-gradients to 1e-10 in float64), so they differ only in speed. `build_model` is the only place that
-branches on cell or impl.
+gradients to 1e-10 in float64), so they differ only in speed; so do the torch impl's fused path
+and nn.RNN / nn.GRU themselves. `build_model` is the only place that branches on cell or impl.
+The state a model returns has its parameters' dtype, under autocast too, so the state carried
+from one minibatch to the next never changes dtype.
 
 Every scratch cell obeys one contract, in two halves:
 
@@ -99,7 +102,9 @@ class RNNLM(nn.Module):
         x = idx if self.embedding is None else self.embedding(idx)
         outputs, state = self.rnn(x, state)  # (batch, steps, hidden)
         logits = self.head(self.dropout(outputs))  # (batch, steps, vocab): all steps in one matmul
-        return logits, state
+        # autocast leaves some layers' state in bfloat16 (nn.RNN, nn.LSTM) and others' in float32
+        dtype = self.head.weight.dtype
+        return logits, tuple(s.to(dtype) for s in state)
 
     def init_state(self, batch_size: int, device=None, dtype=None) -> State:
         """Zeros: (h,) or (h, c), each (num_layers, batch, hidden); device, dtype: the weights'."""
@@ -115,7 +120,13 @@ class RNNLM(nn.Module):
 
 
 class TorchRNN(nn.Module):
-    """nn.RNN (tanh) / nn.GRU / nn.LSTM behind the scratch stack's interface."""
+    """nn.RNN (tanh) / nn.GRU / nn.LSTM behind the scratch stack's interface.
+
+    `reference` runs the nn.* module itself; `fused` (rnn and gru only) computes the same function
+    from the same parameters, faster on the CPU. `forward` picks the fused path on the CPU outside
+    autocast, the module everywhere else: cuDNN on a GPU already runs the whole sequence in one
+    kernel, and so does nn.LSTM's oneDNN kernel on the CPU.
+    """
 
     def __init__(self, module: type[nn.RNNBase], input_size: int, hidden_size: int,
                  num_layers: int, dropout: float):
@@ -124,14 +135,185 @@ class TorchRNN(nn.Module):
         self.rnn = module(input_size, hidden_size, num_layers, batch_first=True,
                           dropout=dropout if num_layers > 1 else 0.0)
         self.num_states = 2 if isinstance(self.rnn, nn.LSTM) else 1  # nn.LSTM carries (h, c)
+        self.recurrence = FUSED.get(module)  # the fused path's layer function, None for nn.LSTM
 
     def forward(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        if self.recurrence is not None and fused_applies(x):
+            return self.fused(x, state)
+        return self.reference(x, state)
+
+    def reference(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         if not x.is_floating_point():  # token ids: one-hot, as the book's concise RNN
             dtype = self.rnn.weight_ih_l0.dtype
             x = F.one_hot(x, self.rnn.input_size).to(dtype)  # (batch, steps, vocab)
         hx = state if self.num_states == 2 else state[0]  # nn.LSTM takes (h, c), the others h
         outputs, hx = self.rnn(x, hx)  # (batch, steps, hidden)
         return outputs, hx if isinstance(hx, tuple) else (hx,)
+
+    def fused(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """nn.RNN's / nn.GRU's function, layer by layer, time-major inside."""
+        rnn, (h0,) = self.rnn, state  # h0: (num_layers, batch, hidden)
+        x = x.t() if not x.is_floating_point() else x.transpose(0, 1)  # (steps, batch[, input])
+        last = []
+        for layer in range(rnn.num_layers):
+            w_ih, w_hh, b_ih, b_hh = (getattr(rnn, f"{name}_l{layer}")
+                                      for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+            if layer > 0:
+                x = F.dropout(x, rnn.dropout, self.training)  # between layers, as nn.RNN
+            x, h = self.recurrence(x, h0[layer], w_ih, w_hh, b_ih, b_hh)  # (steps, batch, hidden)
+            last.append(h)
+        return x.transpose(0, 1), (torch.stack(last),)
+
+
+def fused_applies(x: torch.Tensor) -> bool:
+    """The fused path is for the CPU, outside autocast (where nn.* know what runs in bfloat16)."""
+    return x.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
+
+
+# The fused path. PyTorch runs nn.RNN and nn.GRU on the CPU one small autograd op at a time: per
+# step the input product (a one-hot row times W_ih), the recurrent product, the gates, and in the
+# backward, per step again, a product for the state's gradient and one more for the recurrent
+# weight's. Here the recurrence of a layer is one torch.autograd.Function with its backward by
+# hand: the input projection is computed for all steps before the loop (a row lookup for token
+# ids), each step makes one product forward and one backward, and the recurrent weight's gradient
+# is one product over all steps. The gates work step by step on (batch, hidden) pieces that stay
+# in the CPU's cache. And two things that pay on CPUs with AVX-512 from another vendor than Intel:
+#   - float32 products go through oneDNN where PyTorch has it: about twice MKL's rate there, as
+#     MKL does not run its AVX-512 code on them;
+#   - tanh(a) is computed as 2 sigmoid(2a) - 1 (the same function): torch.tanh goes through MKL's
+#     vector maths library, several times slower there than torch.sigmoid.
+# tests/test_models.py checks it against nn.RNN / nn.GRU: outputs, state and every gradient.
+
+
+def _onednn_linear() -> bool:
+    try:
+        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    except RuntimeError:
+        return False
+
+
+ONEDNN = _onednn_linear()  # whether `_linear` may use oneDNN at all (tests turn it off)
+
+
+def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None,
+            add: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ w^T (+ b) (+ add), w (out, in) as nn.Linear keeps it: oneDNN for float32 if present."""
+    if ONEDNN and x.dtype == torch.float32 and torch.backends.mkldnn.enabled:
+        if add is None:
+            return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+        return torch.ops.mkldnn._linear_pointwise.binary(x, add, w, b, "add")
+    if add is None:
+        return F.linear(x, w, b)
+    out = torch.addmm(add, x, w.t())
+    return out if b is None else out.add_(b)
+
+
+def _all_steps_grad(d_pre: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+    """sum_t d_pre_t^T prev_t, a weight's gradient from every step at once: (out, in)."""
+    return _linear(d_pre.flatten(0, 1).t(), prev.flatten(0, 1).t())
+
+
+def _project(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """x W^T + b for all steps at once: (steps, batch, out). For token ids (steps, batch),
+    one_hot(x) W^T + b is a lookup of rows of W^T + b."""
+    return F.linear(x, w, b) if x.is_floating_point() else F.embedding(x, w.t() + b)
+
+
+class _TanhRecurrence(torch.autograd.Function):
+    """h_t = tanh(a_t), a_t = g_t + h_{t-1} W_hh^T, t = 1..steps, where g (steps, batch, hidden)
+    holds the input projection and both biases. -> every h_t (steps, batch, hidden), and the last."""
+
+    @staticmethod
+    def forward(ctx, g, h0, w_hh):
+        steps, batch, hidden = g.shape
+        hs = g.new_empty(steps + 1, batch, hidden)  # h_0 .. h_steps
+        hs[0] = h0
+        w2, minus_one = 2 * w_hh, g.new_full((), -1.0)
+        for t in range(steps):
+            a2 = _linear(hs[t], w2).add_(g[t], alpha=2)  # 2 a_t
+            torch.add(minus_one, a2.sigmoid_(), alpha=2, out=hs[t + 1])  # 2 sigmoid(2a) - 1
+        ctx.save_for_backward(hs, w_hh)
+        return hs[1:], hs[-1].clone()
+
+    @staticmethod
+    def backward(ctx, d_out, d_last):
+        hs, w_hh = ctx.saved_tensors
+        d_out = d_out.contiguous()  # (steps, batch, hidden); the head's gradient comes transposed
+        d_pre = torch.empty_like(d_out)  # dL/da_t
+        w_t = w_hh.t().contiguous()  # dL/dh_{t-1} = dL/da_t W_hh (+ the output's at t - 1)
+        dh = d_out[-1] + d_last  # dL/dh_t: from the output at t and from step t + 1
+        for t in range(len(d_out) - 1, -1, -1):
+            torch.ops.aten.tanh_backward(dh, hs[t + 1], grad_input=d_pre[t])  # dh (1 - h_t^2)
+            dh = _linear(d_pre[t], w_t, add=d_out[t - 1]) if t else _linear(d_pre[0], w_t)
+        return d_pre, dh, _all_steps_grad(d_pre, hs[:-1])
+
+
+def _rnn_layer(x, h0, w_ih, w_hh, b_ih, b_hh):
+    """nn.RNN (tanh), one layer: x token ids (steps, batch) or (steps, batch, input)."""
+    return _TanhRecurrence.apply(_project(x, w_ih, b_ih + b_hh), h0, w_hh)
+
+
+class _GRURecurrence(torch.autograd.Function):
+    """nn.GRU's recurrence, gates (r, z, n) as nn.GRU stacks them:
+
+        gh = h_{t-1} W_hh^T + b_hh                               (batch, 3*hidden)
+        r_t = sigmoid(gi_r + gh_r),  z_t = sigmoid(gi_z + gh_z)
+        n_t = tanh(gi_n + r_t * gh_n)
+        h_t = (1 - z_t) * n_t + z_t * h_{t-1}
+
+    gi (steps, batch, 3*hidden) = x W_ih^T + b_ih. -> every h_t (steps, batch, hidden), the last.
+    """
+
+    @staticmethod
+    def forward(ctx, gi, h0, w_hh, b_hh):
+        steps, batch, hidden = gi.shape[0], *h0.shape
+        rz_, n_ = slice(0, 2 * hidden), slice(2 * hidden, None)  # gate columns of gi, gh
+        hs = gi.new_empty(steps + 1, batch, hidden)  # h_0 .. h_steps
+        hs[0] = h0
+        rz = gi.new_empty(steps, batch, 2 * hidden)  # (r_t, z_t)
+        n = gi.new_empty(steps, batch, hidden)
+        ghs, minus_one = [], gi.new_full((), -1.0)
+        for t in range(steps):
+            gh = _linear(hs[t], w_hh, b_hh)  # (batch, 3*hidden)
+            torch.add(gi[t, :, rz_], gh[:, rz_], out=rz[t]).sigmoid_()
+            q2 = torch.addcmul(gi[t, :, n_], rz[t, :, :hidden], gh[:, n_]).mul_(2)
+            torch.add(minus_one, q2.sigmoid_(), alpha=2, out=n[t])  # tanh(q) = 2 sigmoid(2q) - 1
+            torch.lerp(n[t], hs[t], rz[t, :, hidden:], out=hs[t + 1])  # n + z (h - n)
+            ghs.append(gh)
+        ctx.save_for_backward(hs, rz, n, w_hh)
+        ctx.ghs = ghs  # per step, never seen outside: the backward reads gh_n
+        return hs[1:], hs[-1].clone()
+
+    @staticmethod
+    def backward(ctx, d_out, d_last):
+        hs, rz, n, w_hh = ctx.saved_tensors
+        ghs = ctx.ghs
+        steps, batch, hidden = n.shape
+        d_gi = d_out.new_empty(steps, batch, 3 * hidden)  # dL/d gi_t = dL/d(r, z, n pre-activ.)
+        d_gh = torch.empty_like(d_gi)  # dL/d gh_t: the same but for n: r_t dL/d(n pre-activ.)
+        d_rz = d_out.new_empty(batch, 2 * hidden)  # dL/d(r_t, z_t)
+        w_t = w_hh.t().contiguous()  # dL/dh_{t-1} = dL/d gh_t W_hh + ...
+        dh = d_out[-1] + d_last  # dL/dh_t: from the output at t and from step t + 1
+        for t in range(steps - 1, -1, -1):
+            r, z = rz[t, :, :hidden], rz[t, :, hidden:]
+            d_n = torch.addcmul(dh, dh, z, value=-1)  # dh (1 - z)
+            d_a = torch.ops.aten.tanh_backward(d_n, n[t], grad_input=d_gi[t, :, 2 * hidden :])
+            torch.mul(d_a, r, out=d_gh[t, :, 2 * hidden :])
+            torch.mul(d_a, ghs[t][:, 2 * hidden :], out=d_rz[:, :hidden])  # dL/dr
+            torch.mul(dh, hs[t] - n[t], out=d_rz[:, hidden:])  # dL/dz
+            torch.ops.aten.sigmoid_backward(d_rz, rz[t], grad_input=d_gh[t, :, : 2 * hidden])
+            d_gi[t, :, : 2 * hidden] = d_gh[t, :, : 2 * hidden]
+            direct = torch.addcmul(d_out[t - 1], dh, z) if t else dh * z  # via h_t = ... + z h
+            dh = _linear(d_gh[t], w_t, add=direct)
+        return d_gi, dh, _all_steps_grad(d_gh, hs[:-1]), d_gh.sum((0, 1))
+
+
+def _gru_layer(x, h0, w_ih, w_hh, b_ih, b_hh):
+    """nn.GRU, one layer: x token ids (steps, batch) or (steps, batch, input)."""
+    return _GRURecurrence.apply(_project(x, w_ih, b_ih), h0, w_hh, b_hh)
+
+
+FUSED = {nn.RNN: _rnn_layer, nn.GRU: _gru_layer}  # nn.LSTM: its own oneDNN kernel
 
 
 # --- impl "scratch" -------------------------------------------------------------------------------

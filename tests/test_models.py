@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from rnnlab import models
 from rnnlab.config import Train, Variant
 from rnnlab.models import CELLS, IMPLS, ModelConfig, build_model, detach_state, model_config
 
@@ -260,3 +261,136 @@ def test_rnn_learns_hello_to_ohlol(impl, seed):
         optimizer.step()
     predicted = "".join(HELLO_VOCAB[i] for i in model(x)[0][0].argmax(-1).tolist())
     assert predicted == "ohlol"
+
+
+# --- the torch impl's fused path (CPU) == nn.RNN / nn.GRU -----------------------------------------
+
+FUSED_CELLS = ("rnn", "gru")  # nn.LSTM keeps its own oneDNN kernel
+
+
+def fused_vs_module(cell, num_layers, embed_size, dtype, hidden=6, batch=3, steps=5):
+    """Outputs, final state and gradients (of every parameter, the initial state and an embedded
+    input) of the fused path and of the nn.* module itself, from the same weights and input."""
+    model = make(cell, "torch", num_layers=num_layers, embed_size=embed_size, hidden_size=hidden)
+    model = model.to(dtype)
+    layers = model.rnn
+    gen = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, 7, (batch, steps), generator=gen)
+    x = idx if not embed_size else model.embedding(idx).detach().requires_grad_(True)
+    h0 = torch.randn(num_layers, batch, hidden, generator=gen, dtype=dtype, requires_grad=True)
+    w_out = torch.randn(batch, steps, hidden, generator=gen, dtype=dtype)
+    w_last = torch.randn(num_layers, batch, hidden, generator=gen, dtype=dtype)
+    inputs = [h0, *layers.parameters()] + ([x] if embed_size else [])
+    results = []
+    for path in (layers.fused, layers.reference):
+        out, (last,) = path(x, (h0,))
+        loss = (w_out * out).sum() + (w_last * last).sum()
+        results.append((out, last, torch.autograd.grad(loss, inputs)))
+    return results
+
+
+@pytest.mark.parametrize("embed_size", [0, 4])
+@pytest.mark.parametrize("num_layers", [1, 2])
+@pytest.mark.parametrize("cell", FUSED_CELLS)
+def test_fused_path_equals_the_nn_module(cell, num_layers, embed_size):
+    """float64: the same function to rounding (its matmuls go through torch, not oneDNN)."""
+    (out, last, grads), (ref_out, ref_last, ref_grads) = fused_vs_module(
+        cell, num_layers, embed_size, torch.float64)
+    tight = {"rtol": 0, "atol": 1e-10}
+    torch.testing.assert_close(out, ref_out, **tight)
+    torch.testing.assert_close(last, ref_last, **tight)
+    for g, ref in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, ref, **tight)
+
+
+@pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "torch-matmul"])
+@pytest.mark.parametrize("cell", FUSED_CELLS)
+def test_fused_path_float32(cell, onednn, monkeypatch):
+    """float32, as trained: through oneDNN's matmul where PyTorch has it, and without."""
+    if onednn and not models.ONEDNN:
+        pytest.skip("this PyTorch has no oneDNN linear")
+    monkeypatch.setattr(models, "ONEDNN", onednn)
+    (out, last, grads), (ref_out, ref_last, ref_grads) = fused_vs_module(
+        cell, 2, 0, torch.float32, hidden=32, batch=8, steps=12)
+    loose = {"rtol": 1e-4, "atol": 1e-5}
+    torch.testing.assert_close(out, ref_out, **loose)
+    torch.testing.assert_close(last, ref_last, **loose)
+    for g, ref in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, ref, **loose)
+
+
+@pytest.mark.parametrize("cell", FUSED_CELLS)
+def test_fused_path_dropout_between_layers_is_the_module_s(cell):
+    """In training, nn.RNN drops out each layer's outputs but the last's; so does the fused path,
+    drawing the same masks from the same seed."""
+    model = make(cell, "torch", num_layers=3, dropout=0.5).train()
+    idx = torch.randint(0, 7, (4, 6))
+    state = model.init_state(4)
+    outputs = []
+    for path in (model.rnn.fused, model.rnn.reference):
+        torch.manual_seed(7)
+        outputs.append(path(idx, state)[0])
+    torch.testing.assert_close(outputs[0], outputs[1])
+
+
+@pytest.mark.parametrize("cell", FUSED_CELLS)
+def test_fused_path_backward_twice_with_retain_graph(cell):
+    model = make(cell, "torch")
+    logits, _ = model(torch.randint(0, 7, (2, 4)))
+    loss = logits.square().sum()
+    first = torch.autograd.grad(loss, list(model.parameters()), retain_graph=True)
+    second = torch.autograd.grad(loss, list(model.parameters()))
+    for a, b in zip(first, second, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_forward_takes_the_fused_path_on_the_cpu_only(cell, monkeypatch):
+    """rnn and gru on the CPU: fused; under autocast, on another device, and for lstm: nn.*."""
+    taken = []
+    for path in ("fused", "reference"):
+        original = getattr(models.TorchRNN, path)
+        monkeypatch.setattr(models.TorchRNN, path,
+                            lambda self, x, s, _f=original, _p=path: taken.append(_p) or _f(self, x, s))
+    model = make(cell, "torch")
+    idx = torch.randint(0, 7, (2, 3))
+    model(idx)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(idx)
+    model.to("meta")(idx.to("meta"))  # another device: shapes only, as a stand-in for CUDA
+    fused = "fused" if cell in FUSED_CELLS else "reference"
+    assert taken == [fused, "reference", "reference"]
+
+
+# --- devices and autocast -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", IMPL_NAMES)
+@pytest.mark.parametrize("cell", CELLS)
+def test_model_runs_where_its_weights_are(cell, impl):
+    """Nothing is pinned to the CPU: on another device ('meta' here, as a stand-in for CUDA) the
+    logits, the state, the zero state and the gradients all live there."""
+    model = make(cell, impl, num_layers=2, embed_size=4).to("meta")
+    idx = torch.zeros(2, 3, dtype=torch.long, device="meta")
+    logits, state = model(idx)
+    assert logits.device.type == "meta" and logits.shape == (2, 3, 7)
+    assert all(s.device.type == "meta" for s in (*state, *model.init_state(2)))
+    logits.sum().backward()
+    assert all(p.grad is not None and p.grad.device.type == "meta" for p in model.parameters())
+
+
+@pytest.mark.parametrize("num_layers", [1, 2])
+@pytest.mark.parametrize("impl", IMPL_NAMES)
+@pytest.mark.parametrize("cell", CELLS)
+def test_state_keeps_the_weights_dtype_under_autocast(cell, impl, num_layers):
+    """Under bf16 autocast nn.RNN and nn.LSTM return a bfloat16 state, GRU and the scratch cells a
+    float32 one; every model returns float32 (its weights' dtype), so the state carried from one
+    minibatch to the next has one dtype, and training can step through it."""
+    model = make(cell, impl, num_layers=num_layers)
+    idx = torch.randint(0, 7, (2, 4))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, state = model(idx)
+        logits2, state2 = model(idx, detach_state(state))
+    assert all(s.dtype == torch.float32 for s in (*state, *state2))
+    (logits.float().sum() + logits2.float().sum()).backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
