@@ -19,11 +19,15 @@ from one minibatch to the next never changes dtype.
 Every scratch cell obeys one contract, in two halves:
 
     terms = cell.input_terms(x)   # what depends only on the input (x W_x* + b_*), one term per
-                                  # gate, for all time steps at once: (batch, steps, hidden) each
+                                  # gate, for all time steps at once: (steps, batch, hidden) each
     state = cell(x_t, state)      # one time step; x_t = those terms at step t: (batch, hidden) each
 
 The input terms do not depend on the state, so they are computed outside the time loop in one
-matmul per gate; only the recurrent part (h W_h*) runs step by step.
+matmul per gate; only the recurrent part (h W_h*) runs step by step. The rnn and gru cells also
+have `outputs, state = cell.all_steps(terms, state)`: the same function over every step as one
+autograd op, the fused path of the torch impl on the scratch parameters. It is what runs on the
+CPU (outside autocast); the loop over `cell(x_t, state)` runs everywhere else, and the tests check
+that the two agree.
 """
 
 from __future__ import annotations
@@ -90,18 +94,19 @@ class RNNLM(nn.Module):
         self.config = config
         embed = config.embed_size
         self.embedding = nn.Embedding(config.vocab_size, embed) if embed else None
-        self.rnn = rnn  # ScratchRNN | TorchRNN: (x, state) -> (outputs, state)
+        self.rnn = rnn  # ScratchRNN | TorchRNN: (x, state) -> (outputs, state), time-major
         self.dropout = nn.Dropout(config.dropout)
         self.head = nn.Linear(config.hidden_size, config.vocab_size)
 
     def forward(self, idx: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
         if state is None:
             state = self.init_state(idx.shape[0], idx.device)
-        # Without an embedding the token ids go on as they are; each impl makes them one-hot.
-        # x: (batch, steps) token ids | (batch, steps, embed)
-        x = idx if self.embedding is None else self.embedding(idx)
-        outputs, state = self.rnn(x, state)  # (batch, steps, hidden)
-        logits = self.head(self.dropout(outputs))  # (batch, steps, vocab): all steps in one matmul
+        # Time-major inside, as in the book: step t is x[t]. Without an embedding the token ids go
+        # on as they are; each impl makes them one-hot. x: (steps, batch) ids | (steps, batch, embed)
+        x = idx.t() if self.embedding is None else self.embedding(idx.t())
+        outputs, state = self.rnn(x, state)  # (steps, batch, hidden)
+        logits = self.head(self.dropout(outputs))  # (steps, batch, vocab): all steps in one matmul
+        logits = logits.transpose(0, 1)  # (batch, steps, vocab)
         # autocast leaves some layers' state in bfloat16 (nn.RNN, nn.LSTM) and others' in float32
         dtype = self.head.weight.dtype
         return logits, tuple(s.to(dtype) for s in state)
@@ -132,7 +137,7 @@ class TorchRNN(nn.Module):
                  num_layers: int, dropout: float):
         super().__init__()
         # nn.RNN's dropout acts between layers only (and warns if given with one layer).
-        self.rnn = module(input_size, hidden_size, num_layers, batch_first=True,
+        self.rnn = module(input_size, hidden_size, num_layers,
                           dropout=dropout if num_layers > 1 else 0.0)
         self.num_states = 2 if isinstance(self.rnn, nn.LSTM) else 1  # nn.LSTM carries (h, c)
         self.recurrence = FUSED.get(module)  # the fused path's layer function, None for nn.LSTM
@@ -145,15 +150,14 @@ class TorchRNN(nn.Module):
     def reference(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         if not x.is_floating_point():  # token ids: one-hot, as the book's concise RNN
             dtype = self.rnn.weight_ih_l0.dtype
-            x = F.one_hot(x, self.rnn.input_size).to(dtype)  # (batch, steps, vocab)
+            x = F.one_hot(x, self.rnn.input_size).to(dtype)  # (steps, batch, vocab)
         hx = state if self.num_states == 2 else state[0]  # nn.LSTM takes (h, c), the others h
-        outputs, hx = self.rnn(x, hx)  # (batch, steps, hidden)
+        outputs, hx = self.rnn(x, hx)  # (steps, batch, hidden)
         return outputs, hx if isinstance(hx, tuple) else (hx,)
 
     def fused(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
-        """nn.RNN's / nn.GRU's function, layer by layer, time-major inside."""
+        """nn.RNN's / nn.GRU's function, layer by layer."""
         rnn, (h0,) = self.rnn, state  # h0: (num_layers, batch, hidden)
-        x = x.t() if not x.is_floating_point() else x.transpose(0, 1)  # (steps, batch[, input])
         last = []
         for layer in range(rnn.num_layers):
             w_ih, w_hh, b_ih, b_hh = (getattr(rnn, f"{name}_l{layer}")
@@ -162,7 +166,7 @@ class TorchRNN(nn.Module):
                 x = F.dropout(x, rnn.dropout, self.training)  # between layers, as nn.RNN
             x, h = self.recurrence(x, h0[layer], w_ih, w_hh, b_ih, b_hh)  # (steps, batch, hidden)
             last.append(h)
-        return x.transpose(0, 1), (torch.stack(last),)
+        return x, (torch.stack(last),)
 
 
 def fused_applies(x: torch.Tensor) -> bool:
@@ -228,7 +232,7 @@ class _TanhRecurrence(torch.autograd.Function):
         steps, batch, hidden = g.shape
         hs = g.new_empty(steps + 1, batch, hidden)  # h_0 .. h_steps
         hs[0] = h0
-        w2, minus_one = 2 * w_hh, g.new_full((), -1.0)
+        w2, minus_one = (2 * w_hh).contiguous(), g.new_full((), -1.0)
         for t in range(steps):
             a2 = _linear(hs[t], w2).add_(g[t], alpha=2)  # 2 a_t
             torch.add(minus_one, a2.sigmoid_(), alpha=2, out=hs[t + 1])  # 2 sigmoid(2a) - 1
@@ -238,7 +242,7 @@ class _TanhRecurrence(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_out, d_last):
         hs, w_hh = ctx.saved_tensors
-        d_out = d_out.contiguous()  # (steps, batch, hidden); the head's gradient comes transposed
+        d_out = d_out.contiguous()  # (steps, batch, hidden)
         d_pre = torch.empty_like(d_out)  # dL/da_t
         w_t = w_hh.t().contiguous()  # dL/dh_{t-1} = dL/da_t W_hh (+ the output's at t - 1)
         dh = d_out[-1] + d_last  # dL/dh_t: from the output at t and from step t + 1
@@ -272,9 +276,9 @@ class _GRURecurrence(torch.autograd.Function):
         hs[0] = h0
         rz = gi.new_empty(steps, batch, 2 * hidden)  # (r_t, z_t)
         n = gi.new_empty(steps, batch, hidden)
-        ghs, minus_one = [], gi.new_full((), -1.0)
+        w, ghs, minus_one = w_hh.contiguous(), [], gi.new_full((), -1.0)
         for t in range(steps):
-            gh = _linear(hs[t], w_hh, b_hh)  # (batch, 3*hidden)
+            gh = _linear(hs[t], w, b_hh)  # (batch, 3*hidden)
             torch.add(gi[t, :, rz_], gh[:, rz_], out=rz[t]).sigmoid_()
             q2 = torch.addcmul(gi[t, :, n_], rz[t, :, :hidden], gh[:, n_]).mul_(2)
             torch.add(minus_one, q2.sigmoid_(), alpha=2, out=n[t])  # tanh(q) = 2 sigmoid(2q) - 1
@@ -339,10 +343,10 @@ def _gate(input_size: int, hidden_size: int) -> tuple[nn.Parameter, nn.Parameter
 
 
 def _input_term(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """x W + b for all steps at once: (batch, steps, input) -> (batch, steps, hidden).
+    """x W + b for all steps at once: (steps, batch, input) -> (steps, batch, hidden).
 
-    Token ids (batch, steps) stand for one-hot rows, and one_hot(x) @ W is a row lookup W[x]
-    (F.embedding): the book's product, without building the (batch, steps, vocab) one-hot tensor.
+    Token ids (steps, batch) stand for one-hot rows, and one_hot(x) @ W is a row lookup W[x]
+    (F.embedding): the book's product, without building the (steps, batch, vocab) one-hot tensor.
     """
     return (x @ W if x.is_floating_point() else F.embedding(x, W)) + b
 
@@ -364,6 +368,12 @@ class RNNCell(nn.Module):
         (h,) = state  # (batch, hidden)
         h = torch.tanh(x_h + h @ self.W_hh)
         return (h,)
+
+    def all_steps(self, terms: tuple[torch.Tensor, ...], state: State) -> tuple[torch.Tensor, State]:
+        """`forward` over every step at once: terms (steps, batch, hidden) -> every h_t, (h,)."""
+        (x_h,), (h,) = terms, state
+        outputs, h = _TanhRecurrence.apply(x_h, h, self.W_hh.t())  # it takes W as nn.RNN keeps it
+        return outputs, (h,)
 
 
 class GRUCell(nn.Module):
@@ -403,6 +413,18 @@ class GRUCell(nn.Module):
         h_tilde = torch.tanh(x_h + r * (h @ self.W_hh + self.b_hh))
         h = z * h + (1 - z) * h_tilde
         return (h,)
+
+    def all_steps(self, terms: tuple[torch.Tensor, ...], state: State) -> tuple[torch.Tensor, State]:
+        """`forward` over every step at once: terms (steps, batch, hidden) -> every h_t, (h,)."""
+        x_z, x_r, x_h = terms
+        (h,) = state
+        # nn.GRU's layout: gates stacked (r, z, n), weights (out, in), the recurrent bias of r
+        # and z folded into the input terms
+        gi = torch.cat([x_r, x_z, x_h], dim=-1)  # (steps, batch, 3*hidden)
+        w_hh = torch.cat([self.W_hr, self.W_hz, self.W_hh], dim=1).t()  # (3*hidden, hidden)
+        b_hh = torch.cat([torch.zeros_like(self.b_hh).repeat(2), self.b_hh])
+        outputs, h = _GRURecurrence.apply(gi, h, w_hh, b_hh)
+        return outputs, (h,)
 
 
 class LSTMCell(nn.Module):
@@ -457,18 +479,25 @@ class ScratchRNN(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
-        # x: token ids (batch, steps) for one-hot input, else (batch, steps, input)
+        return self.run(x, state, fused=fused_applies(x))
+
+    def run(self, x: torch.Tensor, state: State, fused: bool) -> tuple[torch.Tensor, State]:
+        """fused: a cell with `all_steps` runs every step as one op; else the loop over steps."""
+        # x: token ids (steps, batch) for one-hot input, else (steps, batch, input)
         final = []  # per layer: its last (h,) or (h, c)
         for layer, cell in enumerate(self.cells):
             if layer > 0:
                 x = self.dropout(x)  # between layers, like nn.RNN's dropout
             s = tuple(part[layer] for part in state)  # this layer's (h,) | (h, c), (batch, hidden)
-            terms = cell.input_terms(x)  # per gate (batch, steps, hidden), before the loop
-            outputs = []
-            for x_t in zip(*(term.unbind(1) for term in terms)):  # per gate (batch, hidden)
-                s = cell(x_t, s)
-                outputs.append(s[0])  # h_t
-            x = torch.stack(outputs, dim=1)  # (batch, steps, hidden)
+            terms = cell.input_terms(x)  # per gate (steps, batch, hidden), before the loop
+            if fused and hasattr(cell, "all_steps"):
+                x, s = cell.all_steps(terms, s)
+            else:
+                outputs = []
+                for x_t in zip(*terms):  # per gate (batch, hidden)
+                    s = cell(x_t, s)
+                    outputs.append(s[0])  # h_t
+                x = torch.stack(outputs)  # (steps, batch, hidden)
             final.append(s)
         state = tuple(torch.stack(parts) for parts in zip(*final))  # (num_layers, batch, hidden)
         return x, state

@@ -268,21 +268,26 @@ def test_rnn_learns_hello_to_ohlol(impl, seed):
 FUSED_CELLS = ("rnn", "gru")  # nn.LSTM keeps its own oneDNN kernel
 
 
-def fused_vs_module(cell, num_layers, embed_size, dtype, hidden=6, batch=3, steps=5):
+def two_paths(cell, impl, num_layers, embed_size, dtype, hidden=6, batch=3, steps=5):
     """Outputs, final state and gradients (of every parameter, the initial state and an embedded
-    input) of the fused path and of the nn.* module itself, from the same weights and input."""
-    model = make(cell, "torch", num_layers=num_layers, embed_size=embed_size, hidden_size=hidden)
+    input) of a stack's fused path and of its reference (the nn.* module for the torch impl, the
+    loop over time steps for the scratch impl), from the same weights and input."""
+    model = make(cell, impl, num_layers=num_layers, embed_size=embed_size, hidden_size=hidden)
     model = model.to(dtype)
     layers = model.rnn
     gen = torch.Generator().manual_seed(0)
-    idx = torch.randint(0, 7, (batch, steps), generator=gen)
+    idx = torch.randint(0, 7, (steps, batch), generator=gen)  # time-major, as the stacks take it
     x = idx if not embed_size else model.embedding(idx).detach().requires_grad_(True)
     h0 = torch.randn(num_layers, batch, hidden, generator=gen, dtype=dtype, requires_grad=True)
-    w_out = torch.randn(batch, steps, hidden, generator=gen, dtype=dtype)
+    w_out = torch.randn(steps, batch, hidden, generator=gen, dtype=dtype)
     w_last = torch.randn(num_layers, batch, hidden, generator=gen, dtype=dtype)
     inputs = [h0, *layers.parameters()] + ([x] if embed_size else [])
+    if impl == "torch":
+        paths = (layers.fused, layers.reference)
+    else:
+        paths = (lambda x, s: layers.run(x, s, fused=True), lambda x, s: layers.run(x, s, fused=False))
     results = []
-    for path in (layers.fused, layers.reference):
+    for path in paths:
         out, (last,) = path(x, (h0,))
         loss = (w_out * out).sum() + (w_last * last).sum()
         results.append((out, last, torch.autograd.grad(loss, inputs)))
@@ -291,11 +296,13 @@ def fused_vs_module(cell, num_layers, embed_size, dtype, hidden=6, batch=3, step
 
 @pytest.mark.parametrize("embed_size", [0, 4])
 @pytest.mark.parametrize("num_layers", [1, 2])
+@pytest.mark.parametrize("impl", IMPL_NAMES)
 @pytest.mark.parametrize("cell", FUSED_CELLS)
-def test_fused_path_equals_the_nn_module(cell, num_layers, embed_size):
-    """float64: the same function to rounding (its matmuls go through torch, not oneDNN)."""
-    (out, last, grads), (ref_out, ref_last, ref_grads) = fused_vs_module(
-        cell, num_layers, embed_size, torch.float64)
+def test_fused_path_equals_the_reference(cell, impl, num_layers, embed_size):
+    """float64: the same function to rounding (its matmuls go through torch, not oneDNN) as
+    nn.RNN / nn.GRU (torch impl) and as the loop over the book's cell (scratch impl)."""
+    (out, last, grads), (ref_out, ref_last, ref_grads) = two_paths(
+        cell, impl, num_layers, embed_size, torch.float64)
     tight = {"rtol": 0, "atol": 1e-10}
     torch.testing.assert_close(out, ref_out, **tight)
     torch.testing.assert_close(last, ref_last, **tight)
@@ -304,14 +311,15 @@ def test_fused_path_equals_the_nn_module(cell, num_layers, embed_size):
 
 
 @pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "torch-matmul"])
+@pytest.mark.parametrize("impl", IMPL_NAMES)
 @pytest.mark.parametrize("cell", FUSED_CELLS)
-def test_fused_path_float32(cell, onednn, monkeypatch):
+def test_fused_path_float32(cell, impl, onednn, monkeypatch):
     """float32, as trained: through oneDNN's matmul where PyTorch has it, and without."""
     if onednn and not models.ONEDNN:
         pytest.skip("this PyTorch has no oneDNN linear")
     monkeypatch.setattr(models, "ONEDNN", onednn)
-    (out, last, grads), (ref_out, ref_last, ref_grads) = fused_vs_module(
-        cell, 2, 0, torch.float32, hidden=32, batch=8, steps=12)
+    (out, last, grads), (ref_out, ref_last, ref_grads) = two_paths(
+        cell, impl, 2, 0, torch.float32, hidden=32, batch=8, steps=12)
     loose = {"rtol": 1e-4, "atol": 1e-5}
     torch.testing.assert_close(out, ref_out, **loose)
     torch.testing.assert_close(last, ref_last, **loose)
@@ -324,7 +332,7 @@ def test_fused_path_dropout_between_layers_is_the_module_s(cell):
     """In training, nn.RNN drops out each layer's outputs but the last's; so does the fused path,
     drawing the same masks from the same seed."""
     model = make(cell, "torch", num_layers=3, dropout=0.5).train()
-    idx = torch.randint(0, 7, (4, 6))
+    idx = torch.randint(0, 7, (6, 4))  # (steps, batch)
     state = model.init_state(4)
     outputs = []
     for path in (model.rnn.fused, model.rnn.reference):
@@ -333,9 +341,10 @@ def test_fused_path_dropout_between_layers_is_the_module_s(cell):
     torch.testing.assert_close(outputs[0], outputs[1])
 
 
+@pytest.mark.parametrize("impl", IMPL_NAMES)
 @pytest.mark.parametrize("cell", FUSED_CELLS)
-def test_fused_path_backward_twice_with_retain_graph(cell):
-    model = make(cell, "torch")
+def test_fused_path_backward_twice_with_retain_graph(cell, impl):
+    model = make(cell, impl)
     logits, _ = model(torch.randint(0, 7, (2, 4)))
     loss = logits.square().sum()
     first = torch.autograd.grad(loss, list(model.parameters()), retain_graph=True)
@@ -344,22 +353,23 @@ def test_fused_path_backward_twice_with_retain_graph(cell):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("impl", IMPL_NAMES)
 @pytest.mark.parametrize("cell", CELLS)
-def test_forward_takes_the_fused_path_on_the_cpu_only(cell, monkeypatch):
-    """rnn and gru on the CPU: fused; under autocast, on another device, and for lstm: nn.*."""
-    taken = []
-    for path in ("fused", "reference"):
-        original = getattr(models.TorchRNN, path)
-        monkeypatch.setattr(models.TorchRNN, path,
-                            lambda self, x, s, _f=original, _p=path: taken.append(_p) or _f(self, x, s))
-    model = make(cell, "torch")
+def test_forward_takes_the_fused_path_on_the_cpu_only(cell, impl, monkeypatch):
+    """rnn and gru on the CPU: fused; under autocast, on another device, and for lstm: nn.* or
+    the loop over steps."""
+    calls = []
+    for fused in (models._TanhRecurrence, models._GRURecurrence):
+        monkeypatch.setattr(fused, "apply", lambda *a, _f=fused.apply: calls.append(1) or _f(*a))
+    model = make(cell, impl)
     idx = torch.randint(0, 7, (2, 3))
     model(idx)
+    on_cpu = len(calls)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model(idx)
     model.to("meta")(idx.to("meta"))  # another device: shapes only, as a stand-in for CUDA
-    fused = "fused" if cell in FUSED_CELLS else "reference"
-    assert taken == [fused, "reference", "reference"]
+    assert on_cpu == (1 if cell in FUSED_CELLS else 0)
+    assert len(calls) == on_cpu
 
 
 # --- devices and autocast -------------------------------------------------------------------------
