@@ -113,13 +113,20 @@ def time_machine() -> tuple[torch.Tensor, torch.Tensor, object]:
             tokens.vocab)
 
 
-def minibatches(ids: torch.Tensor, batch_size: int, num_steps: int, count: int, seed: int = 0):
-    """`count` sequential minibatches (x, y), epoch after epoch, made in advance."""
+def minibatches(ids: torch.Tensor, batch_size: int, num_steps: int, count: int,
+                device: torch.device = torch.device("cpu"), seed: int = 0):
+    """`count` sequential minibatches (x, y), epoch after epoch, made in advance on `device`."""
     gen = torch.Generator().manual_seed(seed)
     out = []
     while len(out) < count:
         out.extend(sequential_batches(ids, batch_size, num_steps, gen))
-    return [(x.contiguous(), y.contiguous()) for x, y in out[:count]]
+    return [(x.to(device).contiguous(), y.to(device).contiguous()) for x, y in out[:count]]
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the GPU's queued work: a timer read before it would time only the queueing."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def keep_freed_memory() -> bool:
@@ -141,11 +148,14 @@ def keep_freed_memory() -> bool:
 # --- the machine's matmul rate --------------------------------------------------------------------
 
 
-def _seconds_per_call(fn: Callable[[], object], min_seconds: float) -> float:
+def _seconds_per_call(fn: Callable[[], object], min_seconds: float,
+                      device: torch.device = torch.device("cpu")) -> float:
     """Median seconds of one call over 5 rounds of at least `min_seconds / 5` each."""
     fn()
+    synchronize(device)
     t0 = time.perf_counter()
     fn()
+    synchronize(device)
     once = max(time.perf_counter() - t0, 1e-7)
     n = max(1, int(min_seconds / 5 / once))
     rounds = []
@@ -153,6 +163,7 @@ def _seconds_per_call(fn: Callable[[], object], min_seconds: float) -> float:
         t0 = time.perf_counter()
         for _ in range(n):
             fn()
+        synchronize(device)
         rounds.append((time.perf_counter() - t0) / n)
     return statistics.median(rounds)
 
@@ -161,15 +172,17 @@ def onednn_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-def matmul_rates(shapes: list[tuple[int, int, int]], min_seconds: float) -> list[dict]:
-    """float32 GFLOP/s of (m x k) @ (k x n) through torch.mm (MKL) and through oneDNN."""
+def matmul_rates(shapes: list[tuple[int, int, int]], min_seconds: float,
+                 device: torch.device = torch.device("cpu")) -> list[dict]:
+    """float32 GFLOP/s of (m x k) @ (k x n) through torch.mm (MKL on the CPU) and, on the CPU,
+    through oneDNN."""
     rows = []
     for m, k, n in shapes:
-        a, b = torch.randn(m, k), torch.randn(k, n)
+        a, b = torch.randn(m, k, device=device), torch.randn(k, n, device=device)
         flops = 2 * m * k * n
         row = {"m": m, "k": k, "n": n,
-               "mkl": flops / _seconds_per_call(lambda: torch.mm(a, b), min_seconds) / 1e9}
-        if onednn_available():
+               "mkl": flops / _seconds_per_call(lambda: torch.mm(a, b), min_seconds, device) / 1e9}
+        if device.type == "cpu" and onednn_available():
             w, lin = b.t().contiguous(), torch.ops.mkldnn._linear_pointwise
             row["onednn"] = flops / _seconds_per_call(
                 lambda: lin(a, w, None, "none", [], ""), min_seconds) / 1e9
@@ -199,26 +212,33 @@ class Pair:
         return statistics.median(o / b for o, b in zip(self.ours, self.book))
 
 
-def baseline_for(cfg: ModelConfig) -> tuple[str, object]:
-    """The book's model closest to `cfg`: its scratch RNN, or RNNModel around nn.RNN/GRU/LSTM."""
+def baseline_name(cfg: ModelConfig) -> str:
     if cfg.impl == "scratch" and cfg.cell == "rnn":
-        return "d2l 8.5 scratch rnn()", BookScratchRNN(cfg.vocab_size, cfg.hidden_size)
-    name = f"d2l RNNModel(nn.{ {'rnn': 'RNN', 'gru': 'GRU', 'lstm': 'LSTM'}[cfg.cell] })"
-    return name, book_model(cfg.cell, cfg.vocab_size, cfg.hidden_size, cfg.num_layers)
+        return "d2l 8.5 scratch rnn()"
+    return f"d2l RNNModel(nn.{ {'rnn': 'RNN', 'gru': 'GRU', 'lstm': 'LSTM'}[cfg.cell] })"
+
+
+def baseline_for(cfg: ModelConfig, device: torch.device = torch.device("cpu")):
+    """The book's model closest to `cfg`: its scratch RNN, or RNNModel around nn.RNN/GRU/LSTM
+    (also for the scratch gru and lstm, which the book trains the same way)."""
+    if cfg.impl == "scratch" and cfg.cell == "rnn":
+        return BookScratchRNN(cfg.vocab_size, cfg.hidden_size, device)
+    return book_model(cfg.cell, cfg.vocab_size, cfg.hidden_size, cfg.num_layers).to(device)
 
 
 def time_pair(pair: Pair, cfg: ModelConfig, ids: torch.Tensor, steps: int, repeats: int,
-              warmup: int) -> None:
+              warmup: int, device: torch.device = torch.device("cpu")) -> None:
     """Alternate `steps` minibatches of each side, `repeats` times; tokens/s into `pair`."""
-    batches = minibatches(ids, pair.batch, BOOK["num_steps"], warmup + steps * repeats)
+    batches = minibatches(ids, pair.batch, BOOK["num_steps"], warmup + steps * repeats, device)
     torch.manual_seed(0)
-    _, book_net = baseline_for(cfg)
+    book_net = baseline_for(cfg, device)
     torch.manual_seed(0)
     sides = {"book": book_step(book_net, BOOK["lr"], BOOK["clip_theta"]),
-             "ours": ours_step(build_model(cfg), BOOK["lr"], BOOK["clip_theta"])}
+             "ours": ours_step(build_model(cfg).to(device), BOOK["lr"], BOOK["clip_theta"])}
     for step in sides.values():
         for x, y in batches[:warmup]:
             step(x, y)
+    synchronize(device)
     tokens = steps * pair.batch * BOOK["num_steps"]
     for r in range(repeats):
         chunk = batches[warmup + r * steps : warmup + (r + 1) * steps]
@@ -227,6 +247,7 @@ def time_pair(pair: Pair, cfg: ModelConfig, ids: torch.Tensor, steps: int, repea
             t0 = time.perf_counter()
             for x, y in chunk:
                 step(x, y)
+            synchronize(device)
             getattr(pair, side).append(tokens / (time.perf_counter() - t0))
 
 
@@ -234,19 +255,20 @@ def time_pair(pair: Pair, cfg: ModelConfig, ids: torch.Tensor, steps: int, repea
 
 
 def inference_speeds(cfg: ModelConfig, val_ids: torch.Tensor, vocab, num_chars: int,
-                     min_seconds: float) -> dict:
+                     min_seconds: float, device: torch.device = torch.device("cpu")) -> dict:
     """Characters/s of greedy and sampled continuation; tokens/s of `perplexity`."""
     from rnnlab.sampling import continue_text
 
     torch.manual_seed(0)
-    model = build_model(cfg)
+    model = build_model(cfg).to(device)
     gen = torch.Generator().manual_seed(0)
     greedy = _seconds_per_call(lambda: continue_text(model, vocab, "time traveller", num_chars),
-                               min_seconds)
+                               min_seconds, device)
     sampled = _seconds_per_call(lambda: continue_text(model, vocab, "time traveller", num_chars,
-                                                      temperature=0.8, gen=gen), min_seconds)
-    evaluate = _seconds_per_call(lambda: training.perplexity(model, val_ids, 32, BOOK["num_steps"]),
-                                 min_seconds)
+                                                      temperature=0.8, gen=gen), min_seconds, device)
+    evaluate = _seconds_per_call(
+        lambda: training.perplexity(model, val_ids, 32, BOOK["num_steps"], device), min_seconds,
+        device)
     return {"greedy_chars_per_sec": num_chars / greedy,
             "sampled_chars_per_sec": num_chars / sampled,
             "eval_tokens_per_sec": (len(val_ids) - 1) / evaluate}
@@ -291,24 +313,27 @@ def noop_repro_seconds(work: Path) -> dict:
 
 
 def tracking_share(cfg: ModelConfig, ids: torch.Tensor, work: Path, epochs: int, batch: int,
-                   num_steps: int) -> dict:
+                   num_steps: int, device: torch.device = torch.device("cpu")) -> dict:
     """Seconds of the tracking calls a training run makes (record_curves each epoch, then
-    record_summary) with a real MLflow run in a local SQLite store, against the time of an epoch
-    of the same model at these settings (`batches per epoch` x the measured seconds per step)."""
+    record_summary) with a real MLflow run in a local SQLite store (made by an earlier run, as in
+    the pipeline), against the time of an epoch of the same model at these settings (batches per
+    epoch x the measured seconds per minibatch; the optimizer is SGD, the pipeline's Adam costs a
+    little more)."""
     from rnnlab.batches import num_batches
     from rnnlab.config import Tracking
     from rnnlab.records import record_curves, record_summary
     from rnnlab.tracking import tracked_run
 
     torch.manual_seed(0)
-    model = build_model(cfg)
-    step = ours_step(model, 1.0, 1.0)
-    batches = minibatches(ids, batch, num_steps, 12)
+    step = ours_step(build_model(cfg).to(device), 1.0, 1.0)
+    batches = minibatches(ids, batch, num_steps, 12, device)
     for x, y in batches[:2]:
         step(x, y)
+    synchronize(device)
     t0 = time.perf_counter()
     for x, y in batches[2:]:
         step(x, y)
+    synchronize(device)
     step_seconds = (time.perf_counter() - t0) / (len(batches) - 2)
     per_epoch = num_batches(len(ids), batch, num_steps)
     epoch_seconds = per_epoch * step_seconds
@@ -316,33 +341,40 @@ def tracking_share(cfg: ModelConfig, ids: torch.Tensor, work: Path, epochs: int,
     old_uri = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
     history, curves = [], []
+    tracking = Tracking(enabled=True, experiment="bench")
     try:
+        with tracked_run(tracking, "bench", "bench-setup", {}):
+            pass  # creates the store and the experiment, as the pipeline's first run does
         t0 = time.perf_counter()
-        with tracked_run(Tracking(enabled=True, experiment="bench"), "bench", "bench", {}) as tracker:
+        with tracked_run(tracking, "bench", "bench", {}) as tracker:
             started = time.perf_counter() - t0
             for epoch in range(1, epochs + 1):
                 history.append({"epoch": epoch, "train_ppl": 10.0 / epoch, "val_ppl": 11.0 / epoch,
                                 "tokens_per_sec": 1e5, "grad_norm": 0.5, "clipped_frac": 0.1,
-                                "lr": 1.0, "seconds": epoch_seconds, "is_best": True})
+                                "lr": 1.0, "seconds": epoch_seconds})
                 t1 = time.perf_counter()
                 record_curves(work / "curves.csv", history, tracker)
                 curves.append(time.perf_counter() - t1)
             t1 = time.perf_counter()
             record_summary(work / "train.json", {"best_epoch": epochs, "best_val_ppl": 1.0,
-                                                 "epochs": epochs, "device": "cpu"}, tracker)
+                                                 "epochs": epochs, "device": str(device)}, tracker)
             summary = time.perf_counter() - t1
+            t1 = time.perf_counter()
+        ended = time.perf_counter() - t1
     finally:
         if old_uri is None:
             os.environ.pop("MLFLOW_TRACKING_URI", None)
         else:
             os.environ["MLFLOW_TRACKING_URI"] = old_uri
     recorded = sum(curves) + summary
+    train_seconds = epochs * epoch_seconds
     return {
         "epoch_seconds": epoch_seconds, "batches_per_epoch": per_epoch, "epochs": epochs,
-        "run_start_seconds": started, "record_curves_seconds_median": statistics.median(curves),
+        "run_start_seconds": started, "run_end_seconds": ended,
+        "record_curves_seconds_median": statistics.median(curves),
         "record_summary_seconds": summary,
-        "share_of_training": recorded / (epochs * epoch_seconds),
-        "share_with_run_start": (recorded + started) / (epochs * epoch_seconds),
+        "share_of_training": recorded / train_seconds,
+        "share_with_run_start_and_end": (recorded + started + ended) / train_seconds,
     }
 
 
@@ -369,6 +401,10 @@ def machine() -> dict:
             "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
 
 
+TABLE_COLUMNS = ("variant", "batch", "code", "tok/s", "min", "max", "ratio", "FLOPs/token",
+                 "bound tok/s", "% bound", "% peak")
+
+
 def _k(x: float) -> str:
     return f"{x / 1e3:,.1f}k"
 
@@ -376,7 +412,8 @@ def _k(x: float) -> str:
 def markdown(result: dict) -> str:
     m = result["machine"]
     lines = [
-        f"# Benchmark {result['date']}: {m['cpu']}, {m['threads']} threads",
+        f"# Benchmark {result['date']}: {m['cpu']}, {m['threads']} thread(s)"
+        + ("" if m["device"] == "cpu" else f", on {m['device']}"),
         "",
         f"host {m['host']}, commit {m['commit']}{' (dirty)' if m['dirty'] else ''}, torch "
         f"{m['torch']}, oneDNN {'yes' if m['onednn'] else 'no'}; command: `{result['command']}`",
@@ -388,8 +425,8 @@ def markdown(result: dict) -> str:
         "bound: FLOPs/token at the best float32 matmul rate of the row's recurrent product; "
         "peak: at the large product's rate.",
         "",
-        "| variant | batch | code | tok/s | min | max | ratio | FLOPs/token | bound tok/s | % bound | % peak |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| " + " | ".join(TABLE_COLUMNS) + " |",
+        "|---|---:|---|" + "---:|" * (len(TABLE_COLUMNS) - 3),
     ]
     for p in result["training"]:
         for side in ("book", "ours"):
@@ -423,8 +460,8 @@ def markdown(result: dict) -> str:
                       f"against {t['epoch_seconds']:.2f} s per epoch ({t['batches_per_epoch']} "
                       f"minibatches of {result['settings']['tracking_variant']}): "
                       f"{t['share_of_training']:.2%} of {t['epochs']} epochs' training time "
-                      f"({t['share_with_run_start']:.2%} with the run's start, "
-                      f"{t['run_start_seconds']:.2f} s)."]
+                      f"({t['share_with_run_start_and_end']:.2%} with the run's start and end, "
+                      f"{t['run_start_seconds']:.2f} s and {t['run_end_seconds']:.2f} s)."]
     return "\n".join(lines) + "\n"
 
 
@@ -446,6 +483,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     kept = keep_freed_memory()
+    device = training.resolve_device(args.device)
     params = load_params(ROOT / "params.yaml")
     train_ids, val_ids, vocab = time_machine()
     names = args.variants or list(params.variants)
@@ -465,23 +503,24 @@ def run(args: argparse.Namespace) -> dict:
     big = 512 if args.quick else 2048
     shapes.append((big, big, big))
     print(f"matmul rates: {len(shapes)} shapes ...", flush=True)
-    matmul = matmul_rates(shapes, 0.2 if args.quick else 1.0)
+    matmul = matmul_rates(shapes, 0.2 if args.quick else 1.0, device)
     rates = {(r["m"], r["n"]): r["best"] for r in matmul[:-1]}
     rates["peak"] = matmul[-1]["best"]
 
     pairs = []
     for name, cfg in configs.items():
         for batch in args.batches:
-            pair = Pair(name, batch, asdict(cfg), baseline_for(cfg)[0], train_flops(cfg))
-            time_pair(pair, cfg, train_ids, args.steps, args.repeats, args.warmup)
+            pair = Pair(name, batch, asdict(cfg), baseline_name(cfg), train_flops(cfg))
+            time_pair(pair, cfg, train_ids, args.steps, args.repeats, args.warmup, device)
             s = summarize(pair, rates)
             print(f"{name:>12} batch {batch:>4}: book {_k(s['book']['median']):>8}  ours "
                   f"{_k(s['ours']['median']):>8} tok/s  {s['ratio']:.2f}x  "
                   f"{s['ours']['median'] / s['bound']:.0%} of bound", flush=True)
             pairs.append(s)
 
-    result = {"date": dt.datetime.now().isoformat(timespec="seconds"), "machine": machine(),
-              "command": " ".join(["python -m bench.benchmark", *sys.argv[1:]]),
+    result = {"date": dt.datetime.now().isoformat(timespec="seconds"),
+              "machine": {**machine(), "device": str(device)},
+              "command": " ".join(["python -m bench.benchmark", *args.argv]),
               "vocab_size": len(vocab), "malloc_keeps_freed_memory": kept,
               "settings": {"steps": args.steps, "repeats": args.repeats, "warmup": args.warmup,
                            "batches": args.batches, "tracking_variant": names[0], **BOOK},
@@ -491,14 +530,14 @@ def run(args: argparse.Namespace) -> dict:
         result["inference"] = {}
         for name, cfg in configs.items():
             result["inference"][name] = inference_speeds(cfg, val_ids, vocab, num_chars,
-                                                         0.1 if args.quick else 1.0)
+                                                         0.1 if args.quick else 1.0, device)
             print(f"{name:>12}: {result['inference'][name]}", flush=True)
         fastest = max(pairs, key=lambda p: p["ours"]["median"])["variant"]
         result["settings"]["tracking_variant"] = fastest  # the largest share tracking can take
         with tempfile.TemporaryDirectory(prefix="rnnlab-bench-") as tmp:
             result["tracking"] = tracking_share(
                 configs[fastest], train_ids, Path(tmp), params.train.epochs,
-                params.train.batch_size, params.train.num_steps)
+                params.train.batch_size, params.train.num_steps, device)
             print(f"tracking: {result['tracking']}", flush=True)
         if not args.skip_dvc:
             with tempfile.TemporaryDirectory(prefix="rnnlab-bench-") as tmp:
@@ -527,6 +566,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=3, help="untimed minibatches per side")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (0: torch's default)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="auto: CUDA when present, else the CPU (as train.device)")
     parser.add_argument("--quick", action="store_true",
                         help="a smoke run: 2 steps x 2 repeats, 1 warm-up, batch 32 and short extras")
     parser.add_argument("--skip-extras", action="store_true",
@@ -534,8 +575,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--skip-dvc", action="store_true", help="no no-op `dvc repro` timing")
     parser.add_argument("--out", type=Path, default=ROOT / "metrics" / "bench")
     args = parser.parse_args(argv)
+    args.argv = list(argv if argv is not None else sys.argv[1:])
     if args.quick:
-        given = set(argv if argv is not None else sys.argv[1:])
+        given = set(args.argv)
         if "--steps" not in given:
             args.steps = 2
         if "--repeats" not in given:
@@ -549,7 +591,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    result = run(args)
+    threads = torch.get_num_threads()
+    try:
+        result = run(args)
+    finally:
+        torch.set_num_threads(threads)
     path = write(result, args.out)
     print()
     print(path.read_text())
