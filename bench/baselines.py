@@ -8,7 +8,7 @@ the data is the project's (the same minibatches for both sides).
 
     model = book_model(cell, vocab_size, hidden_size, num_layers)  # RNNModel(nn.RNN/GRU/LSTM)
     model = BookScratchRNN(vocab_size, hidden_size)                # RNNModelScratch + rnn()
-    step = book_step(model, lr=1)  # step(X, Y): train_epoch_ch8's loop body; -> the mean loss so far
+    step = book_step(model, lr=1)  # step(X, Y): train_epoch_ch8's loop body -> mean loss so far
 """
 
 from __future__ import annotations

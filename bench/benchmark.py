@@ -69,7 +69,8 @@ StepFn = Callable[[torch.Tensor, torch.Tensor], object]
 
 def _mirrored_train_step(model, x, y, h, opt, clip_theta, bf16=False):
     """The loop body of rnnlab.training.run_epochs, until it offers it as `train_step`."""
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16 and x.device.type == "cuda"):
+    on_cuda = x.device.type == "cuda"
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16 and on_cuda):
         logits, h = model(x, h)  # (batch, num_steps, vocab)
         loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
     opt.zero_grad(set_to_none=True)
@@ -142,7 +143,8 @@ def keep_freed_memory() -> bool:
     except OSError:
         return False
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # malloc.h
-    return bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 30) and libc.mallopt(M_MMAP_THRESHOLD, 32 << 20))
+    return bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
+                and libc.mallopt(M_MMAP_THRESHOLD, 32 << 20))
 
 
 # --- the machine's matmul rate --------------------------------------------------------------------
@@ -264,8 +266,9 @@ def inference_speeds(cfg: ModelConfig, val_ids: torch.Tensor, vocab, num_chars: 
     gen = torch.Generator().manual_seed(0)
     greedy = _seconds_per_call(lambda: continue_text(model, vocab, "time traveller", num_chars),
                                min_seconds, device)
-    sampled = _seconds_per_call(lambda: continue_text(model, vocab, "time traveller", num_chars,
-                                                      temperature=0.8, gen=gen), min_seconds, device)
+    sampled = _seconds_per_call(
+        lambda: continue_text(model, vocab, "time traveller", num_chars, temperature=0.8, gen=gen),
+        min_seconds, device)
     evaluate = _seconds_per_call(
         lambda: training.perplexity(model, val_ids, 32, BOOK["num_steps"], device), min_seconds,
         device)
@@ -395,6 +398,7 @@ def machine() -> dict:
         return proc.stdout.strip() if proc.returncode == 0 else "unknown"
 
     return {"host": socket.gethostname(), "cpu": cpu, "cores": os.cpu_count(),
+            "load_average": os.getloadavg()[0],  # other work on the machine: 0 is quiet
             "threads": torch.get_num_threads(), "torch": torch.__version__,
             "onednn": onednn_available(), "python": platform.python_version(),
             "commit": git("rev-parse", "--short", "HEAD"),
@@ -409,40 +413,52 @@ def _k(x: float) -> str:
     return f"{x / 1e3:,.1f}k"
 
 
-def markdown(result: dict) -> str:
-    m = result["machine"]
-    lines = [
-        f"# Benchmark {result['date']}: {m['cpu']}, {m['threads']} thread(s)"
-        + ("" if m["device"] == "cpu" else f", on {m['device']}"),
-        "",
-        f"host {m['host']}, commit {m['commit']}{' (dirty)' if m['dirty'] else ''}, torch "
-        f"{m['torch']}, oneDNN {'yes' if m['onednn'] else 'no'}; command: `{result['command']}`",
-        "",
-        f"Training: {result['settings']['steps']} minibatches x {result['settings']['repeats']} "
-        f"repeats per side, {BOOK['num_steps']} steps, SGD lr {BOOK['lr']:g}, clip "
-        f"{BOOK['clip_theta']:g}, The Time Machine characters (vocab {result['vocab_size']}). "
-        "tok/s: median (min-max) of the repeats; ratio: median of the repeats' ours/book; "
-        "bound: FLOPs/token at the best float32 matmul rate of the row's recurrent product; "
-        "peak: at the large product's rate.",
-        "",
-        "| " + " | ".join(TABLE_COLUMNS) + " |",
-        "|---|---:|---|" + "---:|" * (len(TABLE_COLUMNS) - 3),
-    ]
+def _training_rows(result: dict) -> list[str]:
+    rows = []
     for p in result["training"]:
         for side in ("book", "ours"):
             s = p[side]
-            lines.append(
-                f"| {p['variant']} | {p['batch']} | {side if side == 'ours' else p['baseline']} | "
-                f"{_k(s['median'])} | {_k(s['min'])} | {_k(s['max'])} | "
-                f"{p['ratio'] if side == 'ours' else 1.0:.2f}x | {p['flops_per_token']:,} | "
-                f"{_k(p['bound'])} | {s['median'] / p['bound']:.0%} | {s['median'] / p['peak_bound']:.0%} |")
-    lines += ["", "float32 matmul rates (GFLOP/s, median of 5 rounds):", "",
-              "| m x k @ k x n | torch.mm (MKL) | oneDNN | best |", "|---|---:|---:|---:|"]
+            cells = [p["variant"], p["batch"], "ours" if side == "ours" else p["baseline"],
+                     _k(s["median"]), _k(s["min"]), _k(s["max"]),
+                     f"{p['ratio'] if side == 'ours' else 1.0:.2f}x", f"{p['flops_per_token']:,}",
+                     _k(p["bound"]), f"{s['median'] / p['bound']:.0%}",
+                     f"{s['median'] / p['peak_bound']:.0%}"]
+            rows.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return rows
+
+
+def markdown(result: dict) -> str:
+    """The report: the training table, the matmul rates, and the extras that were measured."""
+    m, settings = result["machine"], result["settings"]
+    on = "" if m["device"] == "cpu" else f", on {m['device']}"
+    lines = [
+        f"# Benchmark {result['date']}: {m['cpu']}, {m['threads']} thread(s){on}",
+        "",
+        f"host {m['host']}, commit {m['commit']}{' (dirty)' if m['dirty'] else ''}, torch "
+        f"{m['torch']}, oneDNN {'yes' if m['onednn'] else 'no'}; load average "
+        f"{m.get('load_average_before', float('nan')):.1f} before, {m['load_average']:.1f} after "
+        f"(other work on the machine; {m['cores']} cores); command: `{result['command']}`",
+        "",
+        f"Training: {settings['steps']} minibatches x {settings['repeats']} repeats per side, "
+        f"{BOOK['num_steps']} steps, SGD lr {BOOK['lr']:g}, clip {BOOK['clip_theta']:g}, The Time "
+        f"Machine characters (vocab {result['vocab_size']}). tok/s: median (min-max) of the "
+        "repeats; ratio: median of the repeats' ours/book; bound: FLOPs/token at the best float32 "
+        "matmul rate of the row's recurrent product; peak: at the large product's rate.",
+        "",
+        "| " + " | ".join(TABLE_COLUMNS) + " |",
+        "|---|---:|---|" + "---:|" * (len(TABLE_COLUMNS) - 3),
+        *_training_rows(result),
+        "",
+        "float32 matmul rates (GFLOP/s, median of 5 rounds):",
+        "",
+        "| m x k @ k x n | torch.mm (MKL) | oneDNN | best |",
+        "|---|---:|---:|---:|",
+    ]
     for r in result["matmul"]:
         lines.append(f"| {r['m']} x {r['k']} @ {r['k']} x {r['n']} | {r['mkl']:.0f} | "
                      f"{r.get('onednn', float('nan')):.0f} | {r['best']:.0f} |")
     if result.get("inference"):
-        lines += ["", "Generation (after `time traveller`) and evaluation (`perplexity`, batch 32):",
+        lines += ["", "Generation (after `time traveller`), evaluation (`perplexity`, batch 32):",
                   "", "| variant | greedy chars/s | sampled chars/s | eval tok/s |",
                   "|---|---:|---:|---:|"]
         for name, s in result["inference"].items():
@@ -450,15 +466,15 @@ def markdown(result: dict) -> str:
                          f"{s['sampled_chars_per_sec']:,.0f} | {_k(s['eval_tokens_per_sec'])} |")
     if result.get("dvc"):
         d = result["dvc"]
-        lines += ["", f"No-op `dvc repro`: {d['noop_repro_seconds']:.2f} s "
-                      f"(the first, running every stage with tiny params: {d['first_repro_seconds']:.1f} s"
-                      f"{'; WARNING: the second run ran a stage' if d['noop_ran_a_stage'] else ''})."]
+        warning = "; WARNING: the second run ran a stage" if d["noop_ran_a_stage"] else ""
+        lines += ["", f"No-op `dvc repro`: {d['noop_repro_seconds']:.2f} s (the first, running "
+                      f"every stage with tiny params: {d['first_repro_seconds']:.1f} s{warning})."]
     if result.get("tracking"):
         t = result["tracking"]
-        lines += ["", f"Tracking: record_curves {t['record_curves_seconds_median'] * 1e3:.1f} ms per "
-                      f"epoch (median), record_summary {t['record_summary_seconds'] * 1e3:.1f} ms, "
-                      f"against {t['epoch_seconds']:.2f} s per epoch ({t['batches_per_epoch']} "
-                      f"minibatches of {result['settings']['tracking_variant']}): "
+        lines += ["", f"Tracking: record_curves {t['record_curves_seconds_median'] * 1e3:.1f} ms "
+                      f"per epoch (median), record_summary {t['record_summary_seconds'] * 1e3:.1f} "
+                      f"ms, against {t['epoch_seconds']:.2f} s per epoch "
+                      f"({t['batches_per_epoch']} minibatches of {settings['tracking_variant']}): "
                       f"{t['share_of_training']:.2%} of {t['epochs']} epochs' training time "
                       f"({t['share_with_run_start_and_end']:.2%} with the run's start and end, "
                       f"{t['run_start_seconds']:.2f} s and {t['run_end_seconds']:.2f} s)."]
@@ -484,6 +500,7 @@ def run(args: argparse.Namespace) -> dict:
         torch.set_num_threads(args.threads)
     kept = keep_freed_memory()
     device = training.resolve_device(args.device)
+    load_before = os.getloadavg()[0]
     params = load_params(ROOT / "params.yaml")
     train_ids, val_ids, vocab = time_machine()
     names = args.variants or list(params.variants)
@@ -519,7 +536,7 @@ def run(args: argparse.Namespace) -> dict:
             pairs.append(s)
 
     result = {"date": dt.datetime.now().isoformat(timespec="seconds"),
-              "machine": {**machine(), "device": str(device)},
+              "machine": {**machine(), "device": str(device), "load_average_before": load_before},
               "command": " ".join(["python -m bench.benchmark", *args.argv]),
               "vocab_size": len(vocab), "malloc_keeps_freed_memory": kept,
               "settings": {"steps": args.steps, "repeats": args.repeats, "warmup": args.warmup,
@@ -569,7 +586,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                         help="auto: CUDA when present, else the CPU (as train.device)")
     parser.add_argument("--quick", action="store_true",
-                        help="a smoke run: 2 steps x 2 repeats, 1 warm-up, batch 32 and short extras")
+                        help="a smoke run: 2 steps x 2 repeats, 1 warm-up, batch 32, short extras")
     parser.add_argument("--skip-extras", action="store_true",
                         help="training only: no generation, evaluation, tracking, dvc")
     parser.add_argument("--skip-dvc", action="store_true", help="no no-op `dvc repro` timing")

@@ -101,8 +101,9 @@ class RNNLM(nn.Module):
     def forward(self, idx: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
         if state is None:
             state = self.init_state(idx.shape[0], idx.device)
-        # Time-major inside, as in the book: step t is x[t]. Without an embedding the token ids go
-        # on as they are; each impl makes them one-hot. x: (steps, batch) ids | (steps, batch, embed)
+        # Time-major inside, as in the book: step t is x[t]. Without an embedding the token ids
+        # go on as they are; each impl makes them one-hot.
+        # x: (steps, batch) ids | (steps, batch, embed)
         x = idx.t() if self.embedding is None else self.embedding(idx.t())
         outputs, state = self.rnn(x, state)  # (steps, batch, hidden)
         logits = self.head(self.dropout(outputs))  # (steps, batch, vocab): all steps in one matmul
@@ -191,7 +192,8 @@ def fused_applies(x: torch.Tensor) -> bool:
 
 def _onednn_linear() -> bool:
     try:
-        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+        return (torch.backends.mkldnn.is_available()
+                and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
     except RuntimeError:
         return False
 
@@ -239,7 +241,7 @@ def _project(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 class _TanhRecurrence(torch.autograd.Function):
     """h_t = tanh(a_t), a_t = g_t + h_{t-1} W_hh^T, t = 1..steps, where g (steps, batch, hidden)
-    holds the input projection and both biases. -> every h_t (steps, batch, hidden), and the last."""
+    holds the input projection and both biases. -> every h_t (steps, batch, hidden), the last."""
 
     @staticmethod
     def forward(ctx, g, h0, w_hh):
@@ -383,7 +385,8 @@ class RNNCell(nn.Module):
         h = torch.tanh(x_h + h @ self.W_hh)
         return (h,)
 
-    def all_steps(self, terms: tuple[torch.Tensor, ...], state: State) -> tuple[torch.Tensor, State]:
+    def all_steps(self, terms: tuple[torch.Tensor, ...],
+                  state: State) -> tuple[torch.Tensor, State]:
         """`forward` over every step at once: terms (steps, batch, hidden) -> every h_t, (h,)."""
         (x_h,), (h,) = terms, state
         outputs, h = _TanhRecurrence.apply(x_h, h, self.W_hh.t())  # it takes W as nn.RNN keeps it
@@ -428,7 +431,8 @@ class GRUCell(nn.Module):
         h = z * h + (1 - z) * h_tilde
         return (h,)
 
-    def all_steps(self, terms: tuple[torch.Tensor, ...], state: State) -> tuple[torch.Tensor, State]:
+    def all_steps(self, terms: tuple[torch.Tensor, ...],
+                  state: State) -> tuple[torch.Tensor, State]:
         """`forward` over every step at once: terms (steps, batch, hidden) -> every h_t, (h,)."""
         x_z, x_r, x_h = terms
         (h,) = state

@@ -122,7 +122,8 @@ def test_markdown_table_has_every_column():
     result = {
         "date": "2026-01-01T00:00:00", "command": "python -m bench.benchmark", "vocab_size": 28,
         "machine": {"host": "h", "cpu": "CPU", "threads": 2, "torch": "2", "onednn": True,
-                    "commit": "abc", "dirty": False, "device": "cpu"},
+                    "commit": "abc", "dirty": False, "device": "cpu", "cores": 2,
+                    "load_average": 0.1, "load_average_before": 0.2},
         "settings": {"steps": 2, "repeats": 2, "tracking_variant": "rnn"},
         "matmul": [{"m": 32, "k": 256, "n": 256, "mkl": 100.0, "onednn": 150.0, "best": 150.0}],
         "training": [{"variant": "rnn", "batch": 32, "baseline": "d2l RNNModel(nn.RNN)",

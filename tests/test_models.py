@@ -285,7 +285,8 @@ def two_paths(cell, impl, num_layers, embed_size, dtype, hidden=6, batch=3, step
     if impl == "torch":
         paths = (layers.fused, layers.reference)
     else:
-        paths = (lambda x, s: layers.run(x, s, fused=True), lambda x, s: layers.run(x, s, fused=False))
+        paths = (lambda x, s: layers.run(x, s, fused=True),
+                 lambda x, s: layers.run(x, s, fused=False))
     results = []
     for path in paths:
         out, (last,) = path(x, (h0,))
