@@ -249,9 +249,9 @@ class _TanhRecurrence(torch.autograd.Function):
         hs = g.new_empty(steps + 1, batch, hidden)  # h_0 .. h_steps
         hs[0] = h0
         w2, minus_one = _packed((2 * w_hh).contiguous(), batch, steps), g.new_full((), -1.0)
-        for t in range(steps):
-            a2 = _linear(hs[t], w2).add_(g[t], alpha=2)  # 2 a_t
-            torch.add(minus_one, a2.sigmoid_(), alpha=2, out=hs[t + 1])  # 2 sigmoid(2a) - 1
+        for g_t, h_prev, h_t in zip(g, hs[:-1], hs[1:]):  # (batch, hidden) views
+            a2 = _linear(h_prev, w2).add_(g_t, alpha=2)  # 2 a_t
+            torch.add(minus_one, a2.sigmoid_(), alpha=2, out=h_t)  # 2 sigmoid(2a) - 1
         ctx.save_for_backward(hs, w_hh)
         return hs[1:], hs[-1].clone()
 
@@ -262,9 +262,10 @@ class _TanhRecurrence(torch.autograd.Function):
         d_pre = torch.empty_like(d_out)  # dL/da_t
         w_t = _packed(w_hh.t().contiguous(), d_out.shape[1], len(d_out))  # dh_{t-1} = da_t W_hh
         dh = d_out[-1] + d_last  # dL/dh_t: from the output at t and from step t + 1
+        d_outs, h_ts, d_pres = d_out.unbind(), hs[1:].unbind(), d_pre.unbind()  # per step
         for t in range(len(d_out) - 1, -1, -1):
-            torch.ops.aten.tanh_backward(dh, hs[t + 1], grad_input=d_pre[t])  # dh (1 - h_t^2)
-            dh = _linear(d_pre[t], w_t, add=d_out[t - 1]) if t else _linear(d_pre[0], w_t)
+            torch.ops.aten.tanh_backward(dh, h_ts[t], grad_input=d_pres[t])  # dh (1 - h_t^2)
+            dh = _linear(d_pres[t], w_t, add=d_outs[t - 1]) if t else _linear(d_pres[0], w_t)
         return d_pre, dh, _all_steps_grad(d_pre, hs[:-1])
 
 
@@ -293,12 +294,15 @@ class _GRURecurrence(torch.autograd.Function):
         rz = gi.new_empty(steps, batch, 2 * hidden)  # (r_t, z_t)
         n = gi.new_empty(steps, batch, hidden)
         w, ghs, minus_one = _packed(w_hh.contiguous(), batch, steps), [], gi.new_full((), -1.0)
-        for t in range(steps):
-            gh = _linear(hs[t], w, b_hh)  # (batch, 3*hidden)
-            torch.add(gi[t, :, rz_], gh[:, rz_], out=rz[t]).sigmoid_()
-            q2 = torch.addcmul(gi[t, :, n_], rz[t, :, :hidden], gh[:, n_]).mul_(2)
-            torch.add(minus_one, q2.sigmoid_(), alpha=2, out=n[t])  # tanh(q) = 2 sigmoid(2q) - 1
-            torch.lerp(n[t], hs[t], rz[t, :, hidden:], out=hs[t + 1])  # n + z (h - n)
+        # per step (batch, ...) views, made once
+        steps_ = zip(gi[..., rz_], gi[..., n_], rz, rz[..., :hidden], rz[..., hidden:], n,
+                     hs[:-1], hs[1:])
+        for gi_rz, gi_n, rz_t, r, z, n_t, h_prev, h_t in steps_:
+            gh = _linear(h_prev, w, b_hh)  # (batch, 3*hidden)
+            torch.add(gi_rz, gh[:, rz_], out=rz_t).sigmoid_()
+            q2 = torch.addcmul(gi_n, r, gh[:, n_]).mul_(2)
+            torch.add(minus_one, q2.sigmoid_(), alpha=2, out=n_t)  # tanh(q) = 2 sigmoid(2q) - 1
+            torch.lerp(n_t, h_prev, z, out=h_t)  # n + z (h - n)
             ghs.append(gh)
         ctx.save_for_backward(hs, rz, n, w_hh)
         ctx.ghs = ghs  # per step, never seen outside: the backward reads gh_n
@@ -307,24 +311,30 @@ class _GRURecurrence(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_out, d_last):
         hs, rz, n, w_hh = ctx.saved_tensors
-        ghs = ctx.ghs
         steps, batch, hidden = n.shape
+        rz_, n_ = slice(0, 2 * hidden), slice(2 * hidden, None)
         d_gi = d_out.new_empty(steps, batch, 3 * hidden)  # dL/d gi_t = dL/d(r, z, n pre-activ.)
         d_gh = torch.empty_like(d_gi)  # dL/d gh_t: the same but for n: r_t dL/d(n pre-activ.)
         d_rz = d_out.new_empty(batch, 2 * hidden)  # dL/d(r_t, z_t)
+        d_r, d_z = d_rz[:, :hidden], d_rz[:, hidden:]
         w_t = _packed(w_hh.t().contiguous(), batch, steps)  # dL/dh_{t-1} = dL/d gh_t W_hh + ...
+        # per step (batch, ...) views, made once
+        rz_t, r, z, n_t, h_prev = (rz.unbind(), rz[..., :hidden].unbind(),
+                                   rz[..., hidden:].unbind(), n.unbind(), hs[:-1].unbind())
+        d_gi_rz, d_gi_n = d_gi[..., rz_].unbind(), d_gi[..., n_].unbind()
+        d_gh_t, d_gh_rz, d_gh_n = d_gh.unbind(), d_gh[..., rz_].unbind(), d_gh[..., n_].unbind()
+        d_outs = d_out.unbind()
         dh = d_out[-1] + d_last  # dL/dh_t: from the output at t and from step t + 1
         for t in range(steps - 1, -1, -1):
-            r, z = rz[t, :, :hidden], rz[t, :, hidden:]
-            d_n = torch.addcmul(dh, dh, z, value=-1)  # dh (1 - z)
-            d_a = torch.ops.aten.tanh_backward(d_n, n[t], grad_input=d_gi[t, :, 2 * hidden :])
-            torch.mul(d_a, r, out=d_gh[t, :, 2 * hidden :])
-            torch.mul(d_a, ghs[t][:, 2 * hidden :], out=d_rz[:, :hidden])  # dL/dr
-            torch.mul(dh, hs[t] - n[t], out=d_rz[:, hidden:])  # dL/dz
-            torch.ops.aten.sigmoid_backward(d_rz, rz[t], grad_input=d_gh[t, :, : 2 * hidden])
-            d_gi[t, :, : 2 * hidden] = d_gh[t, :, : 2 * hidden]
-            direct = torch.addcmul(d_out[t - 1], dh, z) if t else dh * z  # via h_t = ... + z h
-            dh = _linear(d_gh[t], w_t, add=direct)
+            d_n = torch.addcmul(dh, dh, z[t], value=-1)  # dh (1 - z)
+            d_a = torch.ops.aten.tanh_backward(d_n, n_t[t], grad_input=d_gi_n[t])
+            torch.mul(d_a, r[t], out=d_gh_n[t])
+            torch.mul(d_a, ctx.ghs[t][:, n_], out=d_r)
+            torch.mul(dh, h_prev[t] - n_t[t], out=d_z)
+            torch.ops.aten.sigmoid_backward(d_rz, rz_t[t], grad_input=d_gh_rz[t])
+            d_gi_rz[t].copy_(d_gh_rz[t])
+            direct = torch.addcmul(d_outs[t - 1], dh, z[t]) if t else dh * z[0]  # via z h
+            dh = _linear(d_gh_t[t], w_t, add=direct)
         return d_gi, dh, _all_steps_grad(d_gh, hs[:-1]), d_gh.sum((0, 1))
 
 
