@@ -230,8 +230,9 @@ def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None,
 
 def _all_steps_grad(d_pre: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
     """sum_t d_pre_t^T prev_t, a weight's gradient from every step at once: (out, in). Made as
-    (prev^T d_pre)^T: oneDNN copies the transposed left operand, and prev is the smaller one."""
-    return _linear(prev.flatten(0, 1).t(), d_pre.flatten(0, 1).t()).t()
+    (prev^T d_pre)^T with prev^T copied first: oneDNN copies a transposed left operand itself
+    more slowly, and prev is the smaller one."""
+    return _linear(prev.flatten(0, 1).t().contiguous(), d_pre.flatten(0, 1).t()).t()
 
 
 def _project(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
