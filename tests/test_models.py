@@ -373,6 +373,34 @@ def test_forward_takes_the_fused_path_on_the_cpu_only(cell, impl, monkeypatch):
     assert len(calls) == on_cpu
 
 
+def test_output_layer_through_onednn_equals_nn_linear(monkeypatch):
+    """On the CPU in float32 the output layer runs as `_Head` (oneDNN's product): nn.Linear's
+    function and gradients; float64 and other devices keep nn.Linear."""
+    if not models.ONEDNN:
+        pytest.skip("this PyTorch has no oneDNN linear")
+    torch.manual_seed(0)
+    head = nn.Linear(16, 7)
+    x = torch.randn(40, 16, requires_grad=True)
+    w_out = torch.randn(40, 7)
+    results = []
+    for f in (lambda: models._Head.apply(x, head.weight, head.bias), lambda: head(x)):
+        out = f()
+        results.append((out, torch.autograd.grad((w_out * out).sum(), [x, *head.parameters()])))
+    (out, grads), (ref, ref_grads) = results
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for g, r in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+
+    calls = []
+    original = models._Head.apply
+    monkeypatch.setattr(models._Head, "apply", lambda *a: calls.append(1) or original(*a))
+    model = make("lstm", "torch")
+    idx = torch.randint(0, 7, (2, 3))
+    model(idx)
+    model.double()(idx)
+    assert len(calls) == 1
+
+
 # --- devices and autocast -------------------------------------------------------------------------
 
 
