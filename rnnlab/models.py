@@ -233,11 +233,25 @@ def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None,
     return out if b is None else out.add_(b)
 
 
+# The recurrent weight's gradient, sum_t d_t^T h_{t-1}: at small batches one product over all
+# steps (35 products of 32 rows each run far below the machine's rate); from this batch on, one
+# product per step inside the backward loop, while its operands are in cache (the all-steps
+# product first has to transpose every h_{t-1}, tens of MB at a batch of 512).
+STEPWISE_GRAD_BATCH = 256
+
+
 def _all_steps_grad(d_pre: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
-    """sum_t d_pre_t^T prev_t, a weight's gradient from every step at once: (out, in). Made as
-    (prev^T d_pre)^T with prev^T copied first: oneDNN copies a transposed left operand itself
-    more slowly, and prev is the smaller one."""
+    """sum_t d_pre_t^T prev_t from every step at once: (out, in). Made as (prev^T d_pre)^T with
+    prev^T copied first: oneDNN copies a transposed left operand itself more slowly, and prev is
+    the smaller one."""
     return _linear(prev.flatten(0, 1).t().contiguous(), d_pre.flatten(0, 1).t()).t()
+
+
+def _add_step_grad(acc: torch.Tensor | None, d_pre: torch.Tensor,
+                   prev: torch.Tensor) -> torch.Tensor:
+    """acc + prev^T d_pre, one step's share of the same gradient, transposed: (in, out)."""
+    x, w = prev.t().contiguous(), d_pre.t()
+    return _linear(x, w) if acc is None else _linear(x, w, add=acc)
 
 
 def _project(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -285,10 +299,14 @@ class _TanhRecurrence(torch.autograd.Function):
         w_t = _packed(w_hh.t().contiguous(), d_out.shape[1], len(d_out))  # dh_{t-1} = da_t W_hh
         dh = d_out[-1] + d_last  # dL/dh_t: from the output at t and from step t + 1
         d_outs, h_ts, d_pres = d_out.unbind(), hs[1:].unbind(), d_pre.unbind()  # per step
+        stepwise, d_w_t = d_out.shape[1] >= STEPWISE_GRAD_BATCH, None
         for t in range(len(d_out) - 1, -1, -1):
             torch.ops.aten.tanh_backward(dh, h_ts[t], grad_input=d_pres[t])  # dh (1 - h_t^2)
+            if stepwise:
+                d_w_t = _add_step_grad(d_w_t, d_pres[t], hs[t])
             dh = _linear(d_pres[t], w_t, add=d_outs[t - 1]) if t else _linear(d_pres[0], w_t)
-        return d_pre, dh, _all_steps_grad(d_pre, hs[:-1])
+        d_w = d_w_t.t() if stepwise else _all_steps_grad(d_pre, hs[:-1])
+        return d_pre, dh, d_w
 
 
 def _rnn_layer(x, h0, w_ih, w_hh, b_ih, b_hh):
@@ -347,6 +365,7 @@ class _GRURecurrence(torch.autograd.Function):
         d_gh_t, d_gh_rz, d_gh_n = d_gh.unbind(), d_gh[..., rz_].unbind(), d_gh[..., n_].unbind()
         d_outs = d_out.unbind()
         dh = d_out[-1] + d_last  # dL/dh_t: from the output at t and from step t + 1
+        stepwise, d_w_t = batch >= STEPWISE_GRAD_BATCH, None
         for t in range(steps - 1, -1, -1):
             d_n = torch.addcmul(dh, dh, z[t], value=-1)  # dh (1 - z)
             d_a = torch.ops.aten.tanh_backward(d_n, n_t[t], grad_input=d_gi_n[t])
@@ -356,8 +375,11 @@ class _GRURecurrence(torch.autograd.Function):
             torch.ops.aten.sigmoid_backward(d_rz, rz_t[t], grad_input=d_gh_rz[t])
             d_gi_rz[t].copy_(d_gh_rz[t])
             direct = torch.addcmul(d_outs[t - 1], dh, z[t]) if t else dh * z[0]  # via z h
+            if stepwise:
+                d_w_t = _add_step_grad(d_w_t, d_gh_t[t], h_prev[t])
             dh = _linear(d_gh_t[t], w_t, add=direct)
-        return d_gi, dh, _all_steps_grad(d_gh, hs[:-1]), d_gh.sum((0, 1))
+        d_w = d_w_t.t() if stepwise else _all_steps_grad(d_gh, hs[:-1])
+        return d_gi, dh, d_w, d_gh.sum((0, 1))
 
 
 def _gru_layer(x, h0, w_ih, w_hh, b_ih, b_hh):

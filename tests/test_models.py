@@ -295,13 +295,17 @@ def two_paths(cell, impl, num_layers, embed_size, dtype, hidden=6, batch=3, step
     return results
 
 
+@pytest.mark.parametrize("stepwise", [False, True], ids=["all-steps-grad", "stepwise-grad"])
 @pytest.mark.parametrize("embed_size", [0, 4])
 @pytest.mark.parametrize("num_layers", [1, 2])
 @pytest.mark.parametrize("impl", IMPL_NAMES)
 @pytest.mark.parametrize("cell", FUSED_CELLS)
-def test_fused_path_equals_the_reference(cell, impl, num_layers, embed_size):
+def test_fused_path_equals_the_reference(cell, impl, num_layers, embed_size, stepwise,
+                                         monkeypatch):
     """float64: the same function to rounding (its matmuls go through torch, not oneDNN) as
-    nn.RNN / nn.GRU (torch impl) and as the loop over the book's cell (scratch impl)."""
+    nn.RNN / nn.GRU (torch impl) and as the loop over the book's cell (scratch impl); with the
+    recurrent weight's gradient made in one product or step by step (large batches)."""
+    monkeypatch.setattr(models, "STEPWISE_GRAD_BATCH", 1 if stepwise else 10**9)
     (out, last, grads), (ref_out, ref_last, ref_grads) = two_paths(
         cell, impl, num_layers, embed_size, torch.float64)
     tight = {"rtol": 0, "atol": 1e-10}
@@ -311,14 +315,16 @@ def test_fused_path_equals_the_reference(cell, impl, num_layers, embed_size):
         torch.testing.assert_close(g, ref, **tight)
 
 
+@pytest.mark.parametrize("stepwise", [False, True], ids=["all-steps-grad", "stepwise-grad"])
 @pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "torch-matmul"])
 @pytest.mark.parametrize("impl", IMPL_NAMES)
 @pytest.mark.parametrize("cell", FUSED_CELLS)
-def test_fused_path_float32(cell, impl, onednn, monkeypatch):
+def test_fused_path_float32(cell, impl, onednn, stepwise, monkeypatch):
     """float32, as trained: through oneDNN's matmul where PyTorch has it, and without."""
     if onednn and not models.ONEDNN:
         pytest.skip("this PyTorch has no oneDNN linear")
     monkeypatch.setattr(models, "ONEDNN", onednn)
+    monkeypatch.setattr(models, "STEPWISE_GRAD_BATCH", 1 if stepwise else 10**9)
     (out, last, grads), (ref_out, ref_last, ref_grads) = two_paths(
         cell, impl, 2, 0, torch.float32, hidden=32, batch=8, steps=12)
     loose = {"rtol": 1e-4, "atol": 1e-5}
