@@ -85,17 +85,18 @@ TRAIN_STEP = getattr(training, "train_step", _mirrored_train_step)
 
 def ours_step(model: nn.Module, lr: float, clip_theta: float) -> StepFn:
     """Our training step with the state carried (sequential sampling), as run_epochs runs it:
-    losses and norms kept as tensors, looked at every 25 steps (one host sync per 25)."""
+    losses and gradient norms kept as tensors, the losses looked at every 25 steps (one host
+    sync per 25)."""
     opt = torch.optim.SGD(model.parameters(), lr=lr)
-    h, window, count = None, [], 0
+    h, window, norms = None, [], []
 
     def step(x, y):
-        nonlocal h, window, count
+        nonlocal h, window
         h = detach_state(h) if h is not None else None  # detach: truncate BPTT
         h, loss, norm = TRAIN_STEP(model, x, y, h, opt, clip_theta)
         window.append(loss)
-        count += 1
-        if count % 25 == 0:
+        norms.append(norm)
+        if len(norms) % 25 == 0:
             if not torch.isfinite(torch.stack(window)).all():
                 raise RuntimeError("the benchmark's training diverged")
             window = []
