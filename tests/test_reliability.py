@@ -194,6 +194,7 @@ def test_scientific_notation_is_a_number(tmp_path):
     assert load_params(path).train.lr == 1e-5
 
 
+@pytest.mark.slow  # runs the stages as subprocesses
 def test_stage_with_bad_params_prints_one_line_and_writes_nothing(tmp_path, data):
     write_params(tmp_path, tiny_params(train={"clip_thta": 1.0}, tracking={"enabled": True}))
     env = {**ENV, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
@@ -202,6 +203,7 @@ def test_stage_with_bad_params_prints_one_line_and_writes_nothing(tmp_path, data
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
 
 
+@pytest.mark.slow  # runs the stages as subprocesses
 def test_batch_too_large_for_the_split_fails_before_any_run_or_file(tmp_path, data):
     write_params(tmp_path, tiny_params(train={"batch_size": 1000}, tracking={"enabled": True}))
     env = {**ENV, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
@@ -373,6 +375,7 @@ def mlflow_runs(db: Path) -> list:
      r"perplexity \S+); "
      r"lower train.lr or train.clip_theta and run again \(nothing of this epoch was saved\)"),
 ], ids=["nan-loss", "overflow"])
+@pytest.mark.slow  # runs the stages as subprocesses
 def test_divergence_stops_the_run_as_failed_and_saves_nothing(tmp_path, data, lr, tracked, message):
     write_params(tmp_path, tiny_params(train={"lr": lr, "optimizer": "sgd", "lr_schedule": "constant"},
                                        tracking={"enabled": tracked}))
@@ -443,6 +446,7 @@ def kill_after_epoch(cmd: list, cwd: Path, env: dict, epoch: int = 2) -> str:
     return "".join(out)
 
 
+@pytest.mark.slow  # runs the stages as subprocesses
 def test_killed_training_resumes_and_matches_an_uninterrupted_run(tmp_path, data):
     epochs = 8
     (tmp_path / "ref").mkdir()
@@ -471,6 +475,7 @@ def test_killed_training_resumes_and_matches_an_uninterrupted_run(tmp_path, data
     assert not (run / "checkpoints/rnn").exists()  # finished: nothing left to resume
 
 
+@pytest.mark.slow  # runs the stages as subprocesses
 def test_a_resume_file_from_other_settings_is_not_used(tmp_path, data):
     write_params(tmp_path, tiny_params(train={"epochs": 2}))
     work = tmp_path / "checkpoints" / "rnn"
@@ -479,6 +484,7 @@ def test_a_resume_file_from_other_settings_is_not_used(tmp_path, data):
     assert "resuming" not in out and "epoch   1/2" in out
 
 
+@pytest.mark.slow  # runs the stages as subprocesses
 @pytest.mark.parametrize("damage", [b"", b"garbage"])
 def test_a_damaged_resume_file_starts_over(tmp_path, data, damage):
     write_params(tmp_path, tiny_params(train={"epochs": 2}))
@@ -649,6 +655,7 @@ def make_read_only(monkeypatch, folder: Path, err: int) -> None:
     monkeypatch.setattr(os, "open", refuse)
 
 
+@pytest.mark.slow  # runs the stages as subprocesses
 @pytest.mark.parametrize("err", [errno.EACCES, errno.EROFS], ids=["EACCES", "EROFS"])
 def test_read_only_output_folder_is_one_clear_error(tmp_path, monkeypatch, capsys, trained, data, err):
     import stages.evaluate
@@ -668,6 +675,7 @@ def test_read_only_output_folder_is_one_clear_error(tmp_path, monkeypatch, capsy
     assert list(out.iterdir()) == []
 
 
+@pytest.mark.slow  # runs the stages as subprocesses
 def test_full_disk_while_saving_resume_state_keeps_the_last_one(tmp_path, monkeypatch, capsys, data):
     """Disk full at the end of epoch 2: a clear error; the run resumes later from epoch 1."""
     import stages.train
@@ -767,6 +775,7 @@ DAMAGE = {
 }
 
 
+@pytest.mark.slow  # runs the stages as subprocesses
 @pytest.mark.parametrize("kind", DAMAGE)
 def test_evaluate_rejects_a_damaged_or_foreign_checkpoint(tmp_path, trained, data, kind):
     model = tmp_path / "models" / "rnn"
@@ -804,6 +813,7 @@ def test_damaged_checkpoint_bytes_give_a_user_error(tmp_path, data):
         assert "\n" not in str(err)
 
 
+@pytest.mark.slow  # runs the stages as subprocesses
 def test_evaluate_without_train_json_or_tokens_is_one_line(tmp_path, trained, data):
     model = tmp_path / "models" / "rnn"
     model.mkdir(parents=True)
@@ -834,6 +844,7 @@ def test_text_unseen_in_training_is_counted_as_unk(tmp_path):
     assert int((tokens.splits["val"] == 0).sum()) == 3 and tokens.vocab.tokens[0] == "<unk>"
 
 
+@pytest.mark.slow  # runs the stages as subprocesses
 def test_long_and_unknown_prefixes_are_handled(tmp_path, trained, data):
     """A prefix longer than the training text warms the model up on all of it; characters the
     vocabulary lacks are read as <unk> with a warning."""
