@@ -10,7 +10,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: setup run test test-fast check-params preset ui clean
+.PHONY: setup run test test-fast check-params preset bench ui clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,9 @@ clean:                                ## remove pipeline outputs (not the venv, 
 
 preset: setup                         ## run presets/$(NAME).yaml as the DVC experiment $(NAME); extra: ARGS="-S key=value"
 	$(BIN)/python -m rnnlab.presets $(NAME) $(ARGS)
+
+bench: setup                          ## our training step against the book's, in one run (docs/benchmark.md)
+	$(BIN)/python -m bench.benchmark
 
 ui: setup                             ## the MLflow UI on the local store (http://127.0.0.1:5000)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000 --workers 1

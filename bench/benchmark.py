@@ -47,7 +47,6 @@ os.environ.setdefault("DO_NOT_TRACK", "true")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from bench.baselines import BookScratchRNN, book_model, book_step  # noqa: E402
@@ -67,22 +66,6 @@ StepFn = Callable[[torch.Tensor, torch.Tensor], object]
 # --- the training step of each side ---------------------------------------------------------------
 
 
-def _mirrored_train_step(model, x, y, h, opt, clip_theta, bf16=False):
-    """The loop body of rnnlab.training.run_epochs, until it offers it as `train_step`."""
-    on_cuda = x.device.type == "cuda"
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16 and on_cuda):
-        logits, h = model(x, h)  # (batch, num_steps, vocab)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    norm = nn.utils.clip_grad_norm_(model.parameters(), clip_theta)
-    opt.step()
-    return h, loss.detach(), norm
-
-
-TRAIN_STEP = getattr(training, "train_step", _mirrored_train_step)
-
-
 def ours_step(model: nn.Module, lr: float, clip_theta: float) -> StepFn:
     """Our training step with the state carried (sequential sampling), as run_epochs runs it:
     losses and gradient norms kept as tensors, the losses looked at every 25 steps (one host
@@ -93,7 +76,7 @@ def ours_step(model: nn.Module, lr: float, clip_theta: float) -> StepFn:
     def step(x, y):
         nonlocal h, window
         h = detach_state(h) if h is not None else None  # detach: truncate BPTT
-        h, loss, norm = TRAIN_STEP(model, x, y, h, opt, clip_theta)
+        h, loss, norm = training.train_step(model, x, y, h, opt, clip_theta)
         window.append(loss)
         norms.append(norm)
         if len(norms) % 25 == 0:

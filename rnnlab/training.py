@@ -122,6 +122,23 @@ def autocast(device: torch.device, cfg: Train):
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda")
 
 
+def train_step(model: RNNLM, x: torch.Tensor, y: torch.Tensor, h, opt: torch.optim.Optimizer,
+               clip_theta: float, bf16: bool = False):
+    """One minibatch from state h (detached, or None): forward, loss, backward, clip, step.
+
+    Returns (new state, loss, gradient norm before clipping), all tensors: no host sync.
+    The benchmark (bench/benchmark.py) times exactly this function.
+    """
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16 and x.device.type == "cuda"):
+        logits, h = model(x, h)  # (batch, num_steps, vocab)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    norm = nn.utils.clip_grad_norm_(model.parameters(), clip_theta)  # global L2 norm
+    opt.step()
+    return h, loss.detach(), norm
+
+
 def run_epochs(state: TrainState, train_ids: torch.Tensor, val_ids: torch.Tensor, cfg: Train,
                device: torch.device) -> Iterator[EpochResult]:
     """Train from `state.epoch + 1` to `cfg.epochs`, yielding each epoch's numbers."""
@@ -146,14 +163,9 @@ def run_epochs(state: TrainState, train_ids: torch.Tensor, val_ids: torch.Tensor
             # sequential: carry the state across minibatches, detached to truncate BPTT;
             # random: rows are unrelated to the previous minibatch's, so start from zeros.
             h = detach_state(h) if (cfg.sampling == "sequential" and h is not None) else None
-            with autocast(device, cfg):
-                logits, h = model(x, h)  # (batch, num_steps, vocab)
-                loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            norms.append(nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_theta))
-            opt.step()
-            window.append(loss.detach())
+            h, loss, norm = train_step(model, x, y, h, opt, cfg.clip_theta, cfg.bf16)
+            norms.append(norm)
+            window.append(loss)
             n_tokens += y.numel()
             if step % 25 == 0:
                 loss_sum += _checked_sum(window, epoch, step - len(window) + 1)
