@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from rnnlab import models
+from rnnlab import fused, models
 from rnnlab.config import Train, Variant
 from rnnlab.models import CELLS, IMPLS, ModelConfig, build_model, detach_state, model_config
 
@@ -305,7 +305,7 @@ def test_fused_path_equals_the_reference(cell, impl, num_layers, embed_size, ste
     """float64: the same function to rounding (its matmuls go through torch, not oneDNN) as
     nn.RNN / nn.GRU (torch impl) and as the loop over the book's cell (scratch impl); with the
     recurrent weight's gradient made in one product or step by step (large batches)."""
-    monkeypatch.setattr(models, "STEPWISE_GRAD_BATCH", 1 if stepwise else 10**9)
+    monkeypatch.setattr(fused, "STEPWISE_GRAD_BATCH", 1 if stepwise else 10**9)
     (out, last, grads), (ref_out, ref_last, ref_grads) = two_paths(
         cell, impl, num_layers, embed_size, torch.float64)
     tight = {"rtol": 0, "atol": 1e-10}
@@ -321,10 +321,10 @@ def test_fused_path_equals_the_reference(cell, impl, num_layers, embed_size, ste
 @pytest.mark.parametrize("cell", FUSED_CELLS)
 def test_fused_path_float32(cell, impl, onednn, stepwise, monkeypatch):
     """float32, as trained: through oneDNN's matmul where PyTorch has it, and without."""
-    if onednn and not models.ONEDNN:
+    if onednn and not fused.ONEDNN:
         pytest.skip("this PyTorch has no oneDNN linear")
-    monkeypatch.setattr(models, "ONEDNN", onednn)
-    monkeypatch.setattr(models, "STEPWISE_GRAD_BATCH", 1 if stepwise else 10**9)
+    monkeypatch.setattr(fused, "ONEDNN", onednn)
+    monkeypatch.setattr(fused, "STEPWISE_GRAD_BATCH", 1 if stepwise else 10**9)
     (out, last, grads), (ref_out, ref_last, ref_grads) = two_paths(
         cell, impl, 2, 0, torch.float32, hidden=32, batch=8, steps=12)
     loose = {"rtol": 1e-4, "atol": 1e-5}
@@ -366,8 +366,8 @@ def test_forward_takes_the_fused_path_on_the_cpu_only(cell, impl, monkeypatch):
     """rnn and gru on the CPU: fused; under autocast, on another device, and for lstm: nn.* or
     the loop over steps."""
     calls = []
-    for fused in (models._TanhRecurrence, models._GRURecurrence):
-        monkeypatch.setattr(fused, "apply", lambda *a, _f=fused.apply: calls.append(1) or _f(*a))
+    for recurrence in (fused.TanhRecurrence, fused.GRURecurrence):
+        monkeypatch.setattr(recurrence, "apply", lambda *a, _f=recurrence.apply: calls.append(1) or _f(*a))
     model = make(cell, impl)
     idx = torch.randint(0, 7, (2, 3))
     model(idx)
@@ -382,14 +382,14 @@ def test_forward_takes_the_fused_path_on_the_cpu_only(cell, impl, monkeypatch):
 def test_output_layer_through_onednn_equals_nn_linear(monkeypatch):
     """On the CPU in float32 the output layer runs as `_Head` (oneDNN's product): nn.Linear's
     function and gradients; float64 and other devices keep nn.Linear."""
-    if not models.ONEDNN:
+    if not fused.ONEDNN:
         pytest.skip("this PyTorch has no oneDNN linear")
     torch.manual_seed(0)
     head = nn.Linear(16, 7)
     x = torch.randn(40, 16, requires_grad=True)
     w_out = torch.randn(40, 7)
     results = []
-    for f in (lambda: models._Head.apply(x, head.weight, head.bias), lambda: head(x)):
+    for f in (lambda: fused.Head.apply(x, head.weight, head.bias), lambda: head(x)):
         out = f()
         results.append((out, torch.autograd.grad((w_out * out).sum(), [x, *head.parameters()])))
     (out, grads), (ref, ref_grads) = results
@@ -398,8 +398,8 @@ def test_output_layer_through_onednn_equals_nn_linear(monkeypatch):
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
 
     calls = []
-    original = models._Head.apply
-    monkeypatch.setattr(models._Head, "apply", lambda *a: calls.append(1) or original(*a))
+    original = fused.Head.apply
+    monkeypatch.setattr(fused.Head, "apply", lambda *a: calls.append(1) or original(*a))
     model = make("lstm", "torch")
     idx = torch.randint(0, 7, (2, 3))
     model(idx)
