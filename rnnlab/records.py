@@ -34,16 +34,26 @@ def mlflow_name(key: str) -> str:
     return SUMMARY_PREFIX + key if key in CURVE_FIELDS else key
 
 
-def record_curves(path: str | Path, history: list[dict], tracker: Tracker) -> None:
-    """Write every epoch so far to the DVC plots file; log the newest epoch to MLflow."""
+def record_curves(path: str | Path, history: list[dict], tracker: Tracker,
+                  resumed: bool = False) -> None:
+    """Write every epoch so far to the DVC plots file; log the newest epoch to MLflow.
+
+    resumed: log every epoch of `history` that the MLflow run lacks instead (a run killed between
+    saving its resumable state and logging an epoch gets that epoch once, not twice or never).
+    """
     rows = [{k: rounded(row[k]) for k in CURVE_FIELDS} for row in history]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=CURVE_FIELDS, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     write_text(path, buf.getvalue())
-    last = rows[-1]
-    tracker.log_metrics({k: v for k, v in last.items() if k != "epoch"}, step=last["epoch"])
+    if resumed:
+        logged = tracker.logged_steps("val_ppl")
+        to_log = [row for row in rows if row["epoch"] not in logged]
+    else:
+        to_log = rows[-1:]
+    for row in to_log:
+        tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
 
 
 def record_curves_png(path: str | Path, history: list[dict], tracker: Tracker,

@@ -77,6 +77,14 @@ class Tracker:
 
             mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
 
+    def logged_steps(self, key: str) -> set[int]:
+        """The steps at which metric `key` is already in the run (none when tracking is off)."""
+        if not self.run_id:
+            return set()
+        from mlflow import MlflowClient
+
+        return {m.step for m in MlflowClient().get_metric_history(self.run_id, key)}
+
     def set_tags(self, tags: dict[str, Any]) -> None:
         if self.run_id:
             import mlflow

@@ -78,12 +78,14 @@ def main() -> None:
         train_ids = torch.as_tensor(tokens.splits["train"])
         val_ids = torch.as_tensor(tokens.splits["val"])
         # run_epochs stops on divergence before yielding, so nothing of a bad epoch is saved
+        if resume and state.history:  # the curves file DVC removed; epochs MLflow may lack
+            record_curves(args.curves, state.history, tracker, resumed=True)
         for result in run_epochs(state, train_ids, val_ids, cfg, device):
             if result.is_best:
                 save_checkpoint(work / "best.pt", model, tokens.vocab, variant=name,
                                 epoch=result.epoch, val_ppl=result.val_ppl)
-            record_curves(args.curves, state.history, tracker)
             save_resume(work / "resume.pt", state.snapshot(), fingerprint, mlflow_run_id=tracker.run_id)
+            record_curves(args.curves, state.history, tracker)
             print(epoch_line(result, cfg.epochs), flush=True)
 
         out = Path(args.out)

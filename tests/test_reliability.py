@@ -472,6 +472,10 @@ def test_killed_training_resumes_and_matches_an_uninterrupted_run(tmp_path, data
     assert json.loads((run / "models/rnn/train.json").read_text())["mlflow_run_id"] == run_id
     (mlflow_run,) = mlflow_runs(run / "mlflow.db")
     assert (mlflow_run.info.run_id, mlflow_run.info.status) == (run_id, "FINISHED")
+    from mlflow.tracking import MlflowClient
+
+    history = MlflowClient(f"sqlite:///{run / 'mlflow.db'}").get_metric_history(run_id, "val_ppl")
+    assert sorted(m.step for m in history) == list(range(1, epochs + 1))  # each epoch once
     assert not (run / "checkpoints/rnn").exists()  # finished: nothing left to resume
 
 

@@ -25,7 +25,7 @@ import requests
 import yaml
 
 from rnnlab.config import Tracking
-from rnnlab.records import CURVE_FIELDS, mlflow_name, record_curves_png, record_summary
+from rnnlab.records import CURVE_FIELDS, mlflow_name, record_curves, record_curves_png, record_summary
 from rnnlab.tracking import Tracker, artifact_location, tracked_run, tracking_uri
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -226,6 +226,26 @@ def test_sigterm_ends_the_run_killed_with_status_143(repo, monkeypatch, capsys):
     assert "ended KILLED" in capsys.readouterr().err
     assert signal.getsignal(signal.SIGTERM) is before
     assert [r.info.status for r in only_experiment_runs(uri, experiment="sigterm")] == ["KILLED"]
+
+
+@pytest.mark.slow
+def test_a_resumed_run_logs_each_epoch_once(repo, monkeypatch, tmp_path):
+    """Killed after saving epoch 3's resumable state but before logging it: the resumed run logs
+    epoch 3 once, and epochs 1-2 are not logged again."""
+    uri = f"sqlite:///{repo}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    row = {"train_ppl": 9.0, "val_ppl": 10.0, "tokens_per_sec": 1.0, "grad_norm": 1.0,
+           "clipped_frac": 0.0, "lr": 0.1, "seconds": 1.0}
+    history = [{**row, "epoch": e} for e in (1, 2, 3)]
+    with tracked_run(Tracking(experiment="resumed"), EXPERIMENT, "rnn", {}) as tracker:
+        for e in (1, 2):  # the first process logged epochs 1 and 2, then died
+            record_curves(tmp_path / "c.csv", history[:e], tracker)
+        run_id = tracker.run_id
+    with tracked_run(Tracking(experiment="resumed"), EXPERIMENT, "rnn", {}, run_id=run_id) as tracker:
+        record_curves(tmp_path / "c.csv", history, tracker, resumed=True)
+    steps = [m.step for m in client(uri).get_metric_history(run_id, "val_ppl")]
+    assert sorted(steps) == [1, 2, 3]
+    assert (tmp_path / "c.csv").read_text().count("\n") == 4  # header + 3 epochs
 
 
 # ---------------------------------------------------------------------------------------------
