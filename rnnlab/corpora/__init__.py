@@ -19,7 +19,6 @@ class Corpus:
     member: str | None = None  # for a zip: the text file inside it
     normalize: str = "plain"   # what `tokenize.normalize: auto` means for this corpus
     bundled: str | None = None  # a copy shipped in this package (public-domain texts only)
-    encoding: str = "utf-8"
 
     def bundled_path(self) -> Path | None:
         return HERE / self.bundled if self.bundled else None
