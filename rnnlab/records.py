@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import csv
 import io
+from dataclasses import asdict
 from pathlib import Path
 
+from rnnlab.config import Params, flatten, resolve_train
 from rnnlab.fileio import atomic_path, write_json, write_text
+from rnnlab.models import ModelConfig
 from rnnlab.tracking import Tracker
 
 CURVE_FIELDS = ("epoch", "train_ppl", "val_ppl", "tokens_per_sec", "grad_norm", "clipped_frac",
@@ -32,6 +35,14 @@ def rounded(x: float | int) -> float | int:
 def mlflow_name(key: str) -> str:
     """The MLflow metric name of a summary (metrics JSON) key."""
     return SUMMARY_PREFIX + key if key in CURVE_FIELDS else key
+
+
+def run_params(params: Params, variant: str, model: ModelConfig, n_params: int) -> dict:
+    """The MLflow params of a variant's run: the data and tokenize sections, the variant's
+    resolved training settings (`train.*`, overrides applied) and its model (`model.*`)."""
+    return {**flatten({"data": params.data, "tokenize": params.tokenize,
+                       "train": resolve_train(params, variant), "model": asdict(model)}),
+            "variant": variant, "model.parameters": n_params}
 
 
 def record_curves(path: str | Path, history: list[dict], tracker: Tracker,

@@ -1,11 +1,19 @@
-"""MLflow: one run per trained variant, reopened by its evaluation.
+"""MLflow: each stage execution records its numbers in a run of the experiment that executed it.
+
+Which run (docs/tracking.md, "Runs and DVC experiments"): `train@<v>` starts a new run, or
+continues its own resumed one; `evaluate@<v>` adds to the training run when that run was made by
+the same DVC experiment and has no evaluation yet, and otherwise (a training restored from DVC's
+cache, or evaluated before) gets a run of its own, linked by the tag `rnnlab.train_run_id`. No
+stage ever writes into a run of another experiment (`rnnlab.dvc_exp`).
 
 Where runs go comes from the environment: MLFLOW_TRACKING_URI, else a SQLite store `mlflow.db`
 at the repository root: DVC_ROOT, which DVC sets for every stage and points at the parent
 repository under `dvc exp run --temp` and queued experiments, else the working directory. A SQLite
-store keeps its artifacts beside it, in `mlruns/`. A tracking server that does not answer is
-reported before any training starts. A run that raises is ended FAILED; one stopped by Ctrl-C or
-SIGTERM is ended KILLED; none is left RUNNING.
+store keeps its artifacts beside it, in `mlruns/`. Parallel stages (`dvc queue start -j N`) take
+turns at a SQLite store under a file lock beside it (`mlflow.db.lock`): its creation and every
+write, so there is no schema race and no "database is locked". A tracking server that does not
+answer is reported before any training starts. A run that raises is ended FAILED; one stopped by
+Ctrl-C or SIGTERM is ended KILLED; none is left RUNNING.
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ import signal
 import subprocess
 import sys
 import threading
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -28,23 +36,20 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # fail in seconds
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")     # a hung server, not 120 s a call
 
 import requests  # noqa: E402
+from filelock import FileLock, Timeout  # noqa: E402
 
 from rnnlab.config import Tracking  # noqa: E402
 from rnnlab.errors import UserError  # noqa: E402
+from rnnlab.fileio import repo_root  # noqa: E402
 
 STORE_FILE = "mlflow.db"   # the local default store, at the repository root
 ARTIFACTS_DIR = "mlruns"   # a SQLite store's artifacts, beside it
-
-
-def store_root() -> Path:
-    """The repository root: DVC_ROOT under DVC (the parent repository even in a temp copy),
-    else the working directory."""
-    return Path(os.environ.get("DVC_ROOT") or os.getcwd()).resolve()
+LOCK_SECONDS = 300         # wait this long for another stage's turn at a SQLite store
 
 
 def tracking_uri() -> str:
     """MLFLOW_TRACKING_URI if set, else `sqlite:///<repository root>/mlflow.db` (absolute)."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{store_root() / STORE_FILE}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root() / STORE_FILE}"
 
 
 def artifact_location(uri: str, experiment: str) -> str | None:
@@ -59,23 +64,32 @@ def artifact_location(uri: str, experiment: str) -> str | None:
 
 
 class Tracker:
-    """The active MLflow run, or nothing at all when tracking is off (every call a no-op)."""
+    """The active MLflow run, or nothing at all when tracking is off (every call a no-op).
 
-    def __init__(self, run_id: str | None = None):
+    `reopened`: the run existed before this stage (a resumed training, or the evaluation of this
+    experiment's own training), so it already holds the params. Every write to a SQLite store is
+    made under its lock (see `store_lock`)."""
+
+    def __init__(self, run_id: str | None = None, reopened: bool = False,
+                 lock: AbstractContextManager | None = None):
         self.run_id = run_id
+        self.reopened = reopened
+        self._lock = lock or nullcontext()
 
     def log_params(self, params: dict[str, Any]) -> None:
         if self.run_id:
             import mlflow
 
             # MLflow caps a param value at 6000 characters; ours are short settings.
-            mlflow.log_params({k: ("null" if v is None else v) for k, v in params.items()})
+            with self._lock:
+                mlflow.log_params({k: ("null" if v is None else v) for k, v in params.items()})
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         if self.run_id:
             import mlflow
 
-            mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+            with self._lock:
+                mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
 
     def logged_steps(self, key: str) -> set[int]:
         """The steps at which metric `key` is already in the run (none when tracking is off)."""
@@ -89,13 +103,14 @@ class Tracker:
         if self.run_id:
             import mlflow
 
-            mlflow.set_tags({k: str(v) for k, v in tags.items()})
+            with self._lock:
+                mlflow.set_tags({k: str(v) for k, v in tags.items()})
 
     def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
         if self.run_id:
             import mlflow
 
-            mlflow.log_artifact(str(path), artifact_path=folder)
+            mlflow.log_artifact(str(path), artifact_path=folder)  # files only, no store write
 
     def log_dataset(self, ids, source: str, name: str, digest: str, context: str) -> None:
         if self.run_id:
@@ -108,7 +123,36 @@ class Tracker:
             src = LocalArtifactDatasetSource(str(Path(source).resolve()))
             # MLflow caps a dataset digest at 36 characters.
             dataset = mlflow.data.from_numpy(ids, source=src, name=name, digest=digest[:36])
-            mlflow.log_input(dataset, context=context)
+            with self._lock:
+                mlflow.log_input(dataset, context=context)
+
+
+def store_lock(uri: str) -> AbstractContextManager:
+    """Turns at a SQLite store for parallel stages: a file lock beside it (`<store>.lock`),
+    held while the store is created and during each write. SQLite takes one writer at a time,
+    and MLflow creates the schema of a new store with no lock of its own, so two stages starting
+    together on a new store raced ("table ... already exists"). A server needs no lock."""
+    if not uri.startswith("sqlite:///"):
+        return nullcontext()
+    return _StoreLock(Path(uri.removeprefix("sqlite:///") + ".lock"))
+
+
+class _StoreLock:
+    """A reusable, reentrant file lock; waiting too long is a UserError naming the file."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._lock = FileLock(path, timeout=LOCK_SECONDS, thread_local=False)
+
+    def __enter__(self) -> None:
+        try:
+            self._lock.acquire()
+        except Timeout:
+            raise UserError(f"waited {LOCK_SECONDS} s for the MLflow store lock {self.path}, held "
+                            "by another stage; if no other stage runs, delete the file") from None
+
+    def __exit__(self, *exc) -> None:
+        self._lock.release()
 
 
 def check_reachable(uri: str) -> None:
@@ -140,8 +184,12 @@ class Terminated(BaseException):
 
 @contextmanager
 def tracked_run(cfg: Tracking, experiment: str, run_name: str, tags: dict[str, Any],
-                run_id: str | None = None) -> Iterator[Tracker]:
-    """An MLflow run for the block: a new one, or `run_id` reopened (evaluation, a resume).
+                continue_run: str | None = None, evaluation: bool = False) -> Iterator[Tracker]:
+    """The MLflow run of one stage execution, for the block.
+
+    continue_run: a run this stage may add to (a resumed training's own run; for an evaluation,
+    the training run of its checkpoint). It is reopened only if `may_continue` allows; otherwise
+    a new run is started. `tags` are set on the run either way.
 
     The run ends FINISHED when the block completes, FAILED when it raises, KILLED on Ctrl-C or
     SIGTERM (SIGTERM then exits with status 143). A tracking server lost during the block is
@@ -157,36 +205,59 @@ def tracked_run(cfg: Tracking, experiment: str, run_name: str, tags: dict[str, A
 
     mlflow.set_tracking_uri(uri)
     name = cfg.experiment or experiment
-    if run_id and not _run_exists(run_id):
-        run_id = None  # the store was reset or changed: start a new run
-    run = mlflow.start_run(run_id=run_id, experiment_id=None if run_id else _experiment_id(name, uri),
-                           run_name=None if run_id else run_name, tags=tags)
+    lock = store_lock(uri)
+    with lock:  # a new store is created here, by one stage at a time
+        run_id = continue_run if continue_run and may_continue(continue_run, evaluation) else None
+        run = mlflow.start_run(run_id=run_id,
+                               experiment_id=None if run_id else _experiment_id(name, uri),
+                               run_name=None if run_id else run_name, tags=tags)
     print(f"tracking: MLflow run {run.info.run_id} ({'reopened' if run_id else 'new'}) in "
           f"experiment '{name}' at {uri}", flush=True)
     on_main_thread = threading.current_thread() is threading.main_thread()  # signals: main only
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if on_main_thread else None
     previous = previous if previous is not None else signal.SIG_DFL  # None: not set from Python
+    end = lambda status: _end_run(status, on_main_thread, previous, lock)  # noqa: E731
     try:
-        yield Tracker(run.info.run_id)
+        yield Tracker(run.info.run_id, reopened=bool(run_id), lock=lock)
     except Terminated:
-        _end_run("KILLED", on_main_thread, previous)
+        end("KILLED")
         print(f"terminated (SIGTERM); MLflow run {run.info.run_id} ended KILLED", file=sys.stderr)
         raise SystemExit(128 + signal.SIGTERM) from None
     except KeyboardInterrupt:
-        _end_run("KILLED", on_main_thread, previous)
+        end("KILLED")
         raise
     except BaseException as err:
-        _end_run("FAILED", on_main_thread, previous)
+        end("FAILED")
         if _is_tracking_error(err) and uri.startswith(("http://", "https://")) \
                 and not _server_answers(uri):
             raise UserError(f"lost the MLflow tracking server at {uri} during run "
                             f"{run.info.run_id}: {str(err).splitlines()[0]}") from None
         raise
     else:
-        _end_run("FINISHED", on_main_thread, previous)
+        end("FINISHED")
 
 
-def _end_run(status: str, on_main_thread: bool, previous) -> None:
+def may_continue(run_id: str, evaluation: bool = False) -> bool:
+    """Whether this stage execution may add to the run `run_id`: it exists, it belongs to the
+    DVC experiment now running (tag `rnnlab.dvc_exp`; none = the workspace's `dvc repro`), and,
+    for an evaluation, it holds no evaluation yet. Anything else gets a run of its own, so no
+    stage ever rewrites another experiment's record."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = mlflow.get_run(run_id)
+    except MlflowException:
+        return False  # the store was reset or changed
+    if run.info.lifecycle_stage == "deleted":
+        return False
+    tags = run.data.tags
+    if tags.get("rnnlab.dvc_exp") != os.environ.get("DVC_EXP_NAME"):
+        return False
+    return not (evaluation and tags.get("rnnlab.evaluated") == "true")
+
+
+def _end_run(status: str, on_main_thread: bool, previous, lock: AbstractContextManager) -> None:
     """End the active run with `status`, deaf to a second SIGTERM meanwhile. Called while an
     exception is on its way up, a store that cannot be reached is reported, not raised, so the
     original error is the one shown."""
@@ -196,7 +267,8 @@ def _end_run(status: str, on_main_thread: bool, previous) -> None:
     if on_main_thread:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
-        mlflow.end_run(status)
+        with lock:
+            mlflow.end_run(status)
     except (MlflowException, requests.RequestException) as err:
         if status == "FINISHED":
             raise
@@ -236,17 +308,6 @@ def _experiment_id(name: str, uri: str) -> str:
                         f"(mlflow experiments restore --experiment-id {exp.experiment_id}) or "
                         "set tracking.experiment in params.yaml to another name")
     return exp.experiment_id
-
-
-def _run_exists(run_id: str) -> bool:
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    try:
-        mlflow.get_run(run_id)
-        return True
-    except MlflowException:
-        return False
 
 
 def git_tags() -> dict[str, str]:

@@ -5,20 +5,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
 import torch
 
 from rnnlab.checkpoint import load_checkpoint
-from rnnlab.config import load_params, variant_train
+from rnnlab.config import flatten, load_params, variant_train
 from rnnlab.corpus import SPLITS, load_tokens
 from rnnlab.errors import UserError, run_main
 from rnnlab.fileio import read_json, write_text
 from rnnlab.models import ModelConfig, model_config
-from rnnlab.records import record_summary
+from rnnlab.records import record_summary, run_params
 from rnnlab.sampling import continue_text
-from rnnlab.tracking import tracked_run
+from rnnlab.tracking import dvc_tags, folder_sha1, git_tags, tracked_run
 from rnnlab.training import perplexity, prepare_torch
 
 
@@ -60,6 +61,13 @@ def read_train_summary(path: Path, name: str) -> dict:
     if missing:
         raise UserError(f"{path}: no {', '.join(missing)}; run train@{name} again")
     return trained
+
+
+def restored_note(train_run: str | None) -> str:
+    """The description of an evaluation's own run (docs/tracking.md)."""
+    trained = f"MLflow run {train_run}" if train_run else "a run without tracking"
+    return (f"Evaluation of a checkpoint this experiment did not train itself (DVC restored the "
+            f"training from its cache, or it was evaluated before): trained in {trained}.")
 
 
 def main() -> None:
@@ -104,8 +112,16 @@ def main() -> None:
         "eval_seconds": time.perf_counter() - start,
     }
     corpus = f"{tokens.stats['corpus']}-{tokens.stats['token']}"
-    with tracked_run(params.tracking, corpus, name, {"rnnlab.evaluated": "true"},
-                     run_id=trained.get("mlflow_run_id")) as tracker:
+    exp, train_run = os.environ.get("DVC_EXP_NAME"), trained.get("mlflow_run_id")
+    link = {"rnnlab.evaluated": "true", **({"rnnlab.train_run_id": train_run} if train_run else {})}
+    with tracked_run(params.tracking, corpus, f"{name} [{exp}]" if exp else name, link,
+                     continue_run=train_run, evaluation=True) as tracker:
+        if not tracker.reopened:  # not this experiment's training (restored by DVC) or evaluated before
+            tracker.set_tags({**git_tags(), **dvc_tags(os.environ.get("DVC_STAGE", f"evaluate@{name}"), args.params),
+                              "rnnlab.variant": name, "rnnlab.data_sha1": folder_sha1(args.data),
+                              "mlflow.note.content": restored_note(train_run)})
+            tracker.log_params(run_params(params, name, model.config, trained["parameters"]))
+        tracker.log_params(flatten({"evaluate": ev}))
         metrics = record_summary(args.metrics, metrics, tracker)
         write_text(args.samples, samples_markdown(name, samples, ev.temperature, ev.seed))
         tracker.log_artifact(args.samples, "samples")
