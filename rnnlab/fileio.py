@@ -56,6 +56,13 @@ def _umask() -> int:
     return mask
 
 
+def repo_root() -> Path:
+    """The repository the stage works for: DVC_ROOT, which DVC sets for every stage (the parent
+    repository even under `dvc exp run --temp` and queued experiments, which run in a temporary
+    copy), else the working directory."""
+    return Path(os.environ.get("DVC_ROOT") or os.getcwd()).resolve()
+
+
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)

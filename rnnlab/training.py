@@ -20,7 +20,9 @@ from tqdm import tqdm
 from rnnlab.batches import SAMPLERS, min_tokens, num_batches
 from rnnlab.config import Train
 from rnnlab.errors import UserError
+from rnnlab.fileio import repo_root
 from rnnlab.models import RNNLM, detach_state
+from rnnlab.threads import auto_threads
 
 
 MAX_LOSS = 700.0  # exp(700) is near float64's limit: a mean loss beyond it means divergence
@@ -74,8 +76,13 @@ class TrainState:
 
 
 def prepare_torch(cfg: Train) -> torch.device:
-    """Apply the thread setting and pick the device."""
-    if cfg.threads:
+    """Apply the thread setting and pick the device. `auto` shares the cores among the trainings
+    that run at once (rnnlab/threads.py); it is chosen here, once, and kept for the whole run."""
+    if cfg.threads == "auto":
+        threads, why = auto_threads(repo_root())
+        torch.set_num_threads(threads)
+        print(f"threads: {threads} ({why})")
+    elif cfg.threads:
         torch.set_num_threads(cfg.threads)
     return resolve_device(cfg.device)
 

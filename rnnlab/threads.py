@@ -1,0 +1,71 @@
+"""CPU threads for a stage's PyTorch: `train.threads: auto` shares the cores among parallel work.
+
+On a 2-core machine two trainings at 2 threads each get 3-6x less done than at 1 thread each
+(they preempt each other inside every matmul), so `auto` gives each of the P trainings that run
+at once cpus // P threads (at least 1). P is the larger of
+- the DVC queue workers of this repository (`dvc queue start -j P` starts P of them, before any
+  stage runs, so every stage of the sweep sees the same P from its first step), and
+- the rnnlab stages running on this machine now (`python -m stages.train` / `stages.evaluate`),
+  this one included: two `dvc exp run --temp` or two clones side by side.
+
+The number is chosen once, when the stage starts, and kept for the whole run: the thread count
+changes the order of float additions and so the last digits of the results, and a run must be
+deterministic. Set `train.threads` to a number to make a run bit-identical to another.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import psutil
+
+STAGE_MODULES = ("stages.train", "stages.evaluate")
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, e.g. a container's cpuset)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def queue_workers(root: Path) -> int:
+    """`dvc exp queue-worker` processes of the repository at `root` (their working directory is
+    <root>/.dvc/tmp/exps/celery)."""
+    wdir = root.resolve() / ".dvc"
+    return sum(1 for p in _processes() if "queue-worker" in p["cmdline"]
+               and _is_relative_to(p["cwd"], wdir))
+
+
+def running_stages() -> int:
+    """Python processes running one of our stage modules (`-m stages.train`), this one included."""
+    return sum(1 for p in _processes()
+               if any(p["cmdline"][i:i + 2] == ["-m", m]
+                      for m in STAGE_MODULES for i in range(len(p["cmdline"]) - 1)))
+
+
+def auto_threads(root: Path) -> tuple[int, str]:
+    """Threads for one of the trainings that run at once, and why (for the log)."""
+    cpus, workers, stages = usable_cpus(), queue_workers(root), running_stages()
+    parallel = max(1, workers, stages)
+    threads = max(1, cpus // parallel)
+    why = (f"auto: {cpus} CPUs shared by {parallel} parallel "
+           f"{'DVC queue workers' if workers >= stages else 'stages'}" if parallel > 1
+           else f"auto: all {cpus} CPUs, nothing else running")
+    return threads, why
+
+
+def _processes() -> list[dict]:
+    """Command line and working directory of each process we may look at (others are skipped)."""
+    found = []
+    for proc in psutil.process_iter(["cmdline", "cwd"]):
+        info = proc.info
+        if info.get("cmdline"):
+            found.append({"cmdline": info["cmdline"], "cwd": info.get("cwd") or ""})
+    return found
+
+
+def _is_relative_to(path: str, folder: Path) -> bool:
+    return bool(path) and Path(path).is_relative_to(folder)
