@@ -2,8 +2,8 @@
 
 A model checkpoint (best.pt) is a plain dict of tensors, numbers and strings, read back with
 `torch.load(weights_only=True)`; `load_checkpoint` rebuilds the model from it alone. A resumable
-checkpoint (resume.pt) also holds the optimizer and RNG states and a fingerprint of the settings
-and data, so a run is only ever resumed with the settings that started it.
+checkpoint (resume.pt) also holds the optimizer and RNG states and a fingerprint of the settings,
+data and code, so a run is only ever resumed by what started it (rnnlab/resume.py).
 """
 
 from __future__ import annotations
@@ -66,20 +66,18 @@ def load_checkpoint(path: str | Path, vocab: Vocab | None = None,
     return model.to(device), saved_vocab, meta
 
 
-def save_resume(path: str | Path, snapshot: dict, fingerprint: str, **meta: Any) -> None:
+def save_resume(path: str | Path, snapshot: dict, fingerprint: Any, **meta: Any) -> None:
     _save(path, {"format": FORMAT + "+resume", "fingerprint": fingerprint, **meta, **snapshot})
 
 
-def load_resume(path: str | Path, fingerprint: str) -> dict | None:
-    """The resumable state at `path` if it was made with the same settings and data, else None."""
+def load_resume(path: str | Path) -> dict | None:
+    """The resumable state saved at `path`, None if there is none; a UserError if it is
+    unreadable. Whether it may be used is rnnlab/resume.py's decision (its fingerprint)."""
     if not Path(path).is_file():
         return None
-    try:
-        payload = _load(path)
-    except UserError:
-        return None  # unreadable: start over rather than fail (it is only a cache)
-    if not isinstance(payload, dict) or payload.get("fingerprint") != fingerprint:
-        return None
+    payload = _load(path)
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT + "+resume":
+        raise UserError(f"{path}: not a resumable training state")
     return payload
 
 

@@ -1,28 +1,25 @@
 """DVC stage `train@<variant>`: train one variant, keep the checkpoint with the best validation
 perplexity, record per-epoch curves (DVC plots + MLflow). Killed part-way, it resumes from the
-last completed epoch when run again with the same settings and data."""
+last completed epoch when run again with the same settings, data and code (rnnlab/resume.py)."""
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import os
 import shutil
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from rnnlab.checkpoint import load_resume, save_checkpoint, save_resume
-from rnnlab.config import flatten, load_params, variant_train
+from rnnlab.config import load_params, variant_train
 from rnnlab.corpus import load_tokens
 from rnnlab.errors import run_main
 from rnnlab.fileio import atomic_path
 from rnnlab.models import build_model, model_config
-from rnnlab.records import record_curves, record_curves_png, record_summary
+from rnnlab.records import record_curves, record_curves_png, record_summary, run_params
+from rnnlab.resume import checkpointed_epochs, fingerprint, finished, load_resumable
 from rnnlab.tracking import dvc_tags, folder_sha1, git_tags, tracked_run
-from rnnlab.training import EpochResult, check_fits, new_state, prepare_torch, run_epochs
+from rnnlab.training import EpochResult, check_fits, new_state, prepare_torch
 
 
 def epoch_line(r: EpochResult, epochs: int) -> str:
@@ -42,7 +39,7 @@ def main() -> None:
     args = parser.parse_args()
 
     params = load_params(args.params)
-    name = args.variant
+    name, work, out = args.variant, Path(args.work), Path(args.out)
     cfg = variant_train(params, name)
     tokens = load_tokens(args.data)
     check_fits(len(tokens.splits["train"]), cfg)  # before any MLflow run or file is made
@@ -52,13 +49,13 @@ def main() -> None:
     model = build_model(model_config(params.variants[name], cfg, len(tokens.vocab))).to(device)
     state = new_state(model, cfg)
     data_sha1 = folder_sha1(args.data)
-    fingerprint = hashlib.sha1(json.dumps(
-        [asdict(model.config), cfg.model_dump(), data_sha1], sort_keys=True).encode()).hexdigest()
-    work = Path(args.work)
-    resume = load_resume(work / "resume.pt", fingerprint)
-    if resume:
-        state.restore(resume)
+    fp = fingerprint(model.config, cfg, data_sha1)
+    resume = load_resumable(work, fp)
+    if resume.snapshot:
+        state.restore(resume.snapshot)
         print(f"{name}: resuming after epoch {state.epoch} of {cfg.epochs} from {work / 'resume.pt'}")
+    elif resume.why_not:
+        print(f"{name}: starting over, not resuming: {resume.why_not}")
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{name}: {model.config.cell} ({model.config.impl}), {model.config.num_layers} layer(s) x "
           f"{model.config.hidden_size}, {n_params:,} parameters, on {device}; "
@@ -67,47 +64,40 @@ def main() -> None:
     corpus = f"{tokens.stats['corpus']}-{tokens.stats['token']}"
     exp = os.environ.get("DVC_EXP_NAME")
     tags = {**git_tags(), **dvc_tags(os.environ.get("DVC_STAGE", f"train@{name}"), args.params),
-            "rnnlab.variant": name, "rnnlab.data_sha1": data_sha1}
+            "rnnlab.variant": name, "rnnlab.data_sha1": data_sha1,
+            "rnnlab.threads": torch.get_num_threads()}
     with tracked_run(params.tracking, corpus, f"{name} [{exp}]" if exp else name, tags,
-                     run_id=resume and resume.get("mlflow_run_id")) as tracker:
-        if not resume:
-            tracker.log_params({**flatten({"data": params.data, "tokenize": params.tokenize,
-                                           "train": cfg, "model": asdict(model.config)}),
-                                "variant": name, "model.parameters": n_params})
+                     continue_run=resume.run_id) as tracker:
+        if not tracker.reopened:
+            tracker.log_params(run_params(params, name, model.config, n_params))
             tracker.log_dataset(tokens.splits["train"], args.data, f"{corpus}-train", data_sha1, "training")
-        train_ids = torch.as_tensor(tokens.splits["train"])
-        val_ids = torch.as_tensor(tokens.splits["val"])
-        # run_epochs stops on divergence before yielding, so nothing of a bad epoch is saved
-        if resume and state.history:  # the curves file DVC removed; epochs MLflow may lack
+        if state.history:  # resumed: the curves file DVC removed; the epochs this run lacks
             record_curves(args.curves, state.history, tracker, resumed=True)
-        for result in run_epochs(state, train_ids, val_ids, cfg, device):
-            if result.is_best:
-                save_checkpoint(work / "best.pt", model, tokens.vocab, variant=name,
-                                epoch=result.epoch, val_ppl=result.val_ppl)
-            save_resume(work / "resume.pt", state.snapshot(), fingerprint, mlflow_run_id=tracker.run_id)
+        train_ids, val_ids = (torch.as_tensor(tokens.splits[s]) for s in ("train", "val"))
+        for result in checkpointed_epochs(state, train_ids, val_ids, cfg, device, work, fp,
+                                          tokens.vocab, name, tracker.run_id):
             record_curves(args.curves, state.history, tracker)
             print(epoch_line(result, cfg.epochs), flush=True)
 
-        out = Path(args.out)
         with atomic_path(out / "best.pt") as tmp:
             shutil.copyfile(work / "best.pt", tmp)
-        last = state.history[-1]
+        h = state.history
         summary = record_summary(out / "train.json", {
             "best_epoch": state.best_epoch,
             "best_val_ppl": state.best_val_ppl,
-            "final_train_ppl": last["train_ppl"],
+            "final_train_ppl": h[-1]["train_ppl"],
             "epochs": cfg.epochs,
-            "tokens_per_sec": sum(h["tokens_per_sec"] for h in state.history) / len(state.history),
-            "train_seconds": sum(h["seconds"] for h in state.history),
+            "tokens_per_sec": sum(e["tokens_per_sec"] for e in h) / len(h),
+            "train_seconds": sum(e["seconds"] for e in h),
             "parameters": n_params,
             "device": str(device),
             "mlflow_run_id": tracker.run_id,
         }, tracker)
-        record_curves_png(out / "curves.png", state.history, tracker, title=name)
+        record_curves_png(out / "curves.png", h, tracker, title=name)
         tracker.log_artifact(out / "best.pt", "checkpoint")
         tracker.log_artifact(Path(args.data) / "vocab.json", "checkpoint")
         tracker.log_artifact(args.curves, "curves")
-    shutil.rmtree(work)  # finished: nothing left to resume
+    finished(work)
     print(f"{name}: best val ppl {summary['best_val_ppl']} at epoch {summary['best_epoch']} -> {out / 'best.pt'}")
 
 

@@ -682,11 +682,12 @@ def test_read_only_output_folder_is_one_clear_error(tmp_path, monkeypatch, capsy
 @pytest.mark.slow  # runs the stages as subprocesses
 def test_full_disk_while_saving_resume_state_keeps_the_last_one(tmp_path, monkeypatch, capsys, data):
     """Disk full at the end of epoch 2: a clear error; the run resumes later from epoch 1."""
+    import rnnlab.resume
     import stages.train
 
     write_params(tmp_path, tiny_params(train={"epochs": 3}))
     work = tmp_path / "checkpoints" / "rnn"
-    real_save = stages.train.save_resume
+    real_save = rnnlab.resume.save_resume
     calls = []
 
     def save_then_fill(path, *args, **kwargs):
@@ -695,7 +696,7 @@ def test_full_disk_while_saving_resume_state_keeps_the_last_one(tmp_path, monkey
             fill_disk(monkeypatch, work)
         real_save(path, *args, **kwargs)
 
-    monkeypatch.setattr(stages.train, "save_resume", save_then_fill)
+    monkeypatch.setattr(rnnlab.resume, "save_resume", save_then_fill)
     monkeypatch.setattr(sys, "argv", ["train", *map(str, train_args(tmp_path, data))])
     with pytest.raises(SystemExit):
         run_main(stages.train.main)
