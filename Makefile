@@ -10,7 +10,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: setup run test test-fast check-params preset bench ui clean
+.PHONY: setup run test test-fast check-params preset sweep bench bench-sweep ui clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,8 +39,17 @@ clean:                                ## remove pipeline outputs (not the venv, 
 preset: setup                         ## run presets/$(NAME).yaml as the DVC experiment $(NAME); extra: ARGS="-S key=value"
 	$(BIN)/python -m rnnlab.presets $(NAME) $(ARGS)
 
+sweep: setup                          ## a parallel sweep: ARGS="-S train.lr=0.001,0.002" JOBS=2 (README: Sweeps)
+	$(BIN)/dvc repro tokenize
+	$(BIN)/dvc exp run --queue $(ARGS)
+	$(BIN)/dvc exp run --run-all -j $(or $(JOBS),2)
+	$(BIN)/dvc queue status
+
 bench: setup                          ## our training step against the book's, in one run (docs/benchmark.md)
 	$(BIN)/python -m bench.benchmark
+
+bench-sweep: setup                    ## 4 queued experiments with -j 1, then -j 2 (bench/sweep.py)
+	$(BIN)/python -m bench.sweep
 
 ui: setup                             ## the MLflow UI on the local store (http://127.0.0.1:5000)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000 --workers 1

@@ -26,7 +26,7 @@ import yaml
 
 from rnnlab.config import Tracking
 from rnnlab.records import CURVE_FIELDS, mlflow_name, record_curves, record_curves_png, record_summary
-from rnnlab.tracking import Tracker, artifact_location, tracked_run, tracking_uri
+from rnnlab.tracking import Tracker, artifact_location, tracked_run
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -119,18 +119,6 @@ def tokens(tmp_path_factory) -> Path:
 
 # ---------------------------------------------------------------------------------------------
 # in-process: rnnlab.tracking and rnnlab.records (fast without a store, slow with one)
-
-
-def test_default_store_is_the_dvc_root_else_the_working_directory(tmp_path, monkeypatch):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv("DVC_ROOT", raising=False)
-    monkeypatch.chdir(tmp_path)
-    assert tracking_uri() == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
-    # `dvc exp run --temp` / queued runs: the stage runs in a temp copy, DVC_ROOT is the parent repo
-    monkeypatch.setenv("DVC_ROOT", str(tmp_path / "repo"))
-    assert tracking_uri() == f"sqlite:///{(tmp_path / 'repo').resolve()}/mlflow.db"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
-    assert tracking_uri() == "http://127.0.0.1:5999"
 
 
 def test_artifacts_live_beside_a_sqlite_store_and_with_the_server():

@@ -1,0 +1,154 @@
+"""The sweep benchmark: the same queued experiments one after another and with parallel workers.
+
+    python -m bench.sweep                                   # 4 values of train.lr, rnn and lstm, -j 1 vs -j 2
+    python -m bench.sweep --jobs 2 4 --epochs 4 --variants rnn gru
+
+Each mode runs in its own fresh clone of the committed code (its own DVC cache, so nothing is
+restored from the other's run cache) with `train.threads: auto`, as a user would run a sweep
+(README, "Sweeps"): `dvc repro tokenize`, `dvc exp run --queue -S train.lr=a,b,c,d`, then the
+queue with -j N (`dvc exp run --run-all -j N`, which waits for it). Measured: the queue's wall
+time, and each training's tokens/s as its metrics file reports it. The aggregate rate is every
+training token of the sweep over the wall time. Writes metrics/bench/<date>-<host>-<commit>-sweep.md
+and .json. Not a test: nothing here asserts a speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+from rnnlab.threads import usable_cpus
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", "DVC_NO_ANALYTICS": "1"}
+for key in [k for k in ENV if k.startswith("DVC_") and k != "DVC_NO_ANALYTICS"] + ["MLFLOW_TRACKING_URI"]:
+    ENV.pop(key, None)
+
+
+def sh(*cmd: str, cwd: Path, log: Path | None = None) -> str:
+    proc = subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True)
+    if log:
+        log.write_text(proc.stdout + proc.stderr)
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed in {cwd} (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc.stdout
+
+
+def clone(dest: Path, variants: list[str], epochs: int | None) -> Path:
+    """A fresh clone of the committed code, the sweep's variants only, threads auto."""
+    sh("git", "clone", "-q", str(ROOT), str(dest), cwd=ROOT)
+    params = yaml.safe_load((dest / "params.yaml").read_text())
+    unknown = sorted(set(variants) - set(params["variants"]))
+    if unknown:
+        raise SystemExit(f"--variants: {', '.join(unknown)} not in params.yaml ({', '.join(params['variants'])})")
+    params["variants"] = {v: params["variants"][v] for v in variants}
+    params["train"]["threads"] = "auto"
+    if epochs:
+        params["train"]["epochs"] = epochs
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False, allow_unicode=True))
+    sh("git", "-c", "user.name=bench", "-c", "user.email=bench@localhost", "commit", "-qam", "sweep", cwd=dest)
+    return dest
+
+
+def run_sweep(repo: Path, jobs: int, values: list[str], dvc: str) -> dict:
+    sh(dvc, "repro", "tokenize", cwd=repo)
+    sh(dvc, "exp", "run", "--queue", "-S", f"train.lr={','.join(values)}", cwd=repo)
+    start = time.perf_counter()
+    sh(dvc, "exp", "run", "--run-all", "-j", str(jobs), cwd=repo, log=repo.parent / f"queue-j{jobs}.log")
+    seconds = time.perf_counter() - start
+    status = sh(dvc, "queue", "status", cwd=repo)
+    trainings = []
+    for baseline in json.loads(sh(dvc, "exp", "show", "--json", cwd=repo)):
+        for exp in baseline.get("experiments") or []:
+            data = exp["revs"][0]["data"]
+            for path, m in data["metrics"].items():
+                if path.startswith("metrics/variants/"):
+                    trainings.append({"experiment": exp["revs"][0]["name"], "variant": Path(path).stem,
+                                      "lr": data["params"]["params.yaml"]["data"]["train"]["lr"], **m["data"]})
+    tokens = sum(t["tokens_per_sec"] * t["train_seconds"] for t in trainings)  # every training token
+    return {"jobs": jobs, "seconds": seconds, "succeeded": status.count("Success"),
+            "aggregate_tokens_per_sec": tokens / seconds, "trainings": trainings}
+
+
+def mean_rate(result: dict, variant: str) -> float:
+    rates = [t["tokens_per_sec"] for t in result["trainings"] if t["variant"] == variant]
+    return sum(rates) / len(rates) if rates else float("nan")
+
+
+def markdown(report: dict) -> str:
+    m, runs = report["machine"], report["runs"]
+    base = runs[0]
+    lines = [f"# Sweep benchmark: {report['experiments']} experiments x {len(report['variants'])} variants",
+             "", f"{m['cpu']}, {m['cpus']} usable CPUs; commit {m['commit']}; {report['date']}; "
+             f"`train.lr` in {', '.join(report['values'])}; variants {', '.join(report['variants'])}; "
+             f"{report['epochs']} epochs; `train.threads: auto`.", "",
+             "| workers (-j) | succeeded | wall time | vs -j " + str(base["jobs"]) + " | aggregate training tok/s | "
+             + " | ".join(f"{v} tok/s per training" for v in report["variants"]) + " |",
+             "|---:|---:|---:|---:|---:|" + "---:|" * len(report["variants"])]
+    for r in runs:
+        lines.append(f"| {r['jobs']} | {r['succeeded']}/{report['experiments']} | {r['seconds']:.0f} s | "
+                     f"{r['seconds'] / base['seconds']:.2f}x | {r['aggregate_tokens_per_sec']:,.0f} | "
+                     + " | ".join(f"{mean_rate(r, v):,.0f}" for v in report["variants"]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip()
+    return {"cpu": cpu, "cpus": usable_cpus(), "host": socket.gethostname(), "commit": commit,
+            "load_before": os.getloadavg()[0]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--jobs", nargs="+", type=int, default=[1, 2],
+                        help="queue workers to compare; the first is the baseline (default: 1 2)")
+    parser.add_argument("--values", nargs="+", default=["0.001", "0.002", "0.005", "0.01"],
+                        help="the swept values of train.lr (one experiment each)")
+    parser.add_argument("--variants", nargs="+", default=["rnn", "lstm"])
+    parser.add_argument("--epochs", type=int, default=None, help="default: params.yaml's train.epochs")
+    parser.add_argument("--out", type=Path, default=ROOT / "metrics" / "bench")
+    args = parser.parse_args()
+
+    dvc = str(Path(sys.executable).parent / "dvc")
+    report = {"date": dt.datetime.now().strftime("%Y-%m-%d %H:%M"), "machine": machine(),
+              "values": args.values, "variants": args.variants, "experiments": len(args.values), "runs": []}
+    with tempfile.TemporaryDirectory(prefix="rnnlab-sweep-") as tmp:
+        for jobs in args.jobs:
+            repo = clone(Path(tmp) / f"j{jobs}" / "repo", args.variants, args.epochs)
+            report["epochs"] = yaml.safe_load((repo / "params.yaml").read_text())["train"]["epochs"]
+            print(f"-j {jobs}: {len(args.values)} experiments x {len(args.variants)} variants ...", flush=True)
+            result = run_sweep(repo, jobs, args.values, dvc)
+            print(f"-j {jobs}: {result['succeeded']}/{len(args.values)} succeeded in {result['seconds']:.0f} s, "
+                  f"{result['aggregate_tokens_per_sec']:,.0f} training tok/s in all", flush=True)
+            report["runs"].append(result)
+    table = markdown(report)
+    print("\n" + table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"{dt.date.today()}-{report['machine']['host']}-{report['machine']['commit']}-sweep"
+    (args.out / f"{stem}.md").write_text(table)
+    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(f"report: {args.out / (stem + '.md')}")
+
+
+if __name__ == "__main__":
+    main()
