@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, create_model,
-                      field_validator, model_validator)
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, WrapValidator,
+                      create_model, field_validator, model_validator)
 
 from rnnlab.corpora import BUILTIN
 from rnnlab.errors import UserError
@@ -87,6 +87,18 @@ class Tokenize(Section):
     split: Split
 
 
+def _threads_in_one_line(value: Any, handler: Any) -> Any:
+    """One error line for train.threads, instead of the union's one per member."""
+    try:
+        return handler(value)
+    except ValidationError:
+        raise ValueError("Input should be 'auto' or an integer >= 0 (0 = PyTorch's default)") from None
+
+
+# "auto": chosen at run time so that parallel workers share the cores | 0: PyTorch's default | N
+Threads = Annotated[Literal["auto"] | Annotated[int, Field(ge=0)], WrapValidator(_threads_in_one_line)]
+
+
 class Train(Section):
     lr: Annotated[float, Field(gt=0, le=1e6, allow_inf_nan=False)]
     clip_theta: Positive
@@ -102,7 +114,7 @@ class Train(Section):
     lr_schedule: Literal["constant", "cosine"]
     weight_decay: Annotated[float, Field(ge=0, allow_inf_nan=False)]
     bf16: bool
-    threads: Annotated[int, Field(ge=0)]
+    threads: Threads
 
 
 def _every_key_optional(model: type[BaseModel]) -> dict[str, Any]:

@@ -138,6 +138,30 @@ def test_cli_names_a_deleted_key_without_traceback(tmp_path):
     assert proc.stderr == f"error: {tmp_path / 'params.yaml'}: train.lr: missing (required)\n"
 
 
+@pytest.mark.parametrize("threads", ["auto", 0, 3])
+def test_threads_accepts_auto_or_a_count(threads):
+    raw = shipped_params({"train": {"threads": threads},
+                          "variants": {"rnn": {"cell": "rnn", "train": {"threads": threads}}}})
+    params = validate_params(raw)
+    assert params.train.threads == threads and resolve_train(params, "rnn").threads == threads
+
+
+@pytest.mark.parametrize("threads", [-1, "two", 1.5, True, None, "Auto"])
+@pytest.mark.parametrize("where", ["train", "variants.rnn.train"])
+def test_threads_rejects_anything_else_in_one_line(threads, where):
+    raw = shipped_params({"variants": {"rnn": {"cell": "rnn"}}})
+    section = raw["train"] if where == "train" else raw["variants"]["rnn"].setdefault("train", {})
+    section["threads"] = threads
+    with pytest.raises(UserError) as err:
+        validate_params(raw)
+    assert str(err.value) == (f"params.yaml: {where}.threads = {threads!r}: Input should be 'auto' "
+                              "or an integer >= 0 (0 = PyTorch's default)")
+
+
+def test_shipped_threads_is_auto():
+    assert load_params(ROOT / "params.yaml").train.threads == "auto"
+
+
 # --- a variant's train overrides: Train's keys, all optional ------------------------------------
 
 
