@@ -90,10 +90,12 @@ def ours_step(model: nn.Module, lr: float, clip_theta: float) -> StepFn:
 # --- the data -------------------------------------------------------------------------------------
 
 
-def time_machine() -> tuple[torch.Tensor, torch.Tensor, object]:
-    """The training and validation ids of The Time Machine (characters) and its vocabulary."""
+def time_machine(tok: Tokenize) -> tuple[torch.Tensor, torch.Tensor, object]:
+    """The training and validation ids of The Time Machine (the whole bundled text, tokenized as
+    params.yaml's `tokenize` says) and its vocabulary."""
     text = BUILTIN["timemachine"].bundled_path().read_text(encoding="utf-8")
-    tokens = tokenize_corpus(text, Data(), Tokenize())
+    book = Data(corpus="timemachine", source=None, sha1=None, max_tokens=None)
+    tokens = tokenize_corpus(text, book, tok)
     return (torch.as_tensor(tokens.splits["train"]), torch.as_tensor(tokens.splits["val"]),
             tokens.vocab)
 
@@ -486,7 +488,7 @@ def run(args: argparse.Namespace) -> dict:
     device = training.resolve_device(args.device)
     load_before = os.getloadavg()[0]
     params = load_params(ROOT / "params.yaml")
-    train_ids, val_ids, vocab = time_machine()
+    train_ids, val_ids, vocab = time_machine(params.tokenize)
     names = args.variants or list(params.variants)
     unknown = [n for n in names if n not in params.variants]
     if unknown:

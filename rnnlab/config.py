@@ -1,8 +1,14 @@
 """The schema of params.yaml: every setting, its type and its allowed range, in one place.
 
-`load_params` validates the whole file before any stage does work. A mistake (an unknown key, a
-wrong type, a value out of range) becomes a UserError with one line per problem, naming the key
-path, the value and what is allowed.
+params.yaml is the one place a setting's default is written: the schema gives its keys types and
+ranges but no defaults, so a key or section missing from the file is an error naming it, never a
+silent fallback to another value. The only defaults here are those of the keys params.yaml leaves
+out on purpose: a variant's optional keys (`impl`, `num_layers`, `hidden_size`, `embed_size`,
+`bidirectional`, `train` overrides).
+
+`load_params` validates the whole file before any stage does work. A mistake (a missing or unknown
+key, a wrong type, a value out of range) becomes a UserError with one line per problem, naming the
+key path, the value and what is allowed.
 """
 
 from __future__ import annotations
@@ -13,8 +19,8 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator,
-                      model_validator)
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, WrapValidator,
+                      create_model, field_validator, model_validator)
 
 from rnnlab.corpora import BUILTIN
 from rnnlab.errors import UserError
@@ -31,10 +37,10 @@ class Section(BaseModel):
 
 
 class Data(Section):
-    corpus: str = "timemachine"
-    source: str | None = None
-    sha1: str | None = None
-    max_tokens: Count | None = None
+    corpus: str
+    source: str | None
+    sha1: str | None
+    max_tokens: Count | None
 
     @field_validator("corpus")
     @classmethod
@@ -61,9 +67,9 @@ class Data(Section):
 
 
 class Split(Section):
-    train: Fraction = 0.9
-    val: Fraction = 0.05
-    test: Fraction = 0.05
+    train: Fraction
+    val: Fraction
+    test: Fraction
 
     @model_validator(mode="after")
     def _sums_to_one(self) -> Split:
@@ -74,34 +80,53 @@ class Split(Section):
 
 
 class Tokenize(Section):
-    token: Literal["char", "word"] = "char"
-    normalize: Literal["auto", "book", "lower", "plain"] = "auto"
-    join_lines: Literal["space", "none", "newline"] = "space"
-    min_freq: Count = 1
-    split: Split = Split()
+    token: Literal["char", "word"]
+    normalize: Literal["auto", "book", "lower", "plain"]
+    join_lines: Literal["space", "none", "newline"]
+    min_freq: Count
+    split: Split
+
+
+def _threads_in_one_line(value: Any, handler: Any) -> Any:
+    """One error line for train.threads, instead of the union's one per member."""
+    try:
+        return handler(value)
+    except ValidationError:
+        raise ValueError("Input should be 'auto' or an integer >= 0 (0 = PyTorch's default)") from None
+
+
+# "auto": chosen at run time so that parallel workers share the cores | 0: PyTorch's default | N
+Threads = Annotated[Literal["auto"] | Annotated[int, Field(ge=0)], WrapValidator(_threads_in_one_line)]
 
 
 class Train(Section):
-    lr: Annotated[float, Field(gt=0, le=1e6, allow_inf_nan=False)] = 1.0
-    clip_theta: Positive = 1.0
-    num_steps: Count = 35
-    hidden_size: Count = 256
-    batch_size: Count = 32
-    epochs: Count = 10
-    optimizer: Literal["sgd", "adam"] = "sgd"
-    sampling: Literal["sequential", "random"] = "sequential"
-    seed: Annotated[int, Field(ge=0)] = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
-    lr_schedule: Literal["constant", "cosine"] = "constant"
-    weight_decay: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
-    bf16: bool = False
-    threads: Annotated[int, Field(ge=0)] = 2
+    lr: Annotated[float, Field(gt=0, le=1e6, allow_inf_nan=False)]
+    clip_theta: Positive
+    num_steps: Count
+    hidden_size: Count
+    batch_size: Count
+    epochs: Count
+    optimizer: Literal["sgd", "adam"]
+    sampling: Literal["sequential", "random"]
+    seed: Annotated[int, Field(ge=0)]
+    device: Literal["auto", "cpu", "cuda"]
+    dropout: Annotated[float, Field(ge=0, lt=1)]
+    lr_schedule: Literal["constant", "cosine"]
+    weight_decay: Annotated[float, Field(ge=0, allow_inf_nan=False)]
+    bf16: bool
+    threads: Threads
 
 
-class TrainOverrides(Train):
-    """A variant's `train`: any train key but hidden_size, with the same types and ranges. Only the
-    keys given are validated and applied (`model_fields_set`); the rest come from `train`."""
+def _every_key_optional(model: type[BaseModel]) -> dict[str, Any]:
+    """`model`'s fields with the same types and ranges, each with default None (= not given)."""
+    return {name: (Annotated[(f.annotation, *f.metadata)] if f.metadata else f.annotation, None)
+            for name, f in model.model_fields.items()}
+
+
+class TrainOverrides(create_model("TrainKeys", __base__=Section, **_every_key_optional(Train))):
+    """A variant's `train`: any train key but hidden_size, with Train's types and ranges (derived
+    from Train, so they cannot drift apart). Every key is optional; only the keys given are
+    validated and applied (`model_fields_set`); the rest come from `train`."""
 
     NOT_ALLOWED: ClassVar[tuple[str, ...]] = ("hidden_size",)
 
@@ -146,16 +171,16 @@ def _has_text(prefix: str) -> str:
 
 
 class Evaluate(Section):
-    prefixes: list[Annotated[str, AfterValidator(_has_text)]] = ["time traveller", "the time machine"]
-    num_tokens: Count = 50
-    temperature: Positive = 0.8
-    num_samples: Annotated[int, Field(ge=0)] = 2
-    seed: Annotated[int, Field(ge=0)] = 0
+    prefixes: list[Annotated[str, AfterValidator(_has_text)]]
+    num_tokens: Count
+    temperature: Positive
+    num_samples: Annotated[int, Field(ge=0)]
+    seed: Annotated[int, Field(ge=0)]
 
 
 class Tracking(Section):
-    enabled: bool = True
-    experiment: str | None = None
+    enabled: bool
+    experiment: str | None
 
 
 def _stage_name(name: str) -> str:
@@ -169,12 +194,12 @@ VariantName = Annotated[str, AfterValidator(_stage_name)]
 
 
 class Params(Section):
-    data: Data = Data()
-    tokenize: Tokenize = Tokenize()
-    train: Train = Train()
+    data: Data
+    tokenize: Tokenize
+    train: Train
     variants: Annotated[dict[VariantName, Variant], Field(min_length=1)]
-    evaluate: Evaluate = Evaluate()
-    tracking: Tracking = Tracking()
+    evaluate: Evaluate
+    tracking: Tracking
 
     @model_validator(mode="after")
     def _overrides_valid(self) -> Params:

@@ -1,17 +1,40 @@
+"""Shared test setup. Tests take every default from the repository's params.yaml, the one place
+a default is written (the schema in rnnlab/config.py has none): a test states only the settings
+it is about, and `shipped_params` / `shipped` fill in the rest."""
+
+import copy
 import os
+from pathlib import Path
 
 import pytest
+
+from rnnlab.config import Params, read_yaml
+from rnnlab.presets import merged
 
 # Both tools phone home unless told not to.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
+SHIPPED = read_yaml(Path(__file__).resolve().parents[1] / "params.yaml")
+
+
+def shipped_params(overlay: dict | None = None) -> dict:
+    """params.yaml as a fresh mapping, with `overlay` on top as a preset is: nested keys merged,
+    `variants` replaced."""
+    return merged(copy.deepcopy(SHIPPED), copy.deepcopy(overlay or {}))
+
+
+def shipped(section: type, **values):
+    """A section of params.yaml as its schema object, e.g. shipped(Train, lr=0.01)."""
+    name = next(n for n, f in Params.model_fields.items() if f.annotation is section)
+    return section(**{**copy.deepcopy(SHIPPED[name]), **values})
+
 
 @pytest.fixture
 def params_dict():
     """A small valid params mapping (a fresh copy per test)."""
-    return {
+    return shipped_params({
         "data": {"corpus": "timemachine"},
         "tokenize": {"token": "char"},
         "train": {"lr": 0.01, "clip_theta": 1.0, "num_steps": 8, "hidden_size": 16, "batch_size": 4,
@@ -19,4 +42,4 @@ def params_dict():
         "variants": {"rnn": {"cell": "rnn"}, "lstm_scratch": {"cell": "lstm", "impl": "scratch"}},
         "evaluate": {"prefixes": ["time"], "num_tokens": 5},
         "tracking": {"enabled": False},
-    }
+    })

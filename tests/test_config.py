@@ -7,9 +7,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
-from rnnlab.config import Params, deep_merge, flatten, load_params, resolve_train, validate_params
+from rnnlab.config import (Data, Evaluate, Params, Split, Tokenize, Tracking, Train, TrainOverrides,
+                           Variant, deep_merge, flatten, load_params, resolve_train, validate_params)
 from rnnlab.errors import UserError
+from tests.conftest import shipped_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -90,3 +93,112 @@ def test_absurd_learning_rate_is_rejected(params_dict):
     params_dict["train"]["lr"] = 1e38
     with pytest.raises(UserError, match=r"train.lr = 1e\+38: Input should be less than or equal to 1000000"):
         validate_params(params_dict)
+
+
+# --- params.yaml is the one source of defaults ---------------------------------------------------
+
+SECTIONS = [Data, Split, Tokenize, Train, Evaluate, Tracking, Params]
+
+
+@pytest.mark.parametrize("model", SECTIONS, ids=lambda m: m.__name__)
+def test_the_schema_has_no_defaults_for_what_params_yaml_holds(model):
+    """Defaults are written once, in params.yaml; only a variant's optional keys have them here."""
+    assert [name for name, f in model.model_fields.items() if not f.is_required()] == []
+
+
+@pytest.mark.parametrize("key", [k for k in flatten(shipped_params()) if not k.startswith("variants.")])
+def test_a_deleted_key_is_one_line_naming_it(key):
+    raw = shipped_params()
+    *parents, last = key.split(".")
+    node = raw
+    for part in parents:
+        node = node[part]
+    del node[last]
+    with pytest.raises(UserError) as err:
+        validate_params(raw)
+    assert str(err.value) == f"params.yaml: {key}: missing (required)"
+
+
+@pytest.mark.parametrize("section", ["data", "tokenize", "train", "variants", "evaluate", "tracking"])
+def test_a_deleted_section_is_one_line_naming_it(section):
+    raw = shipped_params()
+    del raw[section]
+    with pytest.raises(UserError) as err:
+        validate_params(raw)
+    assert str(err.value) == f"params.yaml: {section}: missing (required)"
+
+
+def test_cli_names_a_deleted_key_without_traceback(tmp_path):
+    raw = shipped_params()
+    del raw["train"]["lr"]  # no silent fallback to another learning rate
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    proc = subprocess.run([sys.executable, "-m", "rnnlab.config", str(tmp_path / "params.yaml")],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2
+    assert proc.stderr == f"error: {tmp_path / 'params.yaml'}: train.lr: missing (required)\n"
+
+
+@pytest.mark.parametrize("threads", ["auto", 0, 3])
+def test_threads_accepts_auto_or_a_count(threads):
+    raw = shipped_params({"train": {"threads": threads},
+                          "variants": {"rnn": {"cell": "rnn", "train": {"threads": threads}}}})
+    params = validate_params(raw)
+    assert params.train.threads == threads and resolve_train(params, "rnn").threads == threads
+
+
+@pytest.mark.parametrize("threads", [-1, "two", 1.5, True, None, "Auto"])
+@pytest.mark.parametrize("where", ["train", "variants.rnn.train"])
+def test_threads_rejects_anything_else_in_one_line(threads, where):
+    raw = shipped_params({"variants": {"rnn": {"cell": "rnn"}}})
+    section = raw["train"] if where == "train" else raw["variants"]["rnn"].setdefault("train", {})
+    section["threads"] = threads
+    with pytest.raises(UserError) as err:
+        validate_params(raw)
+    assert str(err.value) == (f"params.yaml: {where}.threads = {threads!r}: Input should be 'auto' "
+                              "or an integer >= 0 (0 = PyTorch's default)")
+
+
+def test_shipped_threads_is_auto():
+    assert load_params(ROOT / "params.yaml").train.threads == "auto"
+
+
+# --- a variant's train overrides: Train's keys, all optional ------------------------------------
+
+
+@pytest.mark.parametrize("key", list(Train.model_fields))
+def test_overrides_have_trains_types_and_ranges(key):
+    train, over = Train.model_fields[key], TrainOverrides.model_fields[key]
+    assert (over.annotation, over.metadata) == (train.annotation, train.metadata)
+    assert not over.is_required() and over.default is None
+
+
+def test_overrides_accept_a_subset_and_apply_only_it():
+    over = TrainOverrides(lr=0.5, epochs=3)
+    assert over.model_fields_set == {"lr", "epochs"}
+    assert Variant(cell="rnn", train=over).overrides() == {"lr": 0.5, "epochs": 3}
+    assert Variant(cell="rnn").overrides() == {}
+
+
+def test_overrides_reject_unknown_keys_and_hidden_size():
+    with pytest.raises(ValidationError, match="lrr"):
+        TrainOverrides(lrr=1)
+    with pytest.raises(ValidationError, match="set the variant's own hidden_size"):
+        TrainOverrides(hidden_size=8)
+
+
+@pytest.mark.parametrize("key, value", [
+    ("lr", 0), ("lr", 1e7), ("clip_theta", 0), ("num_steps", 0), ("batch_size", 0), ("epochs", 0),
+    ("optimizer", "rmsprop"), ("sampling", "shuffled"), ("seed", -1), ("device", "tpu"),
+    ("dropout", 1.0), ("lr_schedule", "step"), ("weight_decay", -0.1), ("bf16", "yes"),
+    ("threads", -1), ("epochs", 2.0),
+])
+def test_a_bad_value_is_refused_alike_in_train_and_in_an_override(key, value):
+    def error(overlay: dict, where: str) -> str:
+        with pytest.raises(UserError) as err:
+            validate_params(shipped_params(overlay))
+        return str(err.value).removeprefix(f"params.yaml: {where}.")
+
+    in_train = error({"train": {key: value}}, "train")
+    in_variant = error({"variants": {"rnn": {"cell": "rnn", "train": {key: value}}}},
+                       "variants.rnn.train")
+    assert in_train == in_variant and in_train.startswith(f"{key} = {value!r}: ")

@@ -19,12 +19,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+import yaml
 
 from rnnlab import download
 from rnnlab.config import Data
 from rnnlab.corpora import BUILTIN
 from rnnlab.download import fetch, prepare_raw
 from rnnlab.errors import UserError
+from tests.conftest import shipped, shipped_params
 
 REPO = Path(__file__).resolve().parents[1]
 BODY = b"The Time Traveller (for so it will be convenient to speak of him)\n" * 40
@@ -228,7 +230,7 @@ def _source_json(out: Path) -> dict:
 
 def test_bundled_timemachine(tmp_path):
     out = tmp_path / "raw"
-    info = prepare_raw(Data(), out)
+    info = prepare_raw(shipped(Data), out)
     bundled = BUILTIN["timemachine"].bundled_path()
     assert (out / "corpus.txt").read_bytes() == bundled.read_bytes()
     assert sorted(os.listdir(out)) == ["corpus.txt", "source.json"]
@@ -242,7 +244,7 @@ def test_bundled_timemachine(tmp_path):
 def test_bundled_copy_is_checked(tmp_path, monkeypatch):
     _replace_builtin(monkeypatch, "timemachine", sha1="0" * 40)
     with pytest.raises(UserError, match="sha1 mismatch: expected 0{40}, got 090b5e7e"):
-        prepare_raw(Data(), tmp_path / "raw")
+        prepare_raw(shipped(Data), tmp_path / "raw")
     assert os.listdir(tmp_path) == []
 
 
@@ -251,7 +253,7 @@ def test_builtin_with_local_source(tmp_path, as_uri):
     copy = tmp_path / "tm.txt"
     copy.write_bytes(BUILTIN["timemachine"].bundled_path().read_bytes())
     source = copy.as_uri() if as_uri else str(copy)
-    info = prepare_raw(Data(source=source), tmp_path / "raw")
+    info = prepare_raw(shipped(Data, source=source), tmp_path / "raw")
     assert info["source"] == source and info["sha1"] == BUILTIN["timemachine"].sha1
     assert (tmp_path / "raw" / "corpus.txt").read_bytes() == copy.read_bytes()
 
@@ -260,19 +262,19 @@ def test_builtin_with_wrong_local_source(tmp_path):
     other = tmp_path / "other.txt"
     other.write_text("not the time machine\n")
     with pytest.raises(UserError, match="other.txt: sha1 mismatch.*data.source"):
-        prepare_raw(Data(source=str(other)), tmp_path / "raw")
+        prepare_raw(shipped(Data, source=str(other)), tmp_path / "raw")
 
 
 def test_builtin_rejects_a_different_data_sha1(tmp_path):
     with pytest.raises(UserError, match="data.sha1 = '1{40}'.*corpus: custom"):
-        prepare_raw(Data(sha1="1" * 40), tmp_path / "raw")
+        prepare_raw(shipped(Data, sha1="1" * 40), tmp_path / "raw")
 
 
 def test_builtin_zip_member(tmp_path, monkeypatch):
     zpath = tmp_path / "lyrics.zip"
     _replace_builtin(monkeypatch, "jaychou_lyrics", sha1=_lyrics_zip(zpath))
     out = tmp_path / "raw"
-    info = prepare_raw(Data(corpus="jaychou_lyrics", source=str(zpath)), out)
+    info = prepare_raw(shipped(Data, corpus="jaychou_lyrics", source=str(zpath)), out)
     assert (out / "corpus.txt").read_text(encoding="utf-8") == LYRICS
     assert info["member"] == "jaychou_lyrics.txt" and info["chars"] == len(LYRICS)
 
@@ -281,7 +283,7 @@ def test_builtin_zip_over_http(server, tmp_path, monkeypatch):
     zpath = tmp_path / "lyrics.zip"
     _replace_builtin(monkeypatch, "jaychou_lyrics", sha1=_lyrics_zip(zpath))
     server.files["/lyrics.zip"] = zpath.read_bytes()
-    info = prepare_raw(Data(corpus="jaychou_lyrics", source=f"{server.url}/lyrics.zip"),
+    info = prepare_raw(shipped(Data, corpus="jaychou_lyrics", source=f"{server.url}/lyrics.zip"),
                        tmp_path / "raw")
     assert info["source"] == f"{server.url}/lyrics.zip"
     assert (tmp_path / "raw" / "corpus.txt").read_text(encoding="utf-8") == LYRICS
@@ -291,7 +293,7 @@ def test_builtin_zip_unknown_member(tmp_path, monkeypatch):
     zpath = tmp_path / "lyrics.zip"
     _replace_builtin(monkeypatch, "jaychou_lyrics", sha1=_lyrics_zip(zpath, member="other.txt"))
     with pytest.raises(UserError, match="no member 'jaychou_lyrics.txt'.*other.txt"):
-        prepare_raw(Data(corpus="jaychou_lyrics", source=str(zpath)), tmp_path / "raw")
+        prepare_raw(shipped(Data, corpus="jaychou_lyrics", source=str(zpath)), tmp_path / "raw")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,7 +301,7 @@ def test_builtin_zip_unknown_member(tmp_path, monkeypatch):
 
 
 def _custom(source: Path | str, sha1: str | None = None) -> Data:
-    return Data(corpus="custom", source=str(source), sha1=sha1)
+    return shipped(Data, corpus="custom", source=str(source), sha1=sha1)
 
 
 SPLITS = {"train.txt": "one two three\n", "valid.txt": "four five\n", "test.txt": "six seven\n"}
@@ -424,7 +426,7 @@ def test_failure_while_writing_keeps_old_out_dir(tmp_path, monkeypatch):
 
     monkeypatch.setattr(download, "write_json", disk_full)
     with pytest.raises(UserError, match="No space left"):
-        prepare_raw(Data(), out)
+        prepare_raw(shipped(Data), out)
     assert sorted(os.listdir(out)) == ["corpus.txt", "source.json"]
     assert (out / "corpus.txt").read_text() == "old corpus"
     assert os.listdir(tmp_path) == ["raw"]
@@ -434,21 +436,21 @@ def test_refuses_to_replace_a_folder_with_other_files(tmp_path):
     (tmp_path / "raw").mkdir()
     (tmp_path / "notes.md").write_text("mine")
     with pytest.raises(UserError, match=r"did not write \(notes\.md, raw\); refusing"):
-        prepare_raw(Data(), tmp_path)  # `--out data` instead of `--out data/raw`
+        prepare_raw(shipped(Data), tmp_path)  # `--out data` instead of `--out data/raw`
     assert sorted(os.listdir(tmp_path)) == ["notes.md", "raw"]
 
 
 def test_refuses_to_replace_a_file(tmp_path):
     (tmp_path / "raw").write_text("a file")
     with pytest.raises(UserError, match="exists and is not a folder"):
-        prepare_raw(Data(), tmp_path / "raw")
+        prepare_raw(shipped(Data), tmp_path / "raw")
     assert (tmp_path / "raw").read_text() == "a file"
 
 
 def test_success_replaces_old_out_dir(tmp_path):
     out = _old_output(tmp_path)
     (out / "train.txt").write_text("stale split")
-    prepare_raw(Data(), out)
+    prepare_raw(shipped(Data), out)
     assert sorted(os.listdir(out)) == ["corpus.txt", "source.json"]
     assert _source_json(out)["corpus"] == "timemachine"
     assert os.listdir(tmp_path) == ["raw"]
@@ -458,9 +460,10 @@ def test_success_replaces_old_out_dir(tmp_path):
 # the stage script
 
 
-def _stage(tmp_path: Path, params: str, out: Path) -> subprocess.CompletedProcess:
+def _stage(tmp_path: Path, data: dict, out: Path) -> subprocess.CompletedProcess:
+    """stages.download on params.yaml with `data` changed."""
     path = tmp_path / "params.yaml"
-    path.write_text(params)
+    path.write_text(yaml.safe_dump(shipped_params({"data": data})))
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true",
            "DVC_NO_ANALYTICS": "1"}
     return subprocess.run(
@@ -469,11 +472,8 @@ def _stage(tmp_path: Path, params: str, out: Path) -> subprocess.CompletedProces
     )
 
 
-VARIANTS = "variants:\n  rnn: {cell: rnn}\n"
-
-
 def test_stage_bad_params(tmp_path):
-    run = _stage(tmp_path, "data:\n  corpus: nope\n" + VARIANTS, tmp_path / "raw")
+    run = _stage(tmp_path, {"corpus": "nope"}, tmp_path / "raw")
     assert run.returncode == 2
     assert run.stderr.startswith("error: ")
     assert "data.corpus = 'nope'" in run.stderr and "timemachine" in run.stderr
@@ -483,14 +483,13 @@ def test_stage_bad_params(tmp_path):
 
 def test_stage_missing_source_is_one_line(tmp_path):
     missing = tmp_path / "missing.txt"
-    run = _stage(tmp_path, f"data:\n  corpus: custom\n  source: {missing}\n" + VARIANTS,
-                 tmp_path / "raw")
+    run = _stage(tmp_path, {"corpus": "custom", "source": str(missing)}, tmp_path / "raw")
     assert run.returncode == 2
     assert run.stderr == f"error: {missing}: file not found (check data.source)\n"
 
 
 def test_stage_prints_one_line(tmp_path):
-    run = _stage(tmp_path, VARIANTS, tmp_path / "raw")
+    run = _stage(tmp_path, {}, tmp_path / "raw")
     assert run.returncode == 0, run.stderr
     assert run.stdout == (
         "timemachine: 178,979 characters from rnnlab/corpora/timemachine.txt "

@@ -12,6 +12,7 @@ from torch import nn
 from rnnlab import fused, models
 from rnnlab.config import Train, Variant
 from rnnlab.models import CELLS, IMPLS, ModelConfig, build_model, detach_state, model_config
+from tests.conftest import shipped
 
 IMPL_NAMES = tuple(IMPLS)
 NUM_STATES = {"rnn": 1, "gru": 1, "lstm": 2}  # (h,) | (h,) | (h, c)
@@ -111,7 +112,7 @@ def test_config_rejects_out_of_range(field, value):
 
 def test_model_config_from_params():
     variant = Variant(cell="gru", impl="scratch", num_layers=2, embed_size=8)
-    train = Train(hidden_size=32, dropout=0.25)
+    train = shipped(Train, hidden_size=32, dropout=0.25)
     assert model_config(variant, train, vocab_size=28) == ModelConfig(
         vocab_size=28, cell="gru", impl="scratch", num_layers=2, hidden_size=32, embed_size=8,
         dropout=0.25,

@@ -41,6 +41,7 @@ from rnnlab.records import record_curves
 from rnnlab.tracking import Tracker
 from rnnlab.training import EpochResult
 from rnnlab.vocab import build_vocab
+from tests.conftest import shipped, shipped_params
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -49,8 +50,9 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_DISABLE_TELEMETRY": "true"
 ENV.pop("MLFLOW_TRACKING_URI", None)
 ENV.pop("DVC_EXP_NAME", None)
 
-# Tiny settings: a 12-unit model on 4,000 training tokens trains an epoch in a fraction of a second.
-TINY = {
+# Tiny settings (the rest from params.yaml): a 12-unit model on 4,000 training tokens trains an
+# epoch in a fraction of a second.
+TINY = shipped_params({
     "data": {"corpus": "timemachine", "max_tokens": 4000},
     "tokenize": {"token": "char"},
     "train": {"lr": 0.01, "clip_theta": 1.0, "num_steps": 8, "hidden_size": 12, "batch_size": 4,
@@ -59,7 +61,7 @@ TINY = {
     "variants": {"rnn": {"cell": "rnn"}, "lstm": {"cell": "lstm"}},
     "evaluate": {"prefixes": ["time traveller"], "num_tokens": 8, "num_samples": 1},
     "tracking": {"enabled": False},
-}
+})
 
 
 def tiny_params(**sections) -> dict:
@@ -396,7 +398,7 @@ def test_weights_gone_nan_at_an_epochs_end_are_not_saved(monkeypatch):
     from rnnlab.models import ModelConfig, build_model
 
     monkeypatch.setattr(training, "perplexity", lambda *a, **k: math.nan)
-    cfg = Train(lr=0.01, num_steps=4, batch_size=2, epochs=3, device="cpu", threads=1)
+    cfg = shipped(Train, lr=0.01, num_steps=4, batch_size=2, epochs=3, device="cpu", threads=1)
     model = build_model(ModelConfig(vocab_size=5, cell="rnn", impl="torch", hidden_size=4))
     state = training.new_state(model, cfg)
     ids = torch.arange(100) % 5
@@ -636,7 +638,7 @@ def test_full_disk_is_one_clear_error_and_keeps_the_old_file(tmp_path, monkeypat
 def test_full_disk_during_download_leaves_nothing(tmp_path, monkeypatch):
     fill_disk(monkeypatch, tmp_path)
     with pytest.raises(UserError, match="No space left on device; nothing was written"):
-        prepare_raw(Data(corpus="timemachine"), tmp_path / "raw")
+        prepare_raw(shipped(Data, corpus="timemachine"), tmp_path / "raw")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -724,7 +726,7 @@ def test_unreadable_split_file_of_a_custom_corpus(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Path, "read_bytes", read_bytes)
     with pytest.raises(UserError) as err:
-        prepare_raw(Data(corpus="custom", source=str(folder)), tmp_path / "raw")
+        prepare_raw(shipped(Data, corpus="custom", source=str(folder)), tmp_path / "raw")
     assert str(err.value) == (f"{folder / 'val.txt'}: cannot read it: Permission denied (check "
                               "data.source and the file's permissions)")
     assert not (tmp_path / "raw").exists()

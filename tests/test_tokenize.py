@@ -8,6 +8,7 @@ from rnnlab.corpus import load_tokens, save_tokens, tokenize_corpus
 from rnnlab.errors import UserError
 from rnnlab.text import prepare_text, tokenize
 from rnnlab.vocab import UNK, Vocab, build_vocab
+from tests.conftest import shipped
 
 TEXT = "The Time Machine, by H. G. Wells\n\nThe Time Traveller (for so\nit will be convenient) of\ncheerfulness 42.\n"
 
@@ -40,8 +41,8 @@ def test_vocab_from_training_counts():
 
 def test_splits_are_contiguous_and_vocab_is_from_train_only(tmp_path):
     raw = "abcd" * 20 + "xyz"  # x, y, z appear only at the end: in test
-    tok = Tokenize(normalize="plain", split=Split(train=0.8, val=0.1, test=0.1))
-    t = tokenize_corpus(raw, Data(), tok)
+    tok = shipped(Tokenize, normalize="plain", split=Split(train=0.8, val=0.1, test=0.1))
+    t = tokenize_corpus(raw, shipped(Data), tok)
     n = len(raw)
     assert [len(t.splits[s]) for s in ("train", "val", "test")] == [int(n * .8), int(n * .1), n - int(n * .8) - int(n * .1)]
     assert set(t.vocab.tokens) == {UNK, "a", "b", "c", "d"}
@@ -54,16 +55,19 @@ def test_splits_are_contiguous_and_vocab_is_from_train_only(tmp_path):
 
 def test_own_splits_are_kept_and_max_tokens_cuts_train():
     raw = {"train": "hello world " * 10, "val": "world hello", "test": "hello there"}
-    t = tokenize_corpus(raw, Data(corpus="custom", source="x", max_tokens=7), Tokenize(token="word"))
+    t = tokenize_corpus(raw, shipped(Data, corpus="custom", source="x", max_tokens=7),
+                        shipped(Tokenize, token="word"))
     assert t.stats["own_splits"] and len(t.splits["train"]) == 7
     assert t.vocab.decode(t.splits["test"]) == "hello <unk>"
 
 
 def test_timemachine_auto_normalisation_is_the_books():
-    t = tokenize_corpus("The Time-Traveller!", Data(), Tokenize(split=Split(train=0.6, val=0.2, test=0.2)))
+    t = tokenize_corpus("The Time-Traveller!", shipped(Data),
+                        shipped(Tokenize, split=Split(train=0.6, val=0.2, test=0.2)))
     assert t.stats["normalize"] == "book" and t.vocab.decode(t.splits["train"]).startswith("the time")
 
 
 def test_a_split_too_short_is_named():
     with pytest.raises(UserError, match=r"val split has 1 tokens.*tokenize.split.val"):
-        tokenize_corpus("abcdefghijklmnopqrst", Data(), Tokenize(normalize="plain", split=Split(train=0.9, val=0.05, test=0.05)))
+        tokenize_corpus("abcdefghijklmnopqrst", shipped(Data),
+                        shipped(Tokenize, normalize="plain", split=Split(train=0.9, val=0.05, test=0.05)))

@@ -27,6 +27,7 @@ import yaml
 from rnnlab.config import Tracking
 from rnnlab.records import CURVE_FIELDS, mlflow_name, record_curves, record_curves_png, record_summary
 from rnnlab.tracking import Tracker, artifact_location, tracked_run
+from tests.conftest import shipped, shipped_params
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -41,7 +42,7 @@ EPOCHS = 2
 
 def tiny_params(path: Path, train: dict | None = None, tracking: dict | None = None) -> Path:
     """A params.yaml for a run of seconds: 600 training tokens, 8 hidden units, 2 epochs."""
-    params = {
+    params = shipped_params({
         "data": {"corpus": "timemachine", "max_tokens": 600},
         "tokenize": {"token": "char"},
         "train": {"lr": 0.01, "clip_theta": 1.0, "num_steps": 8, "hidden_size": 8, "batch_size": 4,
@@ -50,7 +51,7 @@ def tiny_params(path: Path, train: dict | None = None, tracking: dict | None = N
         "variants": VARIANTS,
         "evaluate": {"prefixes": ["time"], "num_tokens": 5, "num_samples": 1},
         "tracking": {"enabled": True, **(tracking or {})},
-    }
+    })
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     return path
 
@@ -143,7 +144,7 @@ def test_tracking_off_creates_no_store(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
     monkeypatch.chdir(tmp_path)
-    with tracked_run(Tracking(enabled=False), EXPERIMENT, "rnn", {}) as tracker:
+    with tracked_run(shipped(Tracking, enabled=False), EXPERIMENT, "rnn", {}) as tracker:
         tracker.log_params({"train.lr": 0.1})
         tracker.log_metrics({"val_ppl": 3.0}, step=1)
         record_summary(tmp_path / "train.json", {"best_val_ppl": 3.0}, tracker)
@@ -171,7 +172,7 @@ def test_a_run_in_a_dvc_temp_copy_goes_to_the_parent_repository(repo, tmp_path, 
     history = [{"epoch": 1, "train_ppl": 9.0, "val_ppl": 10.0}, {"epoch": 2, "train_ppl": 7.0, "val_ppl": 8.0}]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        with tracked_run(Tracking(experiment="temp-copy"), EXPERIMENT, "rnn", {}) as tracker:
+        with tracked_run(Tracking(enabled=True, experiment="temp-copy"), EXPERIMENT, "rnn", {}) as tracker:
             tracker.log_dataset(np.arange(100), "tokens", f"{EXPERIMENT}-train", "ab" * 20, "training")
             record_curves_png(copy / "curves.png", history, tracker, title="rnn")
     assert not [w for w in caught if "interpreted in multiple ways" in str(w.message)]
@@ -196,7 +197,7 @@ def test_a_run_that_raises_is_not_left_running(repo, monkeypatch, raised, status
     uri = f"sqlite:///{repo}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     with pytest.raises(type(raised)):
-        with tracked_run(Tracking(experiment=f"raises-{status}"), EXPERIMENT, "rnn", {}):
+        with tracked_run(Tracking(enabled=True, experiment=f"raises-{status}"), EXPERIMENT, "rnn", {}):
             raise raised
     assert [r.info.status for r in only_experiment_runs(uri, experiment=f"raises-{status}")] == [status]
 
@@ -207,7 +208,7 @@ def test_sigterm_ends_the_run_killed_with_status_143(repo, monkeypatch, capsys):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(SystemExit) as exit_info:
-        with tracked_run(Tracking(experiment="sigterm"), EXPERIMENT, "rnn", {}):
+        with tracked_run(Tracking(enabled=True, experiment="sigterm"), EXPERIMENT, "rnn", {}):
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(5)  # the handler raises long before this ends
     assert exit_info.value.code == 143
@@ -225,11 +226,11 @@ def test_a_resumed_run_logs_each_epoch_once(repo, monkeypatch, tmp_path):
     row = {"train_ppl": 9.0, "val_ppl": 10.0, "tokens_per_sec": 1.0, "grad_norm": 1.0,
            "clipped_frac": 0.0, "lr": 0.1, "seconds": 1.0}
     history = [{**row, "epoch": e} for e in (1, 2, 3)]
-    with tracked_run(Tracking(experiment="resumed"), EXPERIMENT, "rnn", {}) as tracker:
+    with tracked_run(Tracking(enabled=True, experiment="resumed"), EXPERIMENT, "rnn", {}) as tracker:
         for e in (1, 2):  # the first process logged epochs 1 and 2, then died
             record_curves(tmp_path / "c.csv", history[:e], tracker)
         run_id = tracker.run_id
-    with tracked_run(Tracking(experiment="resumed"), EXPERIMENT, "rnn", {}, run_id=run_id) as tracker:
+    with tracked_run(Tracking(enabled=True, experiment="resumed"), EXPERIMENT, "rnn", {}, run_id=run_id) as tracker:
         record_curves(tmp_path / "c.csv", history, tracker, resumed=True)
     steps = [m.step for m in client(uri).get_metric_history(run_id, "val_ppl")]
     assert sorted(steps) == [1, 2, 3]

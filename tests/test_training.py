@@ -14,6 +14,7 @@ from rnnlab.models import ModelConfig, build_model
 from rnnlab.sampling import continue_text, encode_prefix
 from rnnlab.training import new_state, perplexity, run_epochs
 from rnnlab.vocab import build_vocab
+from tests.conftest import shipped
 
 VOCAB = build_vocab(list("the time traveller was expounding a recondite matter to us "))
 IDS = torch.as_tensor(VOCAB.encode(list("the time traveller was expounding a recondite matter to us " * 30)))
@@ -25,9 +26,10 @@ def tiny(cell="rnn", impl="torch", seed=0, **kw):
 
 
 def cfg(**kw):
+    """params.yaml's train section with tiny settings; the constant lr these tests were written for."""
     base = dict(lr=0.01, clip_theta=1.0, num_steps=8, batch_size=4, epochs=2, optimizer="adam",
-                device="cpu", threads=1)
-    return Train(**{**base, **kw})
+                lr_schedule="constant", device="cpu", threads=1)
+    return shipped(Train, **{**base, **kw})
 
 
 def train(model, c):
