@@ -64,7 +64,8 @@ def fingerprint(model: ModelConfig, cfg: Train, data_sha1: str) -> Fingerprint:
 
     root = Path(stages.__file__).resolve().parents[1]
     return Fingerprint(settings=hashlib.sha1(settings.encode()).hexdigest(), data=data_sha1,
-                       code=codedeps.digest(TRAIN_MODULE, root), torch=torch.__version__)
+                       code=codedeps.digest(TRAIN_MODULE, root),
+                       torch=str(torch.__version__))  # a TorchVersion would not load back
 
 
 @dataclass(frozen=True)

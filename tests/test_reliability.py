@@ -487,7 +487,27 @@ def test_a_resume_file_from_other_settings_is_not_used(tmp_path, data):
     work = tmp_path / "checkpoints" / "rnn"
     save_resume(work / "resume.pt", {"epoch": 1}, fingerprint="other settings")
     out = stage("train", *train_args(tmp_path, data), cwd=tmp_path, check=True).stdout
-    assert "resuming" not in out and "epoch   1/2" in out
+    assert "rnn: starting over, not resuming: the resumable state was saved by an older version" in out
+    assert "resuming after" not in out and "epoch   1/2" in out
+
+
+@pytest.mark.slow  # runs the stages as subprocesses
+def test_a_run_killed_under_other_code_starts_over_saying_which_file(tmp_path, data):
+    """Killed after epoch 2; then the train stage's code changes (here: the fingerprint the state
+    was saved with names another rnnlab/training.py). The next run trains from epoch 1."""
+    write_params(tmp_path, tiny_params(train={"epochs": 6}))
+    cmd = [sys.executable, "-m", "stages.train", *map(str, train_args(tmp_path, data))]
+    kill_after_epoch(cmd, tmp_path, ENV, epoch=2)
+    path = tmp_path / "checkpoints" / "rnn" / "resume.pt"
+    state = torch.load(path, weights_only=True)
+    assert "rnnlab/training.py" in state["fingerprint"]["code"]
+    state["fingerprint"]["code"]["rnnlab/training.py"] = "0" * 40  # made by other code
+    save_resume(path, {k: v for k, v in state.items() if k not in ("format", "fingerprint")},
+                state["fingerprint"])
+    out = stage("train", *train_args(tmp_path, data), cwd=tmp_path, check=True).stdout
+    assert (f"rnn: starting over, not resuming: the code (rnnlab/training.py) changed since {path} "
+            "was saved") in out
+    assert "resuming after" not in out and "epoch   1/6" in out
 
 
 @pytest.mark.slow  # runs the stages as subprocesses
@@ -497,7 +517,8 @@ def test_a_damaged_resume_file_starts_over(tmp_path, data, damage):
     (tmp_path / "checkpoints" / "rnn").mkdir(parents=True)
     (tmp_path / "checkpoints" / "rnn" / "resume.pt").write_bytes(damage)
     out = stage("train", *train_args(tmp_path, data), cwd=tmp_path, check=True).stdout
-    assert "resuming" not in out and "epoch   2/2" in out
+    assert "rnn: starting over, not resuming: " in out and "not a readable checkpoint" in out
+    assert "resuming after" not in out and "epoch   2/2" in out
 
 
 @pytest.mark.slow
