@@ -218,6 +218,35 @@ def test_sigterm_ends_the_run_killed_with_status_143(repo, monkeypatch, capsys):
 
 
 @pytest.mark.slow
+def test_a_run_is_continued_only_by_its_own_experiment(repo, monkeypatch):
+    """docs/tracking.md's rule: a stage adds to a run only if the run is its experiment's (and,
+    for an evaluation, not evaluated yet); anything else gets a new run."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{repo}/mlflow.db")
+    cfg = Tracking(enabled=True, experiment="ownership")
+
+    def stage(exp: str | None, continue_run=None, evaluation=False, tags=None):
+        if exp:
+            monkeypatch.setenv("DVC_EXP_NAME", exp)
+        else:
+            monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+        with tracked_run(cfg, EXPERIMENT, "rnn", tags or ({"rnnlab.dvc_exp": exp} if exp else {}),
+                         continue_run=continue_run, evaluation=evaluation) as tracker:
+            return tracker.run_id, tracker.reopened
+
+    base, _ = stage("base")
+    assert stage("warm", continue_run=base)[1] is False                # another experiment
+    assert stage(None, continue_run=base)[1] is False                  # the workspace
+    assert stage("base", continue_run=base) == (base, True)            # its own (a resume)
+    evaluated = {"rnnlab.evaluated": "true"}
+    assert stage("base", base, evaluation=True, tags=evaluated) == (base, True)   # evaluates it
+    again, reopened = stage("base", base, evaluation=True, tags=evaluated)        # a second time
+    assert not reopened and again != base
+    assert stage("base", continue_run="0" * 32)[1] is False            # gone from the store
+    runs = only_experiment_runs(f"sqlite:///{repo}/mlflow.db", experiment="ownership")
+    assert len(runs) == 5 and all(r.info.status == "FINISHED" for r in runs)
+
+
+@pytest.mark.slow
 def test_a_resumed_run_logs_each_epoch_once(repo, monkeypatch, tmp_path):
     """Killed after saving epoch 3's resumable state but before logging it: the resumed run logs
     epoch 3 once, and epochs 1-2 are not logged again."""
