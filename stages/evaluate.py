@@ -83,8 +83,8 @@ def main() -> None:
     trained = read_train_summary(Path(args.model) / "train.json", name)
 
     start = time.perf_counter()
-    ppl = {s: perplexity(model, torch.as_tensor(tokens.splits[s]), cfg.batch_size, cfg.num_steps, device)
-           for s in SPLITS}
+    # the protocol of docs/evaluation.md: each split as one sequence, whatever the training batches
+    ppl = {s: perplexity(model, torch.as_tensor(tokens.splits[s]), device, cfg.bf16) for s in SPLITS}
     gen = torch.Generator().manual_seed(ev.seed)
     samples = {
         prefix: {
@@ -97,6 +97,7 @@ def main() -> None:
     metrics = {
         "train_ppl": ppl["train"], "val_ppl": ppl["val"], "test_ppl": ppl["test"],
         "uniform_ppl": len(vocab),
+        **{f"{s}_tokens": len(tokens.splits[s]) - 1 for s in SPLITS},  # predictions scored per split
         "final_train_ppl": trained["final_train_ppl"],
         "tokens_per_sec": trained["tokens_per_sec"],
         "epochs": trained["epochs"], "best_epoch": trained["best_epoch"],

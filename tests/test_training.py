@@ -1,4 +1,5 @@
-"""The training loop: clipping, perplexity, determinism, divergence, checkpoints, sampling."""
+"""The training loop: clipping, determinism, divergence, checkpoints, sampling.
+(The perplexity protocol itself: tests/test_evaluation.py.)"""
 
 import math
 from itertools import islice
@@ -46,16 +47,6 @@ def test_clipping_scales_the_global_norm_to_theta():
     assert after == pytest.approx(0.5, rel=1e-5)
 
 
-@pytest.mark.parametrize("impl", ["torch", "scratch"])
-def test_uniform_model_perplexity_is_vocab_size(impl):
-    model = tiny(impl=impl)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.shape[0] == len(VOCAB):  # the output layer: all logits equal
-                p.zero_()
-    assert perplexity(model, IDS, 4, 8) == pytest.approx(len(VOCAB), rel=1e-6)
-
-
 @pytest.mark.parametrize("sampling", ["sequential", "random"])
 @pytest.mark.parametrize("cell,impl", [("rnn", "scratch"), ("gru", "torch"), ("lstm", "torch")])
 def test_training_lowers_perplexity_and_reruns_identically(cell, impl, sampling):
@@ -66,6 +57,14 @@ def test_training_lowers_perplexity_and_reruns_identically(cell, impl, sampling)
     for a, b in zip(results, again):
         assert (a.train_ppl, a.val_ppl, a.grad_norm) == (b.train_ppl, b.val_ppl, b.grad_norm)
     assert all(0 <= r.clipped_frac <= 1 for r in results)
+
+
+def test_each_epochs_val_ppl_is_the_evaluation_protocols():
+    """run_epochs scores validation as evaluate does (batch 1, whole split), whatever the
+    training batches: the best epoch's val_ppl is what evaluate reports for its checkpoint."""
+    for batch_size, num_steps in [(4, 8), (8, 5)]:
+        results, state = train(tiny(), cfg(epochs=1, batch_size=batch_size, num_steps=num_steps))
+        assert results[-1].val_ppl == perplexity(state.model, IDS[:200])
 
 
 def test_resume_from_snapshot_matches_an_uninterrupted_run():
