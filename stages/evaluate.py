@@ -17,7 +17,7 @@ from rnnlab.errors import UserError, run_main
 from rnnlab.fileio import read_json, write_text
 from rnnlab.models import ModelConfig, model_config
 from rnnlab.records import record_summary
-from rnnlab.sampling import continue_text
+from rnnlab.sampling import continue_text, prefix_tokens
 from rnnlab.tracking import tracked_run
 from rnnlab.training import perplexity, prepare_torch
 
@@ -81,6 +81,8 @@ def main() -> None:
     check_variant(Path(args.model) / "best.pt", name, meta.get("variant"), model.config,
                   model_config(params.variants[name], cfg, len(vocab)))
     trained = read_train_summary(Path(args.model) / "train.json", name)
+    for prefix in ev.prefixes:  # empty after the corpus's normalisation: stop before any work
+        prefix_tokens(vocab, prefix, warn=False)
 
     start = time.perf_counter()
     # the protocol of docs/evaluation.md: each split as one sequence, whatever the training batches

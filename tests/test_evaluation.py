@@ -1,4 +1,5 @@
-"""Held-out perplexity: one protocol for every variant (docs/evaluation.md).
+"""Held-out perplexity: one protocol for every variant (docs/evaluation.md), and the evaluate
+stage's checks of its prefixes.
 
 The protocol reads a split as one sequence with the state carried, every token after the first
 predicted once; the known answers are a uniform model (= the vocabulary size) and a reference
@@ -17,8 +18,8 @@ import torch
 from rnnlab.models import ModelConfig, build_model
 from rnnlab.training import perplexity
 from rnnlab.vocab import build_vocab
-from tests.test_reliability import (  # noqa: F401 - data: a fixture
-    data, eval_args, stage, tiny_params, train_args, write_params)
+from tests.test_reliability import (  # noqa: F401 - data, trained: fixtures
+    data, eval_args, one_error, stage, tiny_params, train_args, trained, write_params)
 
 VOCAB = build_vocab(list("the time traveller was expounding a recondite matter to us "))
 IDS = torch.as_tensor(VOCAB.encode(list("the time traveller was expounding a recondite matter to us " * 5)))
@@ -101,3 +102,12 @@ def test_variants_differing_only_in_batch_size_are_scored_on_the_same_prediction
         assert a[f"{s}_ppl"] == b[f"{s}_ppl"]
         assert a[f"{s}_tokens"] == b[f"{s}_tokens"] == sizes[s] - 1
     assert a["val_ppl"] == json.loads((model / "train.json").read_text())["best_val_ppl"]
+
+
+@pytest.mark.slow  # runs the stages as subprocesses
+def test_a_prefix_empty_after_normalisation_stops_evaluate_before_any_work(tmp_path, trained, data):
+    write_params(tmp_path, tiny_params(evaluate={"prefixes": ["time traveller", "!!!"]}))
+    proc = stage("evaluate", *eval_args(tmp_path, data, trained / "models/rnn"), cwd=tmp_path)
+    assert one_error(proc) == ("error: prefix '!!!' is empty after the corpus's normalisation (book): "
+                               "nothing to warm the model up on")
+    assert not (tmp_path / "metrics").exists() and not (tmp_path / "samples").exists()
