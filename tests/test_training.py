@@ -145,12 +145,12 @@ def test_prefixes_become_tokens_as_the_corpus_did(vocab, prefix, tokens):
     assert prefix_tokens(vocab, prefix) == tokens
 
 
-@pytest.mark.parametrize("vocab", [BOOK, BOOK_WORDS])
-def test_generated_text_starts_with_the_normalised_prefix(vocab):
-    model = tiny() if vocab is BOOK else build_model(ModelConfig(len(vocab), "rnn", "torch", hidden_size=8))
-    text = continue_text(model, vocab, "Time Traveller!", 5)
-    assert text.startswith("time traveller ") if vocab is BOOK_WORDS else text.startswith("time traveller")
-    assert len(vocab.text_tokens(text)) == 14 + 5 if vocab is BOOK else len(text.split()) == 2 + 5
+def test_generated_text_starts_with_the_normalised_prefix():
+    text = continue_text(tiny(), BOOK, "Time Traveller!", 5)
+    assert text.startswith("time traveller") and len(text) == len("time traveller") + 5
+    model = build_model(ModelConfig(len(BOOK_WORDS), "rnn", "torch", hidden_size=8))
+    words = continue_text(model, BOOK_WORDS, "Time-Traveller!", 5).split(" ")
+    assert words[:2] == ["time", "traveller"] and len(words) == 2 + 5
 
 
 @pytest.mark.parametrize("vocab,prefix,normalize", [(BOOK, "!!!", "book"), (BOOK_WORDS, " 42 ", "book"),
