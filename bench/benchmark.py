@@ -255,9 +255,8 @@ def inference_speeds(cfg: ModelConfig, val_ids: torch.Tensor, vocab, num_chars: 
     sampled = _seconds_per_call(
         lambda: continue_text(model, vocab, "time traveller", num_chars, temperature=0.8, gen=gen),
         min_seconds, device)
-    evaluate = _seconds_per_call(
-        lambda: training.perplexity(model, val_ids, 32, BOOK["num_steps"], device), min_seconds,
-        device)
+    evaluate = _seconds_per_call(lambda: training.perplexity(model, val_ids, device), min_seconds,
+                                 device)
     return {"greedy_chars_per_sec": num_chars / greedy,
             "sampled_chars_per_sec": num_chars / sampled,
             "eval_tokens_per_sec": (len(val_ids) - 1) / evaluate}
@@ -444,7 +443,7 @@ def markdown(result: dict) -> str:
         lines.append(f"| {r['m']} x {r['k']} @ {r['k']} x {r['n']} | {r['mkl']:.0f} | "
                      f"{r.get('onednn', float('nan')):.0f} | {r['best']:.0f} |")
     if result.get("inference"):
-        lines += ["", "Generation (after `time traveller`), evaluation (`perplexity`, batch 32):",
+        lines += ["", "Generation (after `time traveller`), evaluation (`perplexity`, batch 1):",
                   "", "| variant | greedy chars/s | sampled chars/s | eval tok/s |",
                   "|---|---:|---:|---:|"]
         for name, s in result["inference"].items():

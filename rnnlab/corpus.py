@@ -1,7 +1,8 @@
 """A prepared corpus on disk: raw text in, token ids per split and a vocabulary out.
 
 Layout of the tokenize stage's output folder (the training stages read it with `load_tokens`):
-    vocab.json                 the Vocab: token_type, tokens (id order), training frequencies
+    vocab.json                 the Vocab: token_type, normalize, join_lines, tokens (id order),
+                               training frequencies
     train.npy val.npy test.npy token ids (int64), one array per split
     stats.json                 counts and the settings that made them
 """
@@ -17,7 +18,7 @@ from rnnlab.config import Data, Tokenize
 from rnnlab.corpora import BUILTIN
 from rnnlab.errors import UserError
 from rnnlab.fileio import atomic_path, read_json, write_json
-from rnnlab.text import prepare_text, tokenize
+from rnnlab.text import text_tokens
 from rnnlab.vocab import Vocab, build_vocab
 
 SPLITS = ("train", "val", "test")
@@ -65,7 +66,7 @@ def tokenize_corpus(raw: dict[str, str] | str, data: Data, tok: Tokenize) -> Tok
     normalize = resolve_normalize(data, tok)
 
     def to_tokens(text: str) -> list[str]:
-        return tokenize(prepare_text(text, normalize, tok.join_lines), tok.token)
+        return text_tokens(text, tok.token, normalize, tok.join_lines)
 
     own_splits = isinstance(raw, dict)
     pieces = {s: to_tokens(raw[s]) for s in SPLITS} if own_splits else split_tokens(to_tokens(raw), tok)
@@ -78,7 +79,7 @@ def tokenize_corpus(raw: dict[str, str] | str, data: Data, tok: Tokenize) -> Tok
                 f"the {name} split has {len(toks)} tokens (from {where}); it needs at least "
                 f"{MIN_SPLIT_TOKENS}: use a larger corpus or a larger fraction"
             )
-    vocab = build_vocab(pieces["train"], tok.min_freq, tok.token)
+    vocab = build_vocab(pieces["train"], tok.min_freq, tok.token, normalize, tok.join_lines)
     ids = {s: vocab.encode(toks) for s, toks in pieces.items()}
     stats = {
         "corpus": data.corpus,

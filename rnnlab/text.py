@@ -5,6 +5,10 @@ becomes one space, then strip and lower-case) and concatenates the lines with NO
 glues the last word of a line to the first of the next (`of` + `cheerfulness` -> `ofcheerfulness`).
 Here lines are joined with one space by default (`join_lines: space`, blank lines dropped);
 `join_lines: none` reproduces the book exactly, `newline` keeps line breaks as tokens.
+
+The vocabulary stores the token type, the (resolved) normalisation and the line joining of its
+corpus, so a prefix given to a trained model becomes tokens exactly as the corpus did
+(`text_tokens`): with `book`, "Time Traveller!" is read as "time traveller".
 """
 
 from __future__ import annotations
@@ -30,6 +34,11 @@ def prepare_text(text: str, normalize: str, join_lines: str) -> str:
 def tokenize(text: str, token: str) -> list[str]:
     """Characters, or whitespace-separated words."""
     return list(text) if token == "char" else text.split()
+
+
+def text_tokens(text: str, token: str, normalize: str, join_lines: str) -> list[str]:
+    """Raw text -> tokens: the one way text becomes tokens, for the corpus and for prefixes."""
+    return tokenize(prepare_text(text, normalize, join_lines), token)
 
 
 def detokenize(tokens: list[str], token: str) -> str:

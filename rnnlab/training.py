@@ -26,6 +26,7 @@ from rnnlab.threads import auto_threads
 
 
 MAX_LOSS = 700.0  # exp(700) is near float64's limit: a mean loss beyond it means divergence
+EVAL_CHUNK = 2048  # tokens per forward pass of `perplexity`: bounds memory, not the result
 
 
 @dataclass(frozen=True)
@@ -124,11 +125,6 @@ def check_fits(n_tokens: int, cfg: Train) -> None:
         )
 
 
-def autocast(device: torch.device, cfg: Train):
-    """bf16 autocast on CUDA when asked for; a no-op elsewhere."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda")
-
-
 def train_step(model: RNNLM, x: torch.Tensor, y: torch.Tensor, h, opt: torch.optim.Optimizer,
                clip_theta: float, bf16: bool = False):
     """One minibatch from state h (detached, or None): forward, loss, backward, clip, step.
@@ -182,7 +178,7 @@ def run_epochs(state: TrainState, train_ids: torch.Tensor, val_ids: torch.Tensor
 
         norms_t = torch.stack(norms)
         train_loss = float(loss_sum) / len(norms)  # every minibatch has the same size
-        val_ppl = perplexity(model, val_ids, cfg.batch_size, cfg.num_steps, device, cfg)
+        val_ppl = perplexity(model, val_ids, device, cfg.bf16)
         if not math.isfinite(val_ppl) or train_loss > MAX_LOSS:
             raise UserError(
                 f"training diverged: after epoch {epoch} the training loss is {train_loss:.4g} and "
@@ -225,28 +221,32 @@ def _checked_sum(losses: list[torch.Tensor], epoch: int, first_step: int) -> tor
 
 
 @torch.no_grad()
-def perplexity(model: RNNLM, ids: torch.Tensor, batch_size: int, num_steps: int,
-               device: torch.device | None = None, cfg: Train | None = None) -> float:
-    """exp(mean next-token cross-entropy) over `ids`, read as `batch_size` contiguous rows.
+def perplexity(model: RNNLM, ids: torch.Tensor, device: torch.device | None = None,
+               bf16: bool = False, chunk: int = EVAL_CHUNK) -> float:
+    """exp(mean next-token cross-entropy) over `ids`: the held-out protocol (docs/evaluation.md).
 
-    Each row is read left to right with the state carried, so every prediction but the first of
-    a row sees all the row's text before it. Deterministic: no offsets, no shuffling.
+    The whole split is read as ONE sequence (batch 1) from a zero state, left to right with the
+    state carried, so every token after the first is predicted once, from all the text before it.
+    Nothing depends on the training settings (batch size, steps), so every variant is scored on
+    the same predictions. `chunk` bounds memory only: the state carried from chunk to chunk
+    makes the result the same for any chunk length (up to float rounding).
     """
     was_training = model.training
     model.eval()
     device = device or next(model.parameters()).device
     ids = ids.to(device)
-    rows = max(1, min(batch_size, (len(ids) - 1) // max(1, num_steps)))
-    row_len = (len(ids) - 1) // rows
-    xs = ids[: rows * row_len].view(rows, row_len)
-    ys = ids[1 : 1 + rows * row_len].view(rows, row_len)
-    total, count, h = torch.zeros((), dtype=torch.float64, device=device), 0, None
-    for i in range(0, row_len, num_steps):
-        x, y = xs[:, i : i + num_steps], ys[:, i : i + num_steps]
-        with autocast(device, cfg) if cfg else torch.autocast(device.type, enabled=False):
-            logits, h = model(x, h)
-        total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").double()
-        count += y.numel()
+    n = len(ids) - 1  # predictions: every token after the first
+    if n < 1:
+        raise ValueError(f"perplexity needs at least 2 tokens (one input, one target), got {len(ids)}")
+    total, h = torch.zeros((), dtype=torch.float64, device=device), None
+    for i in range(0, n, chunk):
+        j = min(i + chunk, n)
+        x, y = ids[i:j][None], ids[i + 1 : j + 1][None]  # (1, steps): inputs, their next tokens
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda"):
+            logits, h = model(x, h)  # (1, steps, vocab); h carried: chunking changes nothing
+        # bf16 logits are scored in float32; float64 models (the tests) stay in float64
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        total += F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").double()
     model.train(was_training)
-    mean = float(total) / count
+    mean = float(total) / n
     return math.exp(mean) if mean <= MAX_LOSS else math.inf

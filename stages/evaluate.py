@@ -18,7 +18,7 @@ from rnnlab.errors import UserError, run_main
 from rnnlab.fileio import read_json, write_text
 from rnnlab.models import ModelConfig, model_config
 from rnnlab.records import record_summary, run_params
-from rnnlab.sampling import continue_text
+from rnnlab.sampling import continue_text, prefix_tokens
 from rnnlab.tracking import dvc_tags, folder_sha1, git_tags, tracked_run
 from rnnlab.training import perplexity, prepare_torch
 
@@ -89,10 +89,12 @@ def main() -> None:
     check_variant(Path(args.model) / "best.pt", name, meta.get("variant"), model.config,
                   model_config(params.variants[name], cfg, len(vocab)))
     trained = read_train_summary(Path(args.model) / "train.json", name)
+    for prefix in ev.prefixes:  # empty after the corpus's normalisation: stop before any work
+        prefix_tokens(vocab, prefix, warn=False)
 
     start = time.perf_counter()
-    ppl = {s: perplexity(model, torch.as_tensor(tokens.splits[s]), cfg.batch_size, cfg.num_steps, device)
-           for s in SPLITS}
+    # the protocol of docs/evaluation.md: each split as one sequence, whatever the training batches
+    ppl = {s: perplexity(model, torch.as_tensor(tokens.splits[s]), device, cfg.bf16) for s in SPLITS}
     gen = torch.Generator().manual_seed(ev.seed)
     samples = {
         prefix: {
@@ -105,6 +107,7 @@ def main() -> None:
     metrics = {
         "train_ppl": ppl["train"], "val_ppl": ppl["val"], "test_ppl": ppl["test"],
         "uniform_ppl": len(vocab),
+        **{f"{s}_tokens": len(tokens.splits[s]) - 1 for s in SPLITS},  # predictions scored per split
         "final_train_ppl": trained["final_train_ppl"],
         "tokens_per_sec": trained["tokens_per_sec"],
         "epochs": trained["epochs"], "best_epoch": trained["best_epoch"],

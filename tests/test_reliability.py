@@ -874,13 +874,14 @@ def test_text_unseen_in_training_is_counted_as_unk(tmp_path):
 
 @pytest.mark.slow  # runs the stages as subprocesses
 def test_long_and_unknown_prefixes_are_handled(tmp_path, trained, data):
-    """A prefix longer than the training text warms the model up on all of it; characters the
-    vocabulary lacks are read as <unk> with a warning."""
+    """A prefix longer than the training text warms the model up on all of it; a prefix is
+    normalised as the corpus was (book: lower case, non-letters to a space), and characters the
+    vocabulary still lacks are read as <unk> with a warning ('q' is not in the tiny corpus)."""
     long = ("the time traveller " * 300)[:5000]  # longer than the 4,000 training tokens
-    params = tiny_params(evaluate={"prefixes": [long, "Time Traveller"], "num_tokens": 5})
+    params = tiny_params(evaluate={"prefixes": [long, "Quick, Time Traveller!"], "num_tokens": 5})
     write_params(tmp_path, params)
     proc = stage("evaluate", *eval_args(tmp_path, data, trained / "models/rnn"), cwd=tmp_path, check=True)
     assert "Traceback" not in proc.stderr
-    assert "warning: prefix 'Time Traveller': 'T' not in the vocabulary, read as <unk>" in proc.stderr
+    assert "warning: prefix 'Quick, Time Traveller!': 'q' not in the vocabulary, read as <unk>" in proc.stderr
     samples = (tmp_path / "samples/rnn.md").read_text()
-    assert f"- greedy: `{long}" in samples and "- greedy: `Time Traveller" in samples
+    assert f"- greedy: `{long}" in samples and "- greedy: `quick time traveller" in samples

@@ -1,5 +1,7 @@
 """Text preparation, the vocabulary, and the tokenize stage's splits."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -65,6 +67,31 @@ def test_timemachine_auto_normalisation_is_the_books():
     t = tokenize_corpus("The Time-Traveller!", shipped(Data),
                         shipped(Tokenize, split=Split(train=0.6, val=0.2, test=0.2)))
     assert t.stats["normalize"] == "book" and t.vocab.decode(t.splits["train"]).startswith("the time")
+
+
+def test_vocab_json_says_how_text_became_tokens(tmp_path):
+    """The resolved normalisation (book, never auto) and the line joining travel with the vocabulary."""
+    t = tokenize_corpus(TEXT * 10, Data(), Tokenize(join_lines="none"))
+    assert (t.vocab.token_type, t.vocab.normalize, t.vocab.join_lines) == ("char", "book", "none")
+    save_tokens(t, tmp_path)
+    saved = json.loads((tmp_path / "vocab.json").read_text())
+    assert (saved["token_type"], saved["normalize"], saved["join_lines"]) == ("char", "book", "none")
+    assert load_tokens(tmp_path).vocab == t.vocab
+    # the vocabulary turns text into tokens exactly as the corpus was turned
+    assert t.vocab.text_tokens(TEXT) == tokenize(prepare_text(TEXT, "book", "none"), "char")
+
+
+def test_vocab_json_without_the_text_fields_is_plain_text_joined_by_spaces(tmp_path):
+    (tmp_path / "vocab.json").write_text(json.dumps({"token_type": "word", "tokens": [UNK, "Time"], "freqs": [0, 1]}))
+    v = Vocab.load(tmp_path / "vocab.json")
+    assert (v.normalize, v.join_lines) == ("plain", "space")
+    assert v.text_tokens(" Time\nMachine! ") == ["Time", "Machine!"]
+
+
+@pytest.mark.parametrize("field,value", [("normalize", "auto"), ("join_lines", "tab"), ("token_type", "bpe")])
+def test_a_vocabulary_with_an_unknown_text_setting_is_refused(field, value):
+    with pytest.raises(ValueError, match=rf"vocabulary {field} = '{value}': must be one of"):
+        Vocab.from_dict({**build_vocab(list("ab")).to_dict(), field: value})
 
 
 def test_a_split_too_short_is_named():

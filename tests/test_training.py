@@ -1,4 +1,5 @@
-"""The training loop: clipping, perplexity, determinism, divergence, checkpoints, sampling."""
+"""The training loop: clipping, determinism, divergence, checkpoints, sampling.
+(The perplexity protocol itself: tests/test_evaluation.py.)"""
 
 import math
 from itertools import islice
@@ -11,9 +12,9 @@ from rnnlab.checkpoint import load_checkpoint, save_checkpoint
 from rnnlab.config import Train
 from rnnlab.errors import UserError
 from rnnlab.models import ModelConfig, build_model
-from rnnlab.sampling import continue_text, encode_prefix
+from rnnlab.sampling import continue_text, prefix_tokens
 from rnnlab.training import new_state, perplexity, run_epochs
-from rnnlab.vocab import build_vocab
+from rnnlab.vocab import Vocab, build_vocab
 from tests.conftest import shipped
 
 VOCAB = build_vocab(list("the time traveller was expounding a recondite matter to us "))
@@ -48,16 +49,6 @@ def test_clipping_scales_the_global_norm_to_theta():
     assert after == pytest.approx(0.5, rel=1e-5)
 
 
-@pytest.mark.parametrize("impl", ["torch", "scratch"])
-def test_uniform_model_perplexity_is_vocab_size(impl):
-    model = tiny(impl=impl)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.shape[0] == len(VOCAB):  # the output layer: all logits equal
-                p.zero_()
-    assert perplexity(model, IDS, 4, 8) == pytest.approx(len(VOCAB), rel=1e-6)
-
-
 @pytest.mark.parametrize("sampling", ["sequential", "random"])
 @pytest.mark.parametrize("cell,impl", [("rnn", "scratch"), ("gru", "torch"), ("lstm", "torch")])
 def test_training_lowers_perplexity_and_reruns_identically(cell, impl, sampling):
@@ -68,6 +59,14 @@ def test_training_lowers_perplexity_and_reruns_identically(cell, impl, sampling)
     for a, b in zip(results, again):
         assert (a.train_ppl, a.val_ppl, a.grad_norm) == (b.train_ppl, b.val_ppl, b.grad_norm)
     assert all(0 <= r.clipped_frac <= 1 for r in results)
+
+
+def test_each_epochs_val_ppl_is_the_evaluation_protocols():
+    """run_epochs scores validation as evaluate does (batch 1, whole split), whatever the
+    training batches: the best epoch's val_ppl is what evaluate reports for its checkpoint."""
+    for batch_size, num_steps in [(4, 8), (8, 5)]:
+        results, state = train(tiny(), cfg(epochs=1, batch_size=batch_size, num_steps=num_steps))
+        assert results[-1].val_ppl == perplexity(state.model, IDS[:200])
 
 
 def test_resume_from_snapshot_matches_an_uninterrupted_run():
@@ -123,16 +122,65 @@ def test_checkpoint_round_trip_and_mismatches(tmp_path):
 
 def test_greedy_prediction_is_deterministic_and_unknowns_warn(capsys):
     model = tiny()
-    a = continue_text(model, VOCAB, "time ", 10)
-    assert a.startswith("time ") and len(a) == 15 and a == continue_text(model, VOCAB, "time ", 10)
-    sampled = continue_text(model, VOCAB, "time ", 10, 0.8, torch.Generator().manual_seed(0))
-    assert sampled == continue_text(model, VOCAB, "time ", 10, 0.8, torch.Generator().manual_seed(0))
+    a = continue_text(model, VOCAB, "time", 10)
+    assert a.startswith("time") and len(a) == 14 and a == continue_text(model, VOCAB, "time", 10)
+    sampled = continue_text(model, VOCAB, "time", 10, 0.8, torch.Generator().manual_seed(0))
+    assert sampled == continue_text(model, VOCAB, "time", 10, 0.8, torch.Generator().manual_seed(0))
     capsys.readouterr()
-    ids = encode_prefix(VOCAB, "TIME")
+    tokens = prefix_tokens(VOCAB, "TIME")  # VOCAB: plain text, nothing is lower-cased
     assert "'T', 'I', 'M', 'E' not in the vocabulary" in capsys.readouterr().err
-    assert ids.tolist() == [0, 0, 0, 0]
-    with pytest.raises(ValueError, match="empty prefix"):
-        encode_prefix(VOCAB, "")
+    assert VOCAB.encode(tokens).tolist() == [0, 0, 0, 0]
+    assert continue_text(model, VOCAB, "TIME", 3, warn=False).startswith("TIME")  # as given
+
+
+BOOK = Vocab(VOCAB.tokens, VOCAB.freqs, "char", normalize="book", join_lines="space")
+BOOK_WORDS = build_vocab("the time traveller was here".split(), token_type="word", normalize="book")
+
+
+@pytest.mark.parametrize("vocab,prefix,tokens", [
+    (BOOK, "Time Traveller!", list("time traveller")),
+    (BOOK, "  THE\nTime  ", list("the time")),  # lines joined with a space, as the corpus's
+    (BOOK_WORDS, "Time-Traveller!", ["time", "traveller"]),
+    (VOCAB, " time\n", list("time")),           # plain: only the line joining (ends stripped)
+])
+def test_prefixes_become_tokens_as_the_corpus_did(vocab, prefix, tokens):
+    assert prefix_tokens(vocab, prefix) == tokens
+
+
+def test_generated_text_starts_with_the_normalised_prefix():
+    text = continue_text(tiny(), BOOK, "Time Traveller!", 5)
+    assert text.startswith("time traveller") and len(text) == len("time traveller") + 5
+    model = build_model(ModelConfig(len(BOOK_WORDS), "rnn", "torch", hidden_size=8))
+    words = continue_text(model, BOOK_WORDS, "Time-Traveller!", 5).split(" ")
+    assert words[:2] == ["time", "traveller"] and len(words) == 2 + 5
+
+
+@pytest.mark.parametrize("vocab,prefix,normalize", [(BOOK, "!!!", "book"), (BOOK_WORDS, " 42 ", "book"),
+                                                    (VOCAB, "  \n ", "plain"), (VOCAB, "", "plain")])
+def test_a_prefix_empty_after_normalisation_is_a_user_error(vocab, prefix, normalize):
+    with pytest.raises(UserError) as err:
+        continue_text(tiny(), vocab, prefix, 5)
+    assert str(err.value) == (f"prefix {prefix!r} is empty after the corpus's normalisation "
+                              f"({normalize}): nothing to warm the model up on")
+
+
+def test_checkpoint_carries_how_text_becomes_tokens(tmp_path):
+    save_checkpoint(tmp_path / "best.pt", tiny(), BOOK)
+    _, vocab, _ = load_checkpoint(tmp_path / "best.pt", BOOK)
+    assert (vocab.token_type, vocab.normalize, vocab.join_lines) == ("char", "book", "space")
+    assert vocab == BOOK and prefix_tokens(vocab, "Time!") == list("time")
+    # a checkpoint from before these fields: plain text, lines joined with a space
+    payload = torch.load(tmp_path / "best.pt", weights_only=True)
+    del payload["vocab"]["normalize"], payload["vocab"]["join_lines"]
+    torch.save(payload, tmp_path / "old.pt")
+    _, old, _ = load_checkpoint(tmp_path / "old.pt", BOOK)  # same tokens: it still loads
+    assert (old.normalize, old.join_lines) == ("plain", "space")
+    assert prefix_tokens(old, "time!") == list("time!")
+    # an unknown normalisation is a damaged checkpoint, said so
+    payload["vocab"]["normalize"] = "auto"
+    torch.save(payload, tmp_path / "bad.pt")
+    with pytest.raises(UserError, match=r"vocabulary or weights are unreadable .*normalize = 'auto'"):
+        load_checkpoint(tmp_path / "bad.pt")
 
 
 def test_huge_but_finite_loss_is_divergence_not_a_crash():
