@@ -236,14 +236,14 @@ def _lines(err: ValidationError, prefix: str = "") -> list[str]:
         msg = re.sub(r" or instance of \w+$", "", e["msg"].removeprefix("Value error, "))
         if not loc:
             lines.append(msg)
-        elif loc[-1] == "[key]":  # a mapping's key, e.g. a variant name: `variants.x y.[key]`
-            lines.append(f"{'.'.join(loc[:-2])}: name {e['input']!r}: {msg}")
-        elif e["type"] == "extra_forbidden":
+        elif e["type"] == "extra_forbidden":  # first: a key may itself be named "[key]"
             parent = _model_at(e["loc"][:-1])
             keys = [k for k in (parent.model_fields if parent else ())
                     if k not in getattr(parent, "NOT_ALLOWED", ())]
             allowed = f"; allowed: {', '.join(keys)}" if keys else ""
             lines.append(f"{path}: unknown key{allowed}")
+        elif loc[-1] == "[key]":  # a mapping's key, e.g. a variant name: `variants.x y.[key]`
+            lines.append(f"{'.'.join(loc[:-2])}: name {e['input']!r}: {msg}")
         elif e["type"] == "missing":
             lines.append(f"{path}: missing (required)")
         else:

@@ -71,7 +71,7 @@ def test_timemachine_auto_normalisation_is_the_books():
 
 def test_vocab_json_says_how_text_became_tokens(tmp_path):
     """The resolved normalisation (book, never auto) and the line joining travel with the vocabulary."""
-    t = tokenize_corpus(TEXT * 10, Data(), Tokenize(join_lines="none"))
+    t = tokenize_corpus(TEXT * 10, shipped(Data), shipped(Tokenize, join_lines="none"))
     assert (t.vocab.token_type, t.vocab.normalize, t.vocab.join_lines) == ("char", "book", "none")
     save_tokens(t, tmp_path)
     saved = json.loads((tmp_path / "vocab.json").read_text())
