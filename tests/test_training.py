@@ -1,19 +1,19 @@
 """The training loop: clipping, determinism, divergence, checkpoints, sampling.
 (The perplexity protocol itself: tests/test_evaluation.py.)"""
 
-import math
+import copy
 from itertools import islice
 
 import pytest
 import torch
-from torch import nn
+import torch.nn.functional as F
 
 from rnnlab.checkpoint import load_checkpoint, save_checkpoint
 from rnnlab.config import Train
 from rnnlab.errors import UserError
 from rnnlab.models import ModelConfig, build_model
 from rnnlab.sampling import continue_text, prefix_tokens
-from rnnlab.training import new_state, perplexity, run_epochs
+from rnnlab.training import new_state, perplexity, run_epochs, train_step
 from rnnlab.vocab import Vocab, build_vocab
 from tests.conftest import shipped
 
@@ -38,15 +38,25 @@ def train(model, c):
     return list(run_epochs(state, IDS, IDS[:200], c, torch.device("cpu"))), state
 
 
-def test_clipping_scales_the_global_norm_to_theta():
-    model = tiny()
-    for p in model.parameters():
-        p.grad = torch.full_like(p, 3.0)
-    before = math.sqrt(sum(p.numel() * 9.0 for p in model.parameters()))
-    returned = nn.utils.clip_grad_norm_(model.parameters(), 0.5)
-    after = math.sqrt(sum(float((p.grad ** 2).sum()) for p in model.parameters()))
-    assert float(returned) == pytest.approx(before)
-    assert after == pytest.approx(0.5, rel=1e-5)
+@pytest.mark.parametrize("theta, clipped", [(0.05, True), (1e6, False)])
+def test_train_step_moves_the_weights_by_lr_times_the_clipped_gradient(theta, clipped):
+    """Our training step: the update (SGD) is lr x the gradient scaled to norm theta when its
+    global norm is larger, the gradient itself otherwise; it returns the norm before clipping."""
+    model = tiny(cell="gru")
+    x, y = IDS[:32].view(4, 8), IDS[1:33].view(4, 8)
+    reference = copy.deepcopy(model)  # the same loss and gradient, by hand
+    loss = F.cross_entropy(reference(x)[0].flatten(0, 1), y.flatten())
+    grads = torch.autograd.grad(loss, list(reference.parameters()))
+    norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads))
+    scale = theta / float(norm) if clipped else 1.0
+    assert (float(norm) > theta) == clipped
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    _, step_loss, step_norm = train_step(model, x, y, None, opt, theta)
+    assert float(step_loss) == pytest.approx(float(loss), rel=1e-6)
+    assert float(step_norm) == pytest.approx(float(norm), rel=1e-5)
+    for p, p0, g in zip(model.parameters(), before, grads):
+        torch.testing.assert_close(p0 - p.detach(), 0.1 * scale * g, rtol=1e-4, atol=1e-7)
 
 
 @pytest.mark.parametrize("sampling", ["sequential", "random"])
