@@ -365,7 +365,7 @@ def test_fused_path_backward_twice_with_retain_graph(cell, impl):
 @pytest.mark.parametrize("cell", CELLS)
 def test_forward_takes_the_fused_path_on_the_cpu_only(cell, impl, monkeypatch):
     """rnn and gru on the CPU: fused; under autocast, on another device, and for lstm: nn.* or
-    the loop over steps."""
+    the loop over steps; the torch impl without gradients: nn.*."""
     calls = []
     for recurrence in (fused.TanhRecurrence, fused.GRURecurrence):
         monkeypatch.setattr(recurrence, "apply", lambda *a, _f=recurrence.apply: calls.append(1) or _f(*a))
@@ -373,11 +373,15 @@ def test_forward_takes_the_fused_path_on_the_cpu_only(cell, impl, monkeypatch):
     idx = torch.randint(0, 7, (2, 3))
     model(idx)
     on_cpu = len(calls)
+    with torch.no_grad():  # evaluation: torch's own kernel for the torch impl, the fused one for scratch
+        model(idx)
+    no_grad = len(calls) - on_cpu
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model(idx)
     model.to("meta")(idx.to("meta"))  # another device: shapes only, as a stand-in for CUDA
     assert on_cpu == (1 if cell in FUSED_CELLS else 0)
-    assert len(calls) == on_cpu
+    assert no_grad == (1 if cell in FUSED_CELLS and impl == "scratch" else 0)
+    assert len(calls) == on_cpu + no_grad
 
 
 def test_output_layer_through_onednn_equals_nn_linear(monkeypatch):
