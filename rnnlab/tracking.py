@@ -205,6 +205,7 @@ def tracked_run(cfg: Tracking, experiment: str, run_name: str, tags: dict[str, A
 
     mlflow.set_tracking_uri(uri)
     name = cfg.experiment or experiment
+    tags = {k: str(v) for k, v in tags.items()}  # a server takes strings only (SQLite, anything)
     lock = store_lock(uri)
     with lock:  # a new store is created here, by one stage at a time
         run_id = continue_run if continue_run and may_continue(continue_run, evaluation) else None

@@ -259,7 +259,8 @@ def test_a_resumed_run_logs_each_epoch_once(repo, monkeypatch, tmp_path):
         for e in (1, 2):  # the first process logged epochs 1 and 2, then died
             record_curves(tmp_path / "c.csv", history[:e], tracker)
         run_id = tracker.run_id
-    with tracked_run(Tracking(enabled=True, experiment="resumed"), EXPERIMENT, "rnn", {}, run_id=run_id) as tracker:
+    with tracked_run(Tracking(enabled=True, experiment="resumed"), EXPERIMENT, "rnn", {},
+                     continue_run=run_id) as tracker:
         record_curves(tmp_path / "c.csv", history, tracker, resumed=True)
     steps = [m.step for m in client(uri).get_metric_history(run_id, "val_ppl")]
     assert sorted(steps) == [1, 2, 3]
