@@ -31,7 +31,9 @@ import yaml
 from rnnlab.threads import usable_cpus
 
 ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", "DVC_NO_ANALYTICS": "1"}
+# dvc.yaml's commands run `python`: this one's, as `make` arranges with PATH
+ENV = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", "DVC_NO_ANALYTICS": "1",
+       "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
 for key in [k for k in ENV if k.startswith("DVC_") and k != "DVC_NO_ANALYTICS"] + ["MLFLOW_TRACKING_URI"]:
     ENV.pop(key, None)
 

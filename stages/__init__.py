@@ -1,0 +1,1 @@
+"""The DVC stages of dvc.yaml, one module each: parse paths, load params, call rnnlab."""
