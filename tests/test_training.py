@@ -53,7 +53,7 @@ def test_train_step_moves_the_weights_by_lr_times_the_clipped_gradient(theta, cl
     before = [p.detach().clone() for p in model.parameters()]
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     _, step_loss, step_norm = train_step(model, x, y, None, opt, theta)
-    assert float(step_loss) == pytest.approx(float(loss), rel=1e-6)
+    assert float(step_loss) == pytest.approx(loss.item(), rel=1e-6)
     assert float(step_norm) == pytest.approx(float(norm), rel=1e-5)
     for p, p0, g in zip(model.parameters(), before, grads):
         torch.testing.assert_close(p0 - p.detach(), 0.1 * scale * g, rtol=1e-4, atol=1e-7)
