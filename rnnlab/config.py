@@ -136,9 +136,6 @@ class TrainOverrides(create_model("TrainKeys", __base__=Section, **_every_key_op
         raise ValueError("set the variant's own hidden_size, not train.hidden_size")
 
 
-TRAIN_KEYS = tuple(Train.model_fields)
-
-
 class Variant(Section):
     cell: Literal["rnn", "gru", "lstm"]
     impl: Literal["scratch", "torch"] = "torch"

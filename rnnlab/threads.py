@@ -31,24 +31,24 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def queue_workers(root: Path) -> int:
+def queue_workers(root: Path, processes: list[dict]) -> int:
     """`dvc exp queue-worker` processes of the repository at `root` (their working directory is
     <root>/.dvc/tmp/exps/celery)."""
     wdir = root.resolve() / ".dvc"
-    return sum(1 for p in _processes() if "queue-worker" in p["cmdline"]
-               and _is_relative_to(p["cwd"], wdir))
+    return sum(1 for p in processes if "queue-worker" in p["cmdline"] and _is_relative_to(p["cwd"], wdir))
 
 
-def running_stages() -> int:
+def running_stages(processes: list[dict]) -> int:
     """Python processes running one of our stage modules (`-m stages.train`), this one included."""
-    return sum(1 for p in _processes()
+    return sum(1 for p in processes
                if any(p["cmdline"][i:i + 2] == ["-m", m]
                       for m in STAGE_MODULES for i in range(len(p["cmdline"]) - 1)))
 
 
 def auto_threads(root: Path) -> tuple[int, str]:
     """Threads for one of the trainings that run at once, and why (for the log)."""
-    cpus, workers, stages = usable_cpus(), queue_workers(root), running_stages()
+    processes = _processes()  # one look at the process table serves both counts
+    cpus, workers, stages = usable_cpus(), queue_workers(root, processes), running_stages(processes)
     parallel = max(1, workers, stages)
     threads = max(1, cpus // parallel)
     why = (f"auto: {cpus} CPUs shared by {parallel} parallel "
