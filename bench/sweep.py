@@ -39,12 +39,17 @@ for key in [k for k in ENV if k.startswith("DVC_") and k != "DVC_NO_ANALYTICS"] 
 
 
 def sh(*cmd: str, cwd: Path, log: Path | None = None) -> str:
-    proc = subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True)
+    """Run `cmd`; its output goes through a file, not a pipe: the queue's daemon workers could
+    inherit a pipe and keep this waiting until they exit."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.run(cmd, cwd=cwd, env=ENV, stdout=out, stderr=err,
+                              stdin=subprocess.DEVNULL, text=True)
+        stdout, stderr = (f.seek(0) or f.read() for f in (out, err))
     if log:
-        log.write_text(proc.stdout + proc.stderr)
+        log.write_text(stdout + stderr)
     if proc.returncode:
-        raise SystemExit(f"{' '.join(cmd)} failed in {cwd} (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    return proc.stdout
+        raise SystemExit(f"{' '.join(cmd)} failed in {cwd} (exit {proc.returncode}):\n{stderr[-3000:]}")
+    return stdout
 
 
 def clone(dest: Path, variants: list[str], epochs: int | None) -> Path:

@@ -17,6 +17,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -46,10 +47,14 @@ def dvc(*args: str, cwd: Path, timeout: float = 1200) -> str:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
     env.update(PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", MLFLOW_DISABLE_TELEMETRY="true",
                DO_NOT_TRACK="true", DVC_NO_ANALYTICS="1")
-    proc = subprocess.run([str(BIN / "dvc"), *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)
-    assert proc.returncode == 0, f"dvc {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
-    return proc.stdout + proc.stderr
+    # output to a file, not a pipe: `dvc queue start` leaves daemon workers behind, and a pipe
+    # they inherit would keep subprocess.run waiting until they exit
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.run([str(BIN / "dvc"), *args], cwd=cwd, env=env, stdout=out, stderr=err,
+                              stdin=subprocess.DEVNULL, text=True, timeout=timeout)
+        stdout, stderr = (f.seek(0) or f.read() for f in (out, err))
+    assert proc.returncode == 0, f"dvc {' '.join(args)} failed:\n{stdout}\n{stderr}"
+    return stdout + stderr
 
 
 def wait_for_queue(repo: Path, timeout: float = 1200) -> str:
@@ -114,7 +119,8 @@ def test_a_queued_sweep_records_each_experiment_once(tmp_path, jobs):
     try:
         status = wait_for_queue(repo)
     finally:
-        subprocess.run([str(BIN / "dvc"), "queue", "stop"], cwd=repo, capture_output=True, timeout=120)
+        subprocess.run([str(BIN / "dvc"), "queue", "stop"], cwd=repo, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, timeout=120)
     print(status)
     assert status.count("Success") == len(SWEEP), status
 
