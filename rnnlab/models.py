@@ -32,6 +32,8 @@ that the two agree.
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -132,6 +134,20 @@ class RNNLM(nn.Module):
 # --- impl "torch" ---------------------------------------------------------------------------------
 
 
+@functools.cache
+def cpu_bf16_runs(module: type[nn.RNNBase]) -> bool:
+    """Whether `module` runs under bfloat16 autocast on this CPU. oneDNN's recurrent kernels
+    refuse bfloat16 on some CPUs ("could not create a primitive descriptor for the LSTM forward
+    propagation primitive", seen on an AMD EPYC without AVX-512); there the module runs in
+    float32 instead. Asked once per process, with a one-step module."""
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            module(2, 2)(torch.zeros(1, 1, 2))
+        return True
+    except RuntimeError:
+        return False
+
+
 class TorchRNN(nn.Module):
     """nn.RNN (tanh) / nn.GRU / nn.LSTM behind the scratch stack's interface.
 
@@ -162,7 +178,12 @@ class TorchRNN(nn.Module):
             dtype = self.rnn.weight_ih_l0.dtype
             x = F.one_hot(x, self.rnn.input_size).to(dtype)  # (steps, batch, vocab)
         hx = state if self.num_states == 2 else state[0]  # nn.LSTM takes (h, c), the others h
-        outputs, hx = self.rnn(x, hx)  # (steps, batch, hidden)
+        if (x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+                and not cpu_bf16_runs(type(self.rnn))):
+            with torch.autocast("cpu", enabled=False):  # this CPU's oneDNN has no bf16 kernel
+                outputs, hx = self.rnn(x.float(), hx)
+        else:
+            outputs, hx = self.rnn(x, hx)  # (steps, batch, hidden)
         return outputs, hx if isinstance(hx, tuple) else (hx,)
 
     def fused(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
