@@ -10,11 +10,12 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: setup run test test-fast check-params preset sweep bench bench-sweep ui clean
+.PHONY: setup run test test-fast check-params preset sweep bench bench-sweep ui clean \
+        team-up team-down team-env team-status bench-team
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,team]'
 	touch $@
 
 setup: $(VENV)/.installed             ## create .venv with the pinned dependencies
@@ -53,3 +54,15 @@ bench-sweep: setup                    ## 4 queued experiments with -j 1, then -j
 
 ui: setup                             ## the MLflow UI on the local store (http://127.0.0.1:5000)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000 --workers 1
+
+team-up: setup                        ## the local team stack (docs/team.md): PostgreSQL, S3, MLflow with auth; eval "$$(make -s team-up)"
+	@$(BIN)/python -m deploy.stack up
+
+team-down:                            ## stop the team stack; its data stays in .team/
+	@$(BIN)/python -m deploy.stack down
+
+team-env:                             ## print the team stack's `export` lines again: eval "$$(make -s team-env)"
+	@$(BIN)/python -m deploy.stack env
+
+team-status:                          ## what of the team stack runs
+	@$(BIN)/python -m deploy.stack status

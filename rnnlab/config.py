@@ -178,6 +178,7 @@ class Evaluate(Section):
 class Tracking(Section):
     enabled: bool
     experiment: str | None
+    patience: Annotated[float, Field(ge=0)]
 
 
 def _stage_name(name: str) -> str:

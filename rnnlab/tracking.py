@@ -12,8 +12,14 @@ repository under `dvc exp run --temp` and queued experiments, else the working d
 store keeps its artifacts beside it, in `mlruns/`. Parallel stages (`dvc queue start -j N`) take
 turns at a SQLite store under a file lock beside it (`mlflow.db.lock`): its creation and every
 write, so there is no schema race and no "database is locked". A tracking server that does not
-answer is reported before any training starts. A run that raises is ended FAILED; one stopped by
-Ctrl-C or SIGTERM is ended KILLED; none is left RUNNING.
+answer, or that refuses the login (MLFLOW_TRACKING_USERNAME / _PASSWORD), is reported before any
+training starts. A run that raises is ended FAILED; one stopped by Ctrl-C or SIGTERM is ended
+KILLED; none is left RUNNING.
+
+A server that stops answering during a run (restarted, say) loses nothing: the run's writes wait
+in order and are sent when it answers again, for up to `tracking.patience` seconds at the end of
+the stage; after that the stage fails with one error, and its resumable state lets `dvc repro`
+send what the run lacks (docs/team.md, "Faults").
 """
 
 from __future__ import annotations
@@ -25,9 +31,12 @@ import signal
 import subprocess
 import sys
 import threading
+import time
+from collections import deque
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
+from urllib.parse import urlsplit, urlunsplit
 
 # Both tools phone home unless told not to; set before mlflow is imported.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -52,6 +61,15 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root() / STORE_FILE}"
 
 
+def public_uri(uri: str) -> str:
+    """The URI as it may be shown: a password in it (`http://user:pw@host`) is never printed."""
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri
+    host = parts.hostname + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+
+
 def artifact_location(uri: str, experiment: str) -> str | None:
     """Where a new experiment keeps its artifacts: beside a SQLite store, in
     `mlruns/<experiment>/<run id>/` (MLflow's own default is `./mlruns` of whatever the working
@@ -68,28 +86,84 @@ class Tracker:
 
     `reopened`: the run existed before this stage (a resumed training, or the evaluation of this
     experiment's own training), so it already holds the params. Every write to a SQLite store is
-    made under its lock (see `store_lock`)."""
+    made under its lock (see `store_lock`).
+
+    Writes are sent in order. One that fails because the tracking server does not answer waits,
+    with every later one, until it answers again (`flush`); the training goes on meanwhile."""
 
     def __init__(self, run_id: str | None = None, reopened: bool = False,
-                 lock: AbstractContextManager | None = None):
+                 lock: AbstractContextManager | None = None, uri: str | None = None):
         self.run_id = run_id
         self.reopened = reopened
         self._lock = lock or nullcontext()
+        self._uri = uri
+        self._pending: deque[tuple[str, Callable[[], None]]] = deque()
+        self._outage_reported = False
+
+    @property
+    def pending(self) -> list[str]:
+        """What has not reached the server yet, oldest first."""
+        return [what for what, _ in self._pending]
+
+    def _write(self, what: str, send: Callable[[], None]) -> None:
+        self._pending.append((what, send))
+        self.flush()
+
+    def flush(self) -> bool:
+        """Send the waiting writes in order; False if the server still does not answer."""
+        while self._pending:
+            what, send = self._pending[0]
+            try:
+                with self._lock:
+                    send()
+            except Exception as err:
+                if not self._server_gone(err):
+                    raise
+                if not self._outage_reported:
+                    print(f"tracking: the MLflow server at {public_uri(self._uri or '')} does not "
+                          f"answer ({_first_line(err)}); the run's writes wait until it is back",
+                          file=sys.stderr, flush=True)
+                    self._outage_reported = True
+                return False
+            self._pending.popleft()
+        if self._outage_reported:
+            print("tracking: the MLflow server answers again; every write waiting was sent",
+                  file=sys.stderr, flush=True)
+            self._outage_reported = False
+        return True
+
+    def flush_patiently(self, seconds: float) -> bool:
+        """Flush, retrying for up to `seconds` while the server does not answer."""
+        deadline = time.monotonic() + seconds
+        while not self.flush():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
+        return True
+
+    def _server_gone(self, err: Exception) -> bool:
+        """A connection failure or a 5xx from a server that no longer answers /health: wait for
+        it. Anything else (a refusal, a bad value) is a real error."""
+        return (self._uri is not None and self._uri.startswith(("http://", "https://"))
+                and _is_tracking_error(err) and not _refusal(err) and not _server_answers(self._uri))
 
     def log_params(self, params: dict[str, Any]) -> None:
         if self.run_id:
             import mlflow
 
             # MLflow caps a param value at 6000 characters; ours are short settings.
-            with self._lock:
-                mlflow.log_params({k: ("null" if v is None else v) for k, v in params.items()})
+            values = {k: ("null" if v is None else v) for k, v in params.items()}
+            self._write("params", lambda: mlflow.log_params(values, run_id=self.run_id))
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         if self.run_id:
             import mlflow
 
-            with self._lock:
-                mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+            values = {k: float(v) for k, v in metrics.items()}
+            when = int(time.time() * 1000)  # when measured, however late it is sent
+            what = f"metrics of step {step}" if step is not None else "metrics"
+            self._write(what, lambda: mlflow.log_metrics(values, step=step, run_id=self.run_id,
+                                                         timestamp=when))
 
     def logged_steps(self, key: str) -> set[int]:
         """The steps at which metric `key` is already in the run (none when tracking is off)."""
@@ -103,14 +177,25 @@ class Tracker:
         if self.run_id:
             import mlflow
 
-            with self._lock:
-                mlflow.set_tags({k: str(v) for k, v in tags.items()})
+            values = {k: str(v) for k, v in tags.items()}
+            self._write("tags", lambda: mlflow.set_tags(values))
 
     def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
         if self.run_id:
             import mlflow
 
-            mlflow.log_artifact(str(path), artifact_path=folder)  # files only, no store write
+            # The file's bytes now: the path may be rewritten before a waiting write is sent.
+            data, name = Path(path).read_bytes(), Path(path).name
+
+            def send() -> None:
+                import tempfile
+
+                with tempfile.TemporaryDirectory() as tmp:
+                    (Path(tmp) / name).write_bytes(data)
+                    mlflow.log_artifact(str(Path(tmp) / name), artifact_path=folder,
+                                        run_id=self.run_id)
+
+            self._write(f"artifact {folder + '/' if folder else ''}{name}", send)
 
     def log_dataset(self, ids, source: str, name: str, digest: str, context: str) -> None:
         if self.run_id:
@@ -123,8 +208,7 @@ class Tracker:
             src = LocalArtifactDatasetSource(str(Path(source).resolve()))
             # MLflow caps a dataset digest at 36 characters.
             dataset = mlflow.data.from_numpy(ids, source=src, name=name, digest=digest[:36])
-            with self._lock:
-                mlflow.log_input(dataset, context=context)
+            self._write("dataset", lambda: mlflow.log_input(dataset, context=context))
 
 
 def store_lock(uri: str) -> AbstractContextManager:
@@ -156,18 +240,61 @@ class _StoreLock:
 
 
 def check_reachable(uri: str) -> None:
-    """Fail now, naming the URI, if the tracking store cannot be reached."""
+    """Fail now, naming the URI, if the tracking store cannot be reached or refuses the login."""
     if uri.startswith(("http://", "https://")):
         if not _server_answers(uri):
             raise UserError(
-                f"the MLflow tracking server at {uri} is unreachable; start it, point "
+                f"the MLflow tracking server at {public_uri(uri)} is unreachable; start it, point "
                 "MLFLOW_TRACKING_URI elsewhere (unset: the local mlflow.db), or set "
                 "tracking.enabled: false in params.yaml"
             )
+        check_login(uri)
     elif uri.startswith("sqlite:///"):
         folder = Path(uri.removeprefix("sqlite:///")).resolve().parent
         if not os.access(folder, os.W_OK):
             raise UserError(f"the MLflow store {uri}: folder {folder} is not writable")
+
+
+def check_login(uri: str) -> None:
+    """A server with authentication (`mlflow server --app-name basic-auth`) must accept the login
+    of MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        MlflowClient(uri).search_experiments(max_results=1)
+    except MlflowException as err:
+        if _refusal(err):
+            raise refusal_error(err, uri, "to read its experiments") from None
+        raise
+
+
+def _refusal(err: BaseException) -> bool:
+    """The server refused the login (401) or the action (403)."""
+    return getattr(err, "error_code", None) in ("UNAUTHENTICATED", "PERMISSION_DENIED")
+
+
+def refusal_error(err: BaseException, uri: str, action: str, experiment: str | None = None) -> UserError:
+    """One line for a refusal: who was refused what, by which server, and what to set."""
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    where = public_uri(uri)
+    if getattr(err, "error_code", None) == "UNAUTHENTICATED":
+        who = (f"the password of user {user!r}" if user and os.environ.get("MLFLOW_TRACKING_PASSWORD")
+               else "a request without credentials")
+        return UserError(f"the MLflow server at {where} refused {who} (401 Unauthorized); set "
+                         "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to your login "
+                         "(the local team stack prints them: make team-env)")
+    whom = f"user {user!r}" if user else "this login"
+    fix = (f"ask the owner of experiment {experiment!r} or an admin for EDIT on it (python -m "
+           f"deploy.stack grant {user or '<user>'} {experiment} EDIT), or set tracking.experiment "
+           "in params.yaml to an experiment of your own") if experiment else \
+        "ask an admin of the server for the permission"
+    return UserError(f"the MLflow server at {where} refused {whom} permission {action} "
+                     f"(403 Forbidden); {fix}")
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).splitlines() or [type(err).__name__])[0][:200]
 
 
 def _server_answers(uri: str) -> bool:
@@ -203,23 +330,37 @@ def tracked_run(cfg: Tracking, experiment: str, run_name: str, tags: dict[str, A
     check_reachable(uri)
     import mlflow
 
+    from mlflow.exceptions import MlflowException
+
     mlflow.set_tracking_uri(uri)
     name = cfg.experiment or experiment
     tags = {k: str(v) for k, v in tags.items()}  # a server takes strings only (SQLite, anything)
     lock = store_lock(uri)
-    with lock:  # a new store is created here, by one stage at a time
-        run_id = continue_run if continue_run and may_continue(continue_run, evaluation) else None
-        run = mlflow.start_run(run_id=run_id,
-                               experiment_id=None if run_id else _experiment_id(name, uri),
-                               run_name=None if run_id else run_name, tags=tags)
+    try:
+        with lock:  # a new store is created here, by one stage at a time
+            run_id = continue_run if continue_run and may_continue(continue_run, evaluation) else None
+            run = mlflow.start_run(run_id=run_id,
+                                   experiment_id=None if run_id else _experiment_id(name, uri),
+                                   run_name=None if run_id else run_name, tags=tags)
+    except MlflowException as err:
+        if _refusal(err):
+            raise refusal_error(err, uri, f"to add a run to experiment {name!r}", name) from None
+        raise
     print(f"tracking: MLflow run {run.info.run_id} ({'reopened' if run_id else 'new'}) in "
-          f"experiment '{name}' at {uri}", flush=True)
+          f"experiment '{name}' at {public_uri(uri)}", flush=True)
     on_main_thread = threading.current_thread() is threading.main_thread()  # signals: main only
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if on_main_thread else None
     previous = previous if previous is not None else signal.SIG_DFL  # None: not set from Python
     end = lambda status: _end_run(status, on_main_thread, previous, lock)  # noqa: E731
+    tracker = Tracker(run.info.run_id, reopened=bool(run_id), lock=lock, uri=uri)
     try:
-        yield Tracker(run.info.run_id, reopened=bool(run_id), lock=lock)
+        yield tracker
+        if not tracker.flush_patiently(cfg.patience):
+            raise UserError(
+                f"lost the MLflow tracking server at {public_uri(uri)}: it did not answer for "
+                f"{cfg.patience:g} s (tracking.patience), and run {run.info.run_id} lacks "
+                f"{', '.join(tracker.pending)}; this stage's work is kept (resumable state, "
+                "checkpoints): when the server is back, `dvc repro` sends what the run lacks")
     except Terminated:
         end("KILLED")
         print(f"terminated (SIGTERM); MLflow run {run.info.run_id} ended KILLED", file=sys.stderr)
@@ -229,10 +370,13 @@ def tracked_run(cfg: Tracking, experiment: str, run_name: str, tags: dict[str, A
         raise
     except BaseException as err:
         end("FAILED")
+        if _refusal(err):
+            raise refusal_error(err, uri, f"to write to run {run.info.run_id} of experiment "
+                                f"{name!r}", name) from None
         if _is_tracking_error(err) and uri.startswith(("http://", "https://")) \
                 and not _server_answers(uri):
-            raise UserError(f"lost the MLflow tracking server at {uri} during run "
-                            f"{run.info.run_id}: {str(err).splitlines()[0]}") from None
+            raise UserError(f"lost the MLflow tracking server at {public_uri(uri)} during run "
+                            f"{run.info.run_id}: {_first_line(err)}") from None
         raise
     else:
         end("FINISHED")

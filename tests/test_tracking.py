@@ -172,7 +172,7 @@ def test_a_run_in_a_dvc_temp_copy_goes_to_the_parent_repository(repo, tmp_path, 
     history = [{"epoch": 1, "train_ppl": 9.0, "val_ppl": 10.0}, {"epoch": 2, "train_ppl": 7.0, "val_ppl": 8.0}]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        with tracked_run(Tracking(enabled=True, experiment="temp-copy"), EXPERIMENT, "rnn", {}) as tracker:
+        with tracked_run(shipped(Tracking, enabled=True, experiment="temp-copy"), EXPERIMENT, "rnn", {}) as tracker:
             tracker.log_dataset(np.arange(100), "tokens", f"{EXPERIMENT}-train", "ab" * 20, "training")
             record_curves_png(copy / "curves.png", history, tracker, title="rnn")
     assert not [w for w in caught if "interpreted in multiple ways" in str(w.message)]
@@ -197,7 +197,7 @@ def test_a_run_that_raises_is_not_left_running(repo, monkeypatch, raised, status
     uri = f"sqlite:///{repo}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     with pytest.raises(type(raised)):
-        with tracked_run(Tracking(enabled=True, experiment=f"raises-{status}"), EXPERIMENT, "rnn", {}):
+        with tracked_run(shipped(Tracking, enabled=True, experiment=f"raises-{status}"), EXPERIMENT, "rnn", {}):
             raise raised
     assert [r.info.status for r in only_experiment_runs(uri, experiment=f"raises-{status}")] == [status]
 
@@ -208,7 +208,7 @@ def test_sigterm_ends_the_run_killed_with_status_143(repo, monkeypatch, capsys):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(SystemExit) as exit_info:
-        with tracked_run(Tracking(enabled=True, experiment="sigterm"), EXPERIMENT, "rnn", {}):
+        with tracked_run(shipped(Tracking, enabled=True, experiment="sigterm"), EXPERIMENT, "rnn", {}):
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(5)  # the handler raises long before this ends
     assert exit_info.value.code == 143
@@ -222,7 +222,7 @@ def test_a_run_is_continued_only_by_its_own_experiment(repo, monkeypatch):
     """docs/tracking.md's rule: a stage adds to a run only if the run is its experiment's (and,
     for an evaluation, not evaluated yet); anything else gets a new run."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{repo}/mlflow.db")
-    cfg = Tracking(enabled=True, experiment="ownership")
+    cfg = shipped(Tracking, enabled=True, experiment="ownership")
 
     def stage(exp: str | None, continue_run=None, evaluation=False, tags=None):
         if exp:
@@ -255,11 +255,11 @@ def test_a_resumed_run_logs_each_epoch_once(repo, monkeypatch, tmp_path):
     row = {"train_ppl": 9.0, "val_ppl": 10.0, "tokens_per_sec": 1.0, "grad_norm": 1.0,
            "clipped_frac": 0.0, "lr": 0.1, "seconds": 1.0}
     history = [{**row, "epoch": e} for e in (1, 2, 3)]
-    with tracked_run(Tracking(enabled=True, experiment="resumed"), EXPERIMENT, "rnn", {}) as tracker:
+    with tracked_run(shipped(Tracking, enabled=True, experiment="resumed"), EXPERIMENT, "rnn", {}) as tracker:
         for e in (1, 2):  # the first process logged epochs 1 and 2, then died
             record_curves(tmp_path / "c.csv", history[:e], tracker)
         run_id = tracker.run_id
-    with tracked_run(Tracking(enabled=True, experiment="resumed"), EXPERIMENT, "rnn", {},
+    with tracked_run(shipped(Tracking, enabled=True, experiment="resumed"), EXPERIMENT, "rnn", {},
                      continue_run=run_id) as tracker:
         record_curves(tmp_path / "c.csv", history, tracker, resumed=True)
     steps = [m.step for m in client(uri).get_metric_history(run_id, "val_ppl")]
