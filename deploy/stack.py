@@ -43,7 +43,6 @@ from pathlib import Path
 import requests
 
 from rnnlab.errors import UserError, run_main
-from rnnlab.fileio import repo_root
 
 ARTIFACT_BUCKET = "mlflow-artifacts"
 DVC_BUCKET = "dvc-remote"
@@ -111,8 +110,12 @@ class Paths:
         return self.logs / f"{name}.log"
 
 
+PROJECT = Path(__file__).resolve().parents[1]
+
+
 def team_dir() -> Path:
-    return Path(os.environ.get("TEAM_DIR") or repo_root() / ".team").resolve()
+    """TEAM_DIR, else `.team/` in this checkout."""
+    return Path(os.environ.get("TEAM_DIR") or PROJECT / ".team").resolve()
 
 
 def write_private(path: Path, text: str) -> None:
@@ -459,7 +462,8 @@ def remote_commands(stack: Stack) -> list[list[str]]:
 
 
 def add_remote(stack: Stack) -> list[str]:
-    root = repo_root()
+    """Add the remote to the DVC repository of the working directory, if it is one."""
+    root = Path.cwd()
     if not (root / ".dvc").is_dir():
         return []
     dvc = Path(sys.executable).with_name("dvc")
@@ -475,7 +479,9 @@ def add_remote(stack: Stack) -> list[str]:
 
 def up(user: str | None = None) -> None:
     paths = Paths(team_dir())
-    for folder in (paths.root, paths.run, paths.s3, paths.logs):
+    paths.root.mkdir(parents=True, exist_ok=True)
+    paths.root.chmod(0o711)  # secrets and data: the owner's; PostgreSQL's user may pass through
+    for folder in (paths.run, paths.s3, paths.logs):
         folder.mkdir(parents=True, exist_ok=True)
     stack = load_stack(paths, user)
     start = time.monotonic()
