@@ -7,7 +7,7 @@
     python -m deploy.stack user NAME      # add a user (admin only); prints their `export` lines
     python -m deploy.stack grant NAME EXPERIMENT PERMISSION   # READ, EDIT, MANAGE or NO_PERMISSIONS
 
-It runs the programs that deploy/docker-compose.yml runs, with the same flags (tests/test_team.py
+It runs the programs that deploy/docker-compose.yml runs, with the same flags (tests/test_compose.py
 checks), on 127.0.0.1, as local processes:
 
 - PostgreSQL (Debian's `postgresql` package; `TEAM_PG_BIN` names another bin folder): MLflow's
@@ -87,7 +87,7 @@ class Stack:
     def db_uri(self, database: str) -> str:
         """No password in the URI (it would show in `ps` and in logs): libpq reads it from
         PGPASSFILE (`.team/pgpass`)."""
-        return f"postgresql://mlflow@127.0.0.1:{self.postgres_port}/{database}"
+        return f"postgresql+psycopg://mlflow@127.0.0.1:{self.postgres_port}/{database}"
 
 
 class Paths:
@@ -416,8 +416,9 @@ def start_mlflow(stack: Stack, paths: Paths) -> None:
              paths.pid("mlflow"), seconds=120)
 
 
-def api(stack: Stack, method: str, path: str, auth: tuple[str, str], **kw) -> requests.Response:
-    return requests.request(method, f"{stack.tracking_uri}/api/2.0/mlflow/{path}", auth=auth,
+def api(stack: Stack, method: str, path: str, auth: tuple[str, str], version: str = "2.0",
+        **kw) -> requests.Response:
+    return requests.request(method, f"{stack.tracking_uri}/api/{version}/mlflow/{path}", auth=auth,
                             timeout=30, **kw)
 
 
@@ -443,10 +444,13 @@ def grant(stack: Stack, name: str, experiment: str, permission: str) -> None:
     else:
         r.raise_for_status()
         exp_id = r.json()["experiment"]["experiment_id"]
-    body = {"experiment_id": exp_id, "username": name, "permission": permission}
-    r = api(stack, "POST", "experiments/permissions/create", admin, json=body)
-    if not r.ok:  # it exists: change it
-        r = api(stack, "PATCH", "experiments/permissions/update", admin, json=body)
+    body = {"username": name, "resource_type": "experiment", "resource_id": exp_id,
+            "permission": permission}
+    r = api(stack, "POST", "users/permissions/grant", admin, version="3.0", json=body)
+    if r.status_code == 400 and "RESOURCE_ALREADY_EXISTS" in r.text:  # another: replace it
+        api(stack, "POST", "users/permissions/revoke", admin, version="3.0",
+            json={k: v for k, v in body.items() if k != "permission"})
+        r = api(stack, "POST", "users/permissions/grant", admin, version="3.0", json=body)
     if not r.ok:
         raise UserError(f"could not grant {permission} on {experiment!r} to {name!r}: "
                         f"{r.status_code} {r.text[:200]}")

@@ -111,6 +111,8 @@ class Tracker:
 
     def flush(self) -> bool:
         """Send the waiting writes in order; False if the server still does not answer."""
+        if self._pending and self._outage_reported and not _server_answers(self._uri or ""):
+            return False  # still away: ask /health (fast), not the client (it retries for seconds)
         while self._pending:
             what, send = self._pending[0]
             try:

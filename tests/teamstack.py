@@ -59,8 +59,9 @@ class TeamStack:
         return load_stack(self.paths)
 
     def cli(self, *args: str, cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:
-        """Run `python -m deploy.stack ARGS` against this stack."""
-        result = subprocess.run([sys.executable, "-m", "deploy.stack", *args], cwd=cwd or PROJECT,
+        """Run `python -m deploy.stack ARGS` against this stack (from its own folder, which is no
+        DVC repository, so `up` adds no remote anywhere)."""
+        result = subprocess.run([sys.executable, "-m", "deploy.stack", *args], cwd=cwd or self.root,
                                 env=self.base_env, capture_output=True, text=True, timeout=300)
         if check and result.returncode != 0:
             raise AssertionError(f"deploy.stack {' '.join(args)} failed:\n{result.stderr}")
