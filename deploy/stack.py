@@ -127,11 +127,23 @@ def write_private(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def pick_port(name: str, default: int) -> int:
+    """The default port, or a free one if another program holds it (kept in stack.json)."""
+    if not port_answers(default):
+        return default
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    say(f"port {default} is taken; {name} gets port {port}")
+    return port
+
+
 def load_stack(paths: Paths, user: str | None = None) -> Stack:
     """The stack's settings: read, or made with fresh secrets and free ports on first use."""
     if paths.config.exists():
         return Stack(**json.loads(paths.config.read_text()))
-    ports = {k: int(os.environ.get(f"TEAM_{k.upper()}_PORT", v)) for k, v in DEFAULT_PORTS.items()}
+    ports = {k: int(os.environ.get(f"TEAM_{k.upper()}_PORT") or pick_port(k, v))
+             for k, v in DEFAULT_PORTS.items()}
     stack = Stack(postgres_port=ports["postgres"], s3_port=ports["s3"], mlflow_port=ports["mlflow"],
                   user=user or "researcher", user_password=secrets.token_urlsafe(18),
                   admin_password=secrets.token_urlsafe(18), db_password=secrets.token_urlsafe(18),
@@ -209,6 +221,19 @@ def port_answers(port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(0.5)
         return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def claim_port(name: str, port: int, ours: bool) -> bool:
+    """Whether our `name` already runs on `port` (True) or it is free (False); a port held by
+    another program is an error naming the setting that moves ours."""
+    if not port_answers(port):
+        return False
+    if ours:
+        return True
+    raise UserError(f"port {port} (for {name}) is in use by another program, perhaps the team "
+                    f"stack of another clone; stop it, or give this stack other ports: delete "
+                    f"{team_dir() / 'stack.json'} and run again with TEAM_{name.upper()}_PORT=<port> "
+                    "(TEAM_POSTGRES_PORT, TEAM_S3_PORT, TEAM_MLFLOW_PORT)")
 
 
 def wait_for(what: str, ready, log: Path, pidfile: Path | None = None,
@@ -321,7 +346,7 @@ def start_postgres(stack: Stack, paths: Paths) -> None:
             pwfile.unlink(missing_ok=True)
         if owner:  # the `postgres` OS user logs in over the socket as role `postgres`
             pass
-    if not port_answers(stack.postgres_port):
+    if not claim_port("postgres", stack.postgres_port, (paths.pg / "postmaster.pid").exists()):
         options = f"-p {stack.postgres_port} -k {paths.run} -c listen_addresses=127.0.0.1"
         log = paths.log("postgres")
         log.touch()
@@ -378,7 +403,7 @@ def s3_client(stack: Stack):
 
 def start_s3(stack: Stack, paths: Paths) -> None:
     paths.s3.mkdir(parents=True, exist_ok=True)
-    if port_answers(stack.s3_port):
+    if claim_port("s3", stack.s3_port, alive(paths.pid("s3")) is not None):
         return
     env = {**os.environ, **QUIET, "MOTO_ENABLE_RECORDING": "true",
            "MOTO_RECORDER_FILEPATH": str(paths.recording)}
@@ -408,7 +433,7 @@ def health(stack: Stack) -> bool:
 
 def start_mlflow(stack: Stack, paths: Paths) -> None:
     write_private(paths.auth_ini, auth_ini(stack))
-    if health(stack):
+    if claim_port("mlflow", stack.mlflow_port, alive(paths.pid("mlflow")) is not None):
         return
     mlflow = Path(sys.executable).with_name("mlflow")
     spawn("mlflow", [str(mlflow), *mlflow_server_args(stack)], server_env(stack, paths), paths)
