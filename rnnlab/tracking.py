@@ -36,7 +36,7 @@ from collections import deque
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Callable, Iterator
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 # Both tools phone home unless told not to; set before mlflow is imported.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -57,8 +57,19 @@ LOCK_SECONDS = 300         # wait this long for another stage's turn at a SQLite
 
 
 def tracking_uri() -> str:
-    """MLFLOW_TRACKING_URI if set, else `sqlite:///<repository root>/mlflow.db` (absolute)."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root() / STORE_FILE}"
+    """MLFLOW_TRACKING_URI if set, else `sqlite:///<repository root>/mlflow.db` (absolute).
+
+    A login written into the URI (`http://user:pw@host`) moves to MLFLOW_TRACKING_USERNAME and
+    MLFLOW_TRACKING_PASSWORD, and the URI loses it: MLflow prints its URI ("View run at ...")."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root() / STORE_FILE}"
+    parts = urlsplit(uri)
+    if parts.scheme in ("http", "https") and parts.username is not None:
+        os.environ.setdefault("MLFLOW_TRACKING_USERNAME", unquote(parts.username))
+        if parts.password is not None:
+            os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", unquote(parts.password))
+        uri = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+        os.environ["MLFLOW_TRACKING_URI"] = uri
+    return uri
 
 
 def public_uri(uri: str) -> str:
@@ -66,7 +77,7 @@ def public_uri(uri: str) -> str:
     parts = urlsplit(uri)
     if parts.password is None:
         return uri
-    host = parts.hostname + (f":{parts.port}" if parts.port else "")
+    host = parts.netloc.rpartition("@")[2]
     return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
 
 
