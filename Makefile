@@ -66,3 +66,6 @@ team-env:                             ## print the team stack's `export` lines a
 
 team-status:                          ## what of the team stack runs
 	@$(BIN)/python -m deploy.stack status
+
+bench-team: setup                     ## 8 tracked trainings at once (and 1): team server vs SQLite (bench/team_load.py)
+	$(BIN)/python -m bench.team_load

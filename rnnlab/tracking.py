@@ -160,23 +160,28 @@ class Tracker:
         return (self._uri is not None and self._uri.startswith(("http://", "https://"))
                 and _is_tracking_error(err) and not _refusal(err) and not _server_answers(self._uri))
 
+    def _log_batch(self, **batch) -> None:
+        """One request (`log-batch`): the fluent mlflow.log_* ask for the run first, two."""
+        from mlflow import MlflowClient
+
+        MlflowClient().log_batch(self.run_id, **batch)
+
     def log_params(self, params: dict[str, Any]) -> None:
         if self.run_id:
-            import mlflow
+            from mlflow.entities import Param
 
             # MLflow caps a param value at 6000 characters; ours are short settings.
-            values = {k: ("null" if v is None else v) for k, v in params.items()}
-            self._write("params", lambda: mlflow.log_params(values, run_id=self.run_id))
+            batch = [Param(k, "null" if v is None else str(v)) for k, v in params.items()]
+            self._write("params", lambda: self._log_batch(params=batch))
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         if self.run_id:
-            import mlflow
+            from mlflow.entities import Metric
 
-            values = {k: float(v) for k, v in metrics.items()}
             when = int(time.time() * 1000)  # when measured, however late it is sent
+            batch = [Metric(k, float(v), when, step or 0) for k, v in metrics.items()]
             what = f"metrics of step {step}" if step is not None else "metrics"
-            self._write(what, lambda: mlflow.log_metrics(values, step=step, run_id=self.run_id,
-                                                         timestamp=when))
+            self._write(what, lambda: self._log_batch(metrics=batch))
 
     def logged_steps(self, key: str) -> set[int]:
         """The steps at which metric `key` is already in the run (none when tracking is off)."""
@@ -188,10 +193,10 @@ class Tracker:
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         if self.run_id:
-            import mlflow
+            from mlflow.entities import RunTag
 
-            values = {k: str(v) for k, v in tags.items()}
-            self._write("tags", lambda: mlflow.set_tags(values))
+            batch = [RunTag(k, str(v)) for k, v in tags.items()]
+            self._write("tags", lambda: self._log_batch(tags=batch))
 
     def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
         if self.run_id:
