@@ -380,7 +380,8 @@ def test_no_password_in_the_runs_params_tags_inputs_or_artifacts(team, member_ru
               "inputs": [(d.dataset.name, d.dataset.source, d.dataset.profile, d.dataset.schema)
                          for d in run.inputs.dataset_inputs]}
     assert leaks(json.dumps(record), secrets) == []
-    artifacts = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, dst_path=str(tmp_path)))
+    artifacts = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, dst_path=str(tmp_path),
+                                                         tracking_uri=team.env["MLFLOW_TRACKING_URI"]))
     files = [p for p in artifacts.rglob("*") if p.is_file()]
     assert files
     assert leaks_in_files(files, secrets) == {}

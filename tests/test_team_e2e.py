@@ -74,6 +74,15 @@ def mlflow_client(login: dict[str, str]):
     return MlflowClient(login["MLFLOW_TRACKING_URI"])
 
 
+@pytest.fixture(scope="module", autouse=True)
+def environment_restored():
+    """mlflow_client() logs in through os.environ: leave it as it was for the tests after these."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 @pytest.fixture(scope="module")
 def team(tmp_path_factory):
     with team_stack(tmp_path_factory.mktemp("stack") / "team") as team:
