@@ -296,3 +296,32 @@ def test_the_object_store_down_at_push_is_an_error_and_a_retry_succeeds(team, or
     sh(str(BIN / "dvc"), "exp", "pull", "origin", "exp-push", cwd=other, env=env)
     sh(str(BIN / "dvc"), "exp", "apply", "exp-push", cwd=other, env=env)
     assert md5(other / "models/rnn/best.pt") == md5(repo / "models/rnn/best.pt")
+
+
+def test_down_then_up_keeps_every_run_user_and_object(team, tmp_path):
+    """`make team-down` then `make team-up`: the runs (PostgreSQL), the users (mlflow_auth) and
+    the objects of both buckets (moto's recording, replayed) are all there again."""
+    from deploy.stack import DVC_BUCKET, s3_client
+
+    stack = team.stack
+    dave = team.user_env("dave")
+    client = mlflow_client(dave)
+    exp_id = client.create_experiment("persisted")
+    run = client.create_run(exp_id)
+    client.log_metric(run.info.run_id, "val_ppl", 4.25, step=3)
+    (tmp_path / "weights.bin").write_bytes(bytes(range(256)) * 1000)  # binary, 256 kB
+    client.log_artifact(run.info.run_id, str(tmp_path / "weights.bin"))
+    client.set_terminated(run.info.run_id)
+    s3_client(stack).put_object(Bucket=DVC_BUCKET, Key="rnnlab/check", Body=b"\x00\xffdvc")
+
+    team.cli("down")
+    assert "down" in team.cli("status").stdout
+    team.cli("up")
+
+    client = mlflow_client(dave)  # dave's login still works
+    again = client.get_run(run.info.run_id)
+    assert again.info.status == "FINISHED"
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "val_ppl")] == [(3, 4.25)]
+    got = Path(client.download_artifacts(run.info.run_id, "weights.bin", str(tmp_path / "back")))
+    assert got.read_bytes() == (tmp_path / "weights.bin").read_bytes()
+    assert s3_client(stack).get_object(Bucket=DVC_BUCKET, Key="rnnlab/check")["Body"].read() == b"\x00\xffdvc"
