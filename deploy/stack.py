@@ -127,13 +127,18 @@ def write_private(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def free_port() -> int:
+    """A port of 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def pick_port(name: str, default: int) -> int:
     """The default port, or a free one if another program holds it (kept in stack.json)."""
     if not port_answers(default):
         return default
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     say(f"port {default} is taken; {name} gets port {port}")
     return port
 
@@ -347,8 +352,6 @@ def start_postgres(stack: Stack, paths: Paths) -> None:
             raise UserError(f"initdb failed: {err.stderr.decode(errors='replace').strip()}") from None
         finally:
             pwfile.unlink(missing_ok=True)
-        if owner:  # the `postgres` OS user logs in over the socket as role `postgres`
-            pass
     if not claim_port("postgres", stack.postgres_port, (paths.pg / "postmaster.pid").exists()):
         options = f"-p {stack.postgres_port} -k {paths.run} -c listen_addresses=127.0.0.1"
         log = paths.log("postgres")

@@ -108,7 +108,7 @@ class Tracker:
         self.reopened = reopened
         self._lock = lock or nullcontext()
         self._uri = uri
-        self._pending: deque[tuple[str, Callable[[], None]]] = deque()
+        self._pending: deque[list] = deque()   # [what, send], oldest first
         self._outage_reported = False
 
     @property
@@ -116,9 +116,14 @@ class Tracker:
         """What has not reached the server yet, oldest first."""
         return [what for what, _ in self._pending]
 
-    def _write(self, what: str, send: Callable[[], None]) -> None:
-        self._pending.append((what, send))
-        self.flush()
+    def _write(self, what: str, send: Callable[[], None],
+               keep: Callable[[], Callable[[], None]] | None = None) -> None:
+        """Send now, or queue. `keep` makes a send that no longer needs what may change before a
+        queued write goes (an artifact's file), for a write that has to wait."""
+        entry = [what, send]
+        self._pending.append(entry)
+        if not self.flush() and keep is not None and any(e is entry for e in self._pending):
+            entry[1] = keep()
 
     def flush(self) -> bool:
         """Send the waiting writes in order; False if the server still does not answer."""
@@ -130,7 +135,7 @@ class Tracker:
                 with self._lock:
                     send()
             except Exception as err:
-                if not self._server_gone(err):
+                if not _server_gone(err, self._uri):
                     raise
                 if not self._outage_reported:
                     print(f"tracking: the MLflow server at {public_uri(self._uri or '')} does not "
@@ -153,12 +158,6 @@ class Tracker:
                 return False
             time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
         return True
-
-    def _server_gone(self, err: Exception) -> bool:
-        """A connection failure or a 5xx from a server that no longer answers /health: wait for
-        it. Anything else (a refusal, a bad value) is a real error."""
-        return (self._uri is not None and self._uri.startswith(("http://", "https://"))
-                and _is_tracking_error(err) and not _refusal(err) and not _server_answers(self._uri))
 
     def _log_batch(self, **batch) -> None:
         """One request (`log-batch`): the fluent mlflow.log_* ask for the run first, two."""
@@ -202,18 +201,26 @@ class Tracker:
         if self.run_id:
             import mlflow
 
-            # The file's bytes now: the path may be rewritten before a waiting write is sent.
-            data, name = Path(path).read_bytes(), Path(path).name
+            path = Path(path)
 
-            def send() -> None:
-                import tempfile
+            def upload(file: Path) -> None:
+                mlflow.log_artifact(str(file), artifact_path=folder, run_id=self.run_id)
 
-                with tempfile.TemporaryDirectory() as tmp:
-                    (Path(tmp) / name).write_bytes(data)
-                    mlflow.log_artifact(str(Path(tmp) / name), artifact_path=folder,
-                                        run_id=self.run_id)
+            def keep() -> Callable[[], None]:
+                """The file's bytes now: the path may be rewritten before the write goes."""
+                data = path.read_bytes()
 
-            self._write(f"artifact {folder + '/' if folder else ''}{name}", send)
+                def send() -> None:
+                    import tempfile
+
+                    with tempfile.TemporaryDirectory() as tmp:
+                        (Path(tmp) / path.name).write_bytes(data)
+                        upload(Path(tmp) / path.name)
+
+                return send
+
+            self._write(f"artifact {folder + '/' if folder else ''}{path.name}",
+                        lambda: upload(path), keep)
 
     def log_dataset(self, ids, source: str, name: str, digest: str, context: str) -> None:
         if self.run_id:
@@ -391,8 +398,7 @@ def tracked_run(cfg: Tracking, experiment: str, run_name: str, tags: dict[str, A
         if _refusal(err):
             raise refusal_error(err, uri, f"to write to run {run.info.run_id} of experiment "
                                 f"{name!r}", name) from None
-        if _is_tracking_error(err) and uri.startswith(("http://", "https://")) \
-                and not _server_answers(uri):
+        if _server_gone(err, uri):
             raise UserError(f"lost the MLflow tracking server at {public_uri(uri)} during run "
                             f"{run.info.run_id}: {_first_line(err)}") from None
         raise
@@ -440,6 +446,13 @@ def _end_run(status: str, on_main_thread: bool, previous, lock: AbstractContextM
     finally:
         if on_main_thread:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _server_gone(err: BaseException, uri: str | None) -> bool:
+    """`err` came from a tracking server that no longer answers /health (a connection failure, a
+    5xx while it restarts). A refusal or a bad value is a real error, whatever the server does."""
+    return (uri is not None and uri.startswith(("http://", "https://")) and _is_tracking_error(err)
+            and not _refusal(err) and not _server_answers(uri))
 
 
 def _is_tracking_error(err: BaseException) -> bool:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import shlex
-import socket
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -21,16 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from deploy.stack import Paths, Stack, load_stack
+from deploy.stack import Paths, Stack, free_port, load_stack
 
 PROJECT = Path(__file__).resolve().parents[1]
 QUIET = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", "DVC_NO_ANALYTICS": "1"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def parse_exports(text: str) -> dict[str, str]:
