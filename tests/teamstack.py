@@ -64,9 +64,13 @@ class TeamStack:
         """A new user's environment (what `deploy.stack user NAME` prints)."""
         return parse_exports(self.cli("user", name).stdout)
 
-    def client_env(self, login: dict[str, str] | None = None) -> dict[str, str]:
-        """os.environ with the stack's exports (the member's, or `login`'s) on top."""
-        return {**os.environ, **QUIET, **(login or self.env)}
+
+
+def shell_env(login: dict[str, str], **extra: str) -> dict[str, str]:
+    """A user's shell: this process's environment without its MLflow, DVC or AWS settings, then
+    `login` (a stack's exports) and `extra` on top."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_", "AWS_"))}
+    return {**env, **QUIET, **login, **extra}
 
 
 def stack_env(root: Path) -> dict[str, str]:

@@ -40,7 +40,7 @@ from deploy.stack import pg_bin
 from rnnlab.errors import UserError
 from rnnlab.tracking import public_uri, refusal_error
 from tests.conftest import shipped_params
-from tests.teamstack import QUIET, TeamStack, team_stack
+from tests.teamstack import TeamStack, shell_env, team_stack
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENT = "team-access"          # the member's training runs go here (tracking.experiment)
@@ -118,11 +118,9 @@ def get_experiment(team: TeamStack, exp_id: str) -> dict:
 
 def stage_env(project: Path, tracking: dict[str, str]) -> dict[str, str]:
     """A stage's environment: no inherited MLflow, DVC or AWS settings; `tracking`'s on top."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_", "AWS_"))}
-    env.update(QUIET, PYTHONUNBUFFERED="1", DVC_ROOT=str(project),
-               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-               **tracking)
-    return env
+    return shell_env({}, PYTHONUNBUFFERED="1", DVC_ROOT=str(project),
+                     PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+                     **tracking)
 
 
 def run_stage(project: Path, module: str, *args, env: dict[str, str]) -> subprocess.CompletedProcess:

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from deploy.stack import remote_commands, stop
-from tests.teamstack import team_stack
+from tests.teamstack import shell_env, team_stack
 from tests.test_pipeline import copy_repo
 
 pytestmark = pytest.mark.slow
@@ -40,10 +40,8 @@ def tiny(params: dict) -> None:
 
 
 def clean_env(login: dict[str, str]) -> dict[str, str]:
-    """A user's shell: the stack's exports and nothing of this process's MLflow or DVC settings."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_", "AWS_"))}
-    return {**env, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "MLFLOW_DISABLE_TELEMETRY": "true",
-            "DO_NOT_TRACK": "true", "DVC_NO_ANALYTICS": "1", **login}
+    """A user's shell with the environment activated: the stack's exports, the venv's tools."""
+    return shell_env(login, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
 
 
 def sh(*cmd: str, cwd: Path, env: dict, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess:
