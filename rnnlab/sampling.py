@@ -3,12 +3,17 @@
 The prefix first becomes tokens as the corpus did (the vocabulary's normalisation and line
 joining: with `book`, "Time Traveller!" is read as "time traveller"). Warm-up: those tokens are
 read in one pass to build the state, then each next token is chosen from the last output (argmax
-for greedy; a softmax with a temperature for sampling) and fed back.
+for greedy; a softmax with a temperature, over the `top_k` likeliest tokens if set, for sampling)
+and fed back.
+
+`Options` holds the defaults of text generation outside the pipeline (`rnnlab generate`, the
+MLflow Model's `predict`): the pipeline's own come from params.yaml's `evaluate` section.
 """
 
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 
 import torch
 
@@ -16,6 +21,35 @@ from rnnlab.errors import UserError
 from rnnlab.models import RNNLM
 from rnnlab.text import detokenize
 from rnnlab.vocab import Vocab
+
+
+@dataclass(frozen=True)
+class Options:
+    """How to continue a prefix: greedy when temperature is 0, else sampled (seeded)."""
+
+    num_tokens: int = 50     # tokens to generate (>= 1)
+    temperature: float = 0.0  # 0: greedy (argmax); > 0: softmax temperature of sampling
+    top_k: int = 0           # sample among the k likeliest tokens only; 0: all
+    seed: int = 0            # seed of the sampling (>= 0)
+
+    def __post_init__(self) -> None:
+        problems = [f"{name} = {value!r}: {rule}" for name, value, ok, rule in (
+            ("num_tokens", self.num_tokens, _int(self.num_tokens) and self.num_tokens >= 1, "an integer >= 1"),
+            ("temperature", self.temperature, _num(self.temperature) and self.temperature >= 0,
+             "a number >= 0 (0: greedy)"),
+            ("top_k", self.top_k, _int(self.top_k) and self.top_k >= 0, "an integer >= 0 (0: all tokens)"),
+            ("seed", self.seed, _int(self.seed) and self.seed >= 0, "an integer >= 0"),
+        ) if not ok]
+        if problems:
+            raise UserError("\n".join(problems))
+
+
+def _int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
 
 
 def prefix_tokens(vocab: Vocab, prefix: str, warn: bool = True) -> list[str]:
@@ -35,8 +69,10 @@ def prefix_tokens(vocab: Vocab, prefix: str, warn: bool = True) -> list[str]:
 
 @torch.no_grad()
 def generate(model: RNNLM, prefix_ids: torch.Tensor, num_tokens: int,
-             temperature: float | None = None, gen: torch.Generator | None = None) -> list[int]:
-    """`num_tokens` ids after the prefix: greedy when temperature is None, else sampled."""
+             temperature: float | None = None, gen: torch.Generator | None = None,
+             top_k: int = 0) -> list[int]:
+    """`num_tokens` ids after the prefix: greedy when temperature is None, else sampled (among
+    the `top_k` likeliest tokens when top_k > 0)."""
     model.eval()
     device = next(model.parameters()).device
     logits, h = model(prefix_ids.to(device)[None], None)  # warm-up: (1, len(prefix), vocab)
@@ -46,6 +82,9 @@ def generate(model: RNNLM, prefix_ids: torch.Tensor, num_tokens: int,
         if temperature is None:
             nxt = int(last.argmax())
         else:
+            if 0 < top_k < len(last):
+                kth = torch.topk(last, top_k).values[-1]
+                last = last.masked_fill(last < kth, -torch.inf)
             probs = torch.softmax(last / temperature, dim=-1).cpu()
             nxt = int(torch.multinomial(probs, 1, generator=gen))
         out.append(nxt)
@@ -53,10 +92,18 @@ def generate(model: RNNLM, prefix_ids: torch.Tensor, num_tokens: int,
     return out
 
 
+def continuation(model: RNNLM, vocab: Vocab, prefix: str, num_tokens: int,
+                 temperature: float | None = None, gen: torch.Generator | None = None,
+                 top_k: int = 0, warn: bool = True) -> tuple[str, str]:
+    """(the prefix as the model read it, normalised; its continuation), as text."""
+    tokens = prefix_tokens(vocab, prefix, warn)
+    ids = generate(model, torch.as_tensor(vocab.encode(tokens)), num_tokens, temperature, gen, top_k)
+    read = detokenize(tokens, vocab.token_type)
+    return read, detokenize(tokens + [vocab.tokens[i] for i in ids], vocab.token_type)[len(read):]
+
+
 def continue_text(model: RNNLM, vocab: Vocab, prefix: str, num_tokens: int,
                   temperature: float | None = None, gen: torch.Generator | None = None,
                   warn: bool = True) -> str:
     """The normalised prefix followed by its continuation, as text."""
-    tokens = prefix_tokens(vocab, prefix, warn)
-    ids = generate(model, torch.as_tensor(vocab.encode(tokens)), num_tokens, temperature, gen)
-    return detokenize(tokens + [vocab.tokens[i] for i in ids], vocab.token_type)
+    return "".join(continuation(model, vocab, prefix, num_tokens, temperature, gen, warn=warn))

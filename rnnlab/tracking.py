@@ -43,6 +43,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # fail in seconds, not minutes
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")     # a hung server, not 120 s a call
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # bars for kilobytes
 
 import requests  # noqa: E402
 from filelock import FileLock, Timeout  # noqa: E402
@@ -202,25 +203,21 @@ class Tracker:
             import mlflow
 
             path = Path(path)
-
-            def upload(file: Path) -> None:
-                mlflow.log_artifact(str(file), artifact_path=folder, run_id=self.run_id)
-
-            def keep() -> Callable[[], None]:
-                """The file's bytes now: the path may be rewritten before the write goes."""
-                data = path.read_bytes()
-
-                def send() -> None:
-                    import tempfile
-
-                    with tempfile.TemporaryDirectory() as tmp:
-                        (Path(tmp) / path.name).write_bytes(data)
-                        upload(Path(tmp) / path.name)
-
-                return send
-
             self._write(f"artifact {folder + '/' if folder else ''}{path.name}",
-                        lambda: upload(path), keep)
+                        *_from_file(path, lambda file: mlflow.log_artifact(
+                            str(file), artifact_path=folder, run_id=self.run_id)))
+
+    def log_model(self, checkpoint: str | Path, example: str) -> None:
+        """The checkpoint as the run's MLflow Model `model` (rnnlab/mlflow_model.py)."""
+        if self.run_id:
+            from rnnlab.mlflow_model import NAME, log_model
+
+            def send(file: Path) -> None:
+                seconds = log_model(file, example)
+                print(f"tracking: logged the MLflow Model runs:/{self.run_id}/{NAME} "
+                      f"({seconds:.1f} s)", flush=True)
+
+            self._write(f"model {NAME}", *_from_file(Path(checkpoint), send))
 
     def log_dataset(self, ids, source: str, name: str, digest: str, context: str) -> None:
         if self.run_id:
@@ -234,6 +231,25 @@ class Tracker:
             # MLflow caps a dataset digest at 36 characters.
             dataset = mlflow.data.from_numpy(ids, source=src, name=name, digest=digest[:36])
             self._write("dataset", lambda: mlflow.log_input(dataset, context=context))
+
+
+def _from_file(path: Path, upload: Callable[[Path], None]
+               ) -> tuple[Callable[[], None], Callable[[], Callable[[], None]]]:
+    """(send `path` now, `keep`) for `Tracker._write`: a write that has to wait keeps the file's
+    bytes as they are now, since the path may be rewritten before it goes."""
+    def keep() -> Callable[[], None]:
+        data = path.read_bytes()
+
+        def send() -> None:
+            import tempfile
+
+            with tempfile.TemporaryDirectory() as tmp:
+                (Path(tmp) / path.name).write_bytes(data)
+                upload(Path(tmp) / path.name)
+
+        return send
+
+    return (lambda: upload(path)), keep
 
 
 def store_lock(uri: str) -> AbstractContextManager:

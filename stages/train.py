@@ -28,6 +28,11 @@ def epoch_line(r: EpochResult, epochs: int) -> str:
             f"{r.tokens_per_sec:>9,.0f} tok/s  {r.seconds:6.1f}s{'  *best' if r.is_best else ''}")
 
 
+def model_example(tokens) -> str:
+    """The MLflow Model's input example: the start of the validation text."""
+    return tokens.vocab.decode(tokens.splits["val"][:16 if tokens.vocab.token_type == "char" else 4])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", default="params.yaml")
@@ -95,6 +100,7 @@ def main() -> None:
         }, tracker)
         record_curves_png(out / "curves.png", h, tracker, title=name)
         tracker.log_artifact(out / "best.pt", "checkpoint")
+        tracker.log_model(out / "best.pt", example=model_example(tokens))
         tracker.log_artifact(Path(args.data) / "vocab.json", "checkpoint")
         tracker.log_artifact(args.curves, "curves")
     finished(work)
