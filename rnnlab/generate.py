@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch
 
 from rnnlab.checkpoint import load_checkpoint
 from rnnlab.errors import UserError
+from rnnlab.compare import experiment_refs, git_show
 from rnnlab.config import read_yaml
 from rnnlab.fileio import repo_root
 from rnnlab.sampling import Options, continuation, prefix_tokens
@@ -92,7 +92,7 @@ def find_checkpoint(spec: str, tmp: Path, variant: str | None = None,
         return found, f"{found} (variant {spec} of the workspace)"
     if RUN_ID.fullmatch(spec):
         return _from_run(spec, tmp)
-    experiments = _experiment_refs()
+    experiments = experiment_refs()
     if spec in experiments:
         return _from_experiment(spec, experiments[spec], variant, tmp)
     raise UserError(
@@ -136,33 +136,17 @@ def _from_run(run_id: str, tmp: Path) -> tuple[Path, str]:
     return Path(got), f"MLflow run {run_id} ({run.info.run_name})"
 
 
-def _experiment_refs() -> dict[str, str]:
-    """DVC experiment name -> its newest git ref (refs/exps/.../<name>)."""
-    try:
-        out = subprocess.run(["git", "for-each-ref", "--sort=creatordate", "--format=%(refname)",
-                              "refs/exps"], capture_output=True, text=True, check=True,
-                             cwd=repo_root()).stdout.split()
-    except (OSError, subprocess.CalledProcessError):
-        return {}
-    return {ref.rsplit("/", 1)[-1]: ref for ref in out if ref.count("/") >= 4}
-
-
-def _git_show(ref: str, path: str) -> str:
-    return subprocess.run(["git", "show", f"{ref}:{path}"], capture_output=True, text=True,
-                          check=True, cwd=repo_root()).stdout
-
-
 def _from_experiment(name: str, ref: str, variant: str | None, tmp: Path) -> tuple[Path, str]:
     """A DVC experiment's model of `variant` (default: its best validation perplexity)."""
     import yaml
 
-    variants = list((yaml.safe_load(_git_show(ref, "params.yaml")) or {}).get("variants") or {})
+    variants = list((yaml.safe_load(git_show(ref, "params.yaml") or "") or {}).get("variants") or {})
     if variant is None:
         scores = {}
         for v in variants:
             try:
-                scores[v] = json.loads(_git_show(ref, f"metrics/variants/{v}.json"))["val_ppl"]
-            except (subprocess.CalledProcessError, KeyError, ValueError):
+                scores[v] = json.loads(git_show(ref, f"metrics/variants/{v}.json") or "")["val_ppl"]
+            except (KeyError, ValueError):
                 continue  # not evaluated in this experiment
         if not scores:
             raise UserError(f"DVC experiment {name!r} has no evaluated variant; give --variant "

@@ -10,18 +10,22 @@ name, and the user's params.yaml is never touched.
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import re
 import shlex
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
+from rnnlab.compare import experiment_ref, git_show, row, source_rows
 from rnnlab.config import deep_merge, read_yaml, validate_params
 from rnnlab.errors import UserError, run_main
+from rnnlab.table import VARIANT, Column, comparison
 
 PRESETS = Path("presets")
 _RESERVED = {"true", "false", "null", "nan", "inf"}  # bare words Hydra reads as non-strings
+METRICS, CURVES, SAMPLES = "metrics/variants", "metrics/curves", "metrics/samples"  # as dvc.yaml writes them
 
 
 def available(folder: Path = PRESETS) -> list[str]:
@@ -91,10 +95,11 @@ def main() -> None:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--dry-run", action="store_true", help="print the dvc command, run nothing")
     parser.add_argument("--results", action="store_true",
-                        help="print a Markdown table of the runs of every preset (or of NAME)")
+                        help="print a table of the runs of every preset (or of NAME)")
+    parser.add_argument("--format", choices=("markdown", "csv"), default="markdown", help="of --results")
     args, extra = parser.parse_known_args()
     if args.results:
-        print(results_table([args.name] if args.name else available()))
+        print(results_table([args.name] if args.name else available(), args.params, args.format), end="")
         return
     if not args.name:
         print("presets:", ", ".join(available()))
@@ -110,7 +115,6 @@ def main() -> None:
         raise SystemExit(subprocess.run(cmd).returncode)
 
 
-
 # --- results of preset runs, read back from their DVC experiment refs ----------------------------
 
 
@@ -122,45 +126,40 @@ def published_figure(name: str, folder: Path = PRESETS) -> str:
     return found.group(1) if found else "?"
 
 
-def experiment_ref(name: str) -> str | None:
-    """The newest git ref of the DVC experiment `name` (refs/exps/.../<name>)."""
-    refs = subprocess.run(["git", "for-each-ref", "--sort=-creatordate", "--format=%(refname)",
-                           "refs/exps"], capture_output=True, text=True, check=True).stdout.split()
-    return next((r for r in refs if r.rsplit("/", 1)[-1] == name), None)
-
-
-def _git_show(ref: str, path: str) -> str:
-    return subprocess.run(["git", "show", f"{ref}:{path}"], capture_output=True, text=True,
-                          check=True).stdout
-
-
-def results_rows(name: str) -> list[str]:
-    """Markdown rows for one preset: the book's figure beside ours, per variant."""
-    import csv
-    import io
-    import json
-
+def results_rows(name: str, params_path: str = "params.yaml", folder: Path = PRESETS) -> list[dict]:
+    """Table rows (rnnlab/table.py) of one preset's newest run, per variant, with the book's figure,
+    the last epoch's perplexities and the greedy sample; a preset not run yet has rows with its
+    settings and no results."""
     ref = experiment_ref(name)
     if ref is None:
-        return [f"| {name} | {published_figure(name)} | not run yet | | | | | |"]
-    rows = []
-    for variant in load_preset(name)["variants"]:
-        m = json.loads(_git_show(ref, f"metrics/variants/{variant}.json"))
-        curves = list(csv.DictReader(io.StringIO(_git_show(ref, f"metrics/curves/{variant}.csv"))))
-        samples = _git_show(ref, f"metrics/samples/{variant}.md")
-        greedy = re.search(r"- greedy: `(.*)`", samples).group(1)
-        rows.append(
-            f"| {name} ({variant}) | {published_figure(name)} | {m['final_train_ppl']:.2f} | "
-            f"{float(curves[-1]['val_ppl']):.1f} | {m['val_ppl']:.2f} (epoch {m['best_epoch']}) | "
-            f"{m['test_ppl']:.2f} | {m['tokens_per_sec']:,.0f} | `{greedy}` |")
+        params = validate_params(merged(read_yaml(params_path), load_preset(name, folder)), f"presets/{name}.yaml")
+        rows = [row(name, variant, {}, params) for variant in params.variants]
+    else:
+        rows = source_rows(name, lambda path: git_show(ref, path), params_path, METRICS)
+    for r in rows:
+        r["book"] = published_figure(name, folder)
+        curves = git_show(ref, f"{CURVES}/{r['variant']}.csv") if ref else None
+        r["last_val_ppl"] = float(list(csv.DictReader(io.StringIO(curves)))[-1]["val_ppl"]) if curves else None
+        samples = git_show(ref, f"{SAMPLES}/{r['variant']}.md") if ref else None
+        greedy = re.search(r"- greedy: `(.*)`", samples or "")
+        r["greedy"] = greedy.group(1) if greedy else None
     return rows
 
 
-def results_table(names: list[str]) -> str:
-    head = ("| preset (variant) | book | train ppl, last epoch | val ppl, last epoch | "
-            "val ppl, best epoch | test ppl, best epoch | tokens/s | greedy sample |\n"
-            "|---|---|---:|---:|---:|---:|---:|---|")
-    return "\n".join([head, *(row for n in names for row in results_rows(n))])
+RESULT_COLUMNS = (
+    Column("book", "book"),
+    Column("final_train_ppl", "train ppl, last epoch", ".2f", number=True),
+    Column("last_val_ppl", "val ppl, last epoch", ".1f", number=True),
+    Column("greedy", "greedy sample", lambda r: f"`{r['greedy']}`" if r["greedy"] else
+           "not run yet" if r["test_ppl"] is None else "-"),
+)
+
+
+def results_table(names: list[str], params_path: str = "params.yaml", fmt: str = "markdown",
+                  folder: Path = PRESETS) -> str:
+    """The comparison table of the presets' runs (in the order given), the book's figures beside."""
+    rows = [r for n in names for r in results_rows(n, params_path, folder)]
+    return comparison(rows, lead=(Column("source", "preset"), VARIANT), extra=RESULT_COLUMNS, fmt=fmt)
 
 
 if __name__ == "__main__":

@@ -12,40 +12,27 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import FormatStrFormatter  # noqa: E402
 
-from rnnlab.config import Params, load_params, resolve_train  # noqa: E402
+from rnnlab.config import Params, load_params  # noqa: E402
 from rnnlab.errors import UserError, run_main  # noqa: E402
 from rnnlab.fileio import atomic_path, read_json, write_text  # noqa: E402
+from rnnlab.table import VARIANT, by_test_ppl, comparison, row  # noqa: E402
 
 
 def read_curves(path: Path) -> list[dict]:
     with open(path, newline="") as f:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+        return [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
 
 
-def differing_settings(params: Params) -> dict[str, str]:
-    """For each variant, the settings that set it apart (model and training overrides)."""
-    out = {}
-    for name, v in params.variants.items():
-        cfg = resolve_train(params, name)
-        parts = [f"{v.cell}/{v.impl}", f"{v.num_layers}x{cfg.hidden_size}"]
-        if v.embed_size:
-            parts.append(f"embed {v.embed_size}")
-        parts += [f"{k}={val}" for k, val in v.overrides().items()]
-        out[name] = ", ".join(parts)
-    return out
+MODEL = ("model.cell", "model.impl", "model.num_layers", "train.hidden_size")  # shown even when all alike
 
 
 def report_table(params: Params, metrics: dict[str, dict]) -> str:
-    head = ("| variant | model, overrides | train ppl | val ppl | test ppl | best epoch | "
-            "tokens/s | train time |\n|---|---|---:|---:|---:|---:|---:|---:|")
-    rows = []
-    settings = differing_settings(params)
-    for name, m in sorted(metrics.items(), key=lambda kv: kv[1]["test_ppl"]):
-        rows.append(f"| {name} | {settings[name]} | {m['train_ppl']:.3f} | {m['val_ppl']:.3f} | "
-                    f"{m['test_ppl']:.3f} | {m['best_epoch']}/{m['epochs']} | "
-                    f"{m['tokens_per_sec']:,.0f} | {m['train_seconds']:.0f} s |")
+    """The comparison table (rnnlab/table.py) of every variant, best test perplexity first: the
+    model columns, then each setting in which the variants differ (a variant's train overrides)."""
+    rows = sorted((row("workspace", name, m, params) for name, m in metrics.items()), key=by_test_ppl)
     uniform = next(iter(metrics.values()))["uniform_ppl"]
-    return "\n".join([head, *rows]) + f"\n\nA uniform model's perplexity (the vocabulary size): {uniform}.\n"
+    return (comparison(rows, lead=(VARIANT,), always=MODEL)
+            + f"\nA uniform model's perplexity (the vocabulary size): {uniform}.\n")
 
 
 def plot_val(curves: dict[str, list[dict]], path: Path) -> None:

@@ -26,7 +26,7 @@ def fp():
 def test_the_fingerprint_covers_the_train_stage_code(fp):
     assert {"stages/train.py", "rnnlab/training.py", "rnnlab/models.py", "rnnlab/fused.py",
             "rnnlab/resume.py"} <= set(fp.code)
-    assert "stages/evaluate.py" not in fp.code and "rnnlab/sampling.py" not in fp.code
+    assert "stages/evaluate.py" not in fp.code and "stages/report.py" not in fp.code
     assert fp.torch == torch.__version__
 
 
