@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import logging
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 from unittest import mock
 
 import torch
@@ -105,10 +108,22 @@ def log_model(checkpoint: str | Path, example: str) -> float:
     start = time.perf_counter()
     example_input = (pd.DataFrame({"prefix": [example]}), {"num_tokens": 1})
     no_check = lambda reqs: None  # noqa: E731
+    quiet = logging.getLogger("mlflow.pyfunc")  # its INFO "Validating input example ..."
     with mock.patch.object(environment, "warn_dependency_requirement_mismatches", no_check), \
-            mock.patch.object(pyfunc, "warn_dependency_requirement_mismatches", no_check):
+            mock.patch.object(pyfunc, "warn_dependency_requirement_mismatches", no_check), \
+            _level(quiet, logging.WARNING):
         pyfunc.log_model(
             name=NAME, loader_module=__name__, data_path=str(checkpoint),
             signature=signature(), input_example=example_input, pip_requirements=requirements(),
         )
     return time.perf_counter() - start
+
+
+@contextmanager
+def _level(logger: logging.Logger, level: int) -> Iterator[None]:
+    before = logger.level
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(before)
