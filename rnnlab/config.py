@@ -175,10 +175,21 @@ class Evaluate(Section):
     seed: Annotated[int, Field(ge=0)]
 
 
+def _model_name(name: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+        raise ValueError("a registered model name: letters, digits, _ . and -, starting with a "
+                         "letter or digit")
+    return name
+
+
+ModelName = Annotated[str, AfterValidator(_model_name)]
+
+
 class Tracking(Section):
     enabled: bool
     experiment: str | None
     patience: Annotated[float, Field(ge=0)]
+    registry: ModelName | None = Field(alias="register")  # `register` is a method of the class
 
 
 def _stage_name(name: str) -> str:

@@ -127,3 +127,45 @@ def _level(logger: logging.Logger, level: int) -> Iterator[None]:
         yield
     finally:
         logger.setLevel(before)
+
+
+ALIAS = "champion"   # the registered version with the best validation perplexity so far
+VAL_TAG, DATA_TAG = "rnnlab.val_ppl", "rnnlab.data_sha1"
+
+
+def register_if_better(name: str, run_id: str, val_ppl: float, data_sha1: str) -> str:
+    """Register the model of training run `run_id` as a new version of `name` and move the alias
+    `champion` to it, if its validation perplexity beats the champion's; returns what was done.
+
+    Perplexities compare on the same validation text only: a champion trained on other data
+    (tag rnnlab.data_sha1) keeps the alias, and the line says why."""
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient()
+    run = client.get_run(run_id)
+    models = client.search_logged_models([run.info.experiment_id],
+                                         filter_string=f"source_run_id = '{run_id}'")
+    if not any(m.name == NAME for m in models):
+        return (f"registry: training run {run_id} has no MLflow Model (trained before models "
+                "were logged?); nothing registered")
+    try:
+        holder = client.get_model_version_by_alias(name, ALIAS)
+    except MlflowException:
+        holder = None  # no such model, or no champion yet
+    if holder is not None:
+        best = float(holder.tags.get(VAL_TAG, "inf"))
+        if holder.tags.get(DATA_TAG) != data_sha1:
+            return (f"registry: {name}'s {ALIAS} (version {holder.version}) was trained on other "
+                    f"data; nothing registered (set tracking.register to a name for this data)")
+        if best <= val_ppl:
+            return (f"registry: {name}'s {ALIAS} stays version {holder.version} (val ppl {best:g} "
+                    f"<= {val_ppl:g}); nothing registered")
+    quiet = logging.getLogger("mlflow.tracking._model_registry.fluent")  # "Created version ..."
+    with _level(quiet, logging.WARNING):
+        version = mlflow.register_model(f"runs:/{run_id}/{NAME}", name,
+                                        tags={VAL_TAG: str(val_ppl), DATA_TAG: data_sha1})
+    client.set_registered_model_alias(name, ALIAS, version.version)
+    was = f" (was version {holder.version})" if holder is not None else ""
+    return f"registry: {name} version {version.version} (val ppl {val_ppl:g}) is now {ALIAS}{was}"

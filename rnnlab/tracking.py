@@ -219,6 +219,14 @@ class Tracker:
 
             self._write(f"model {NAME}", *_from_file(Path(checkpoint), send))
 
+    def register(self, name: str, train_run: str, val_ppl: float, data_sha1: str) -> None:
+        """Register the model of `train_run` in the Model Registry if it beats the champion."""
+        if self.run_id:
+            from rnnlab.mlflow_model import register_if_better
+
+            self._write(f"registration in {name}", lambda: print(
+                register_if_better(name, train_run, val_ppl, data_sha1), flush=True))
+
     def log_dataset(self, ids, source: str, name: str, digest: str, context: str) -> None:
         if self.run_id:
             import mlflow

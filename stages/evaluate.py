@@ -116,18 +116,21 @@ def main() -> None:
     }
     corpus = f"{tokens.stats['corpus']}-{tokens.stats['token']}"
     exp, train_run = os.environ.get("DVC_EXP_NAME"), trained.get("mlflow_run_id")
+    data_sha1 = folder_sha1(args.data)
     link = {"rnnlab.evaluated": "true", **({"rnnlab.train_run_id": train_run} if train_run else {})}
     with tracked_run(params.tracking, corpus, f"{name} [{exp}]" if exp else name, link,
                      continue_run=train_run, evaluation=True) as tracker:
         if not tracker.reopened:  # not this experiment's training (restored by DVC) or evaluated before
             tracker.set_tags({**git_tags(), **dvc_tags(os.environ.get("DVC_STAGE", f"evaluate@{name}"), args.params),
-                              "rnnlab.variant": name, "rnnlab.data_sha1": folder_sha1(args.data),
+                              "rnnlab.variant": name, "rnnlab.data_sha1": data_sha1,
                               "mlflow.note.content": restored_note(train_run)})
             tracker.log_params(run_params(params, name, model.config, trained["parameters"]))
         tracker.log_params(flatten({"evaluate": ev}))
         metrics = record_summary(args.metrics, metrics, tracker)
         write_text(args.samples, samples_markdown(name, samples, ev.temperature, ev.seed))
         tracker.log_artifact(args.samples, "samples")
+        if params.tracking.registry and train_run:
+            tracker.register(params.tracking.registry, train_run, metrics["val_ppl"], data_sha1)
     print(f"{name}: train ppl {metrics['train_ppl']}  val {metrics['val_ppl']}  test {metrics['test_ppl']}  "
           f"(uniform {metrics['uniform_ppl']}); best epoch {metrics['best_epoch']}/{metrics['epochs']}")
     for prefix, s in samples.items():

@@ -19,7 +19,7 @@ from rnnlab import compare
 from rnnlab.config import flatten, resolve_train, validate_params
 from rnnlab.errors import run_main
 from rnnlab.table import VARIANT, by_test_ppl, comparison, differing, render, row, variant_settings
-from tests.conftest import shipped_params
+from tests.conftest import shipped, shipped_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -292,7 +292,7 @@ def store(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv("MLFLOW_TRACKING_URI", uri)
     params = validate_params(shipped_params({"variants": TWO, "train": {"lr": 0.01}}))
-    cfg = Tracking(enabled=True, experiment="compare", patience=0)
+    cfg = shipped(Tracking, experiment="compare", patience=0)
 
     def train(variant: str, exp: str | None) -> str:
         mp.setenv("DVC_EXP_NAME", exp) if exp else mp.delenv("DVC_EXP_NAME", raising=False)

@@ -202,3 +202,14 @@ def test_a_bad_value_is_refused_alike_in_train_and_in_an_override(key, value):
     in_variant = error({"variants": {"rnn": {"cell": "rnn", "train": {key: value}}}},
                        "variants.rnn.train")
     assert in_train == in_variant and in_train.startswith(f"{key} = {value!r}: ")
+
+
+@pytest.mark.parametrize("value, ok", [("rnnlab-char", True), ("lm.v2_x", True), (None, True),
+                                       ("bad name", False), ("-x", False), ("", False)])
+def test_tracking_register_is_a_registered_model_name_or_null(value, ok):
+    raw = shipped_params({"tracking": {"register": value}})
+    if ok:
+        assert validate_params(raw).tracking.registry == value
+    else:
+        with pytest.raises(UserError, match=r"^.*tracking\.register = .*: a registered model name"):
+            validate_params(raw)

@@ -1,6 +1,7 @@
 """`rnnlab generate`: a model named by a checkpoint, a folder, a workspace variant or an MLflow
 run id; options; and one `error:` line for each expected mistake."""
 
+import json
 import shutil
 from pathlib import Path
 
@@ -112,3 +113,41 @@ def test_an_mlflow_run_id_and_its_evaluation_run(workspace, capsys, monkeypatch)
     assert code == 2 and "has no model (checkpoint/best.pt)" in err
     code, _, err = generate(capsys, "0" * 32, "the")
     assert code == 2 and f"no MLflow run {'0' * 32} at sqlite:///" in err
+
+
+@pytest.mark.slow  # two tiny `dvc exp run`s: about a minute
+def test_a_dvc_experiment_by_name_and_its_mlflow_run(tmp_path):
+    import os
+    import subprocess
+
+    from tests.test_pipeline import BIN, copy_repo, run
+
+    repo = copy_repo(tmp_path / "repo")
+    for name, lr in (("exp-a", "0.01"), ("exp-b", "0.05")):
+        run([str(BIN / "dvc"), "exp", "run", "-n", name, "-S", f"train.lr={lr}"], repo)
+
+    def gen(*args) -> tuple[str, str]:
+        env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{repo}/mlflow.db"}
+        proc = subprocess.run([str(BIN / "rnnlab"), "generate", *args, "the time", "-n", "30"],
+                              cwd=repo, env=env, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout, proc.stderr
+
+    from_a, how = gen("exp-a", "--variant", "lstm")
+    assert "model: DVC experiment exp-a, variant lstm" in how
+    assert from_a != gen("exp-b", "--variant", "lstm")[0]  # the workspace holds exp-b's model
+    run([str(BIN / "dvc"), "exp", "apply", "exp-a"], repo)
+    assert gen("lstm")[0] == from_a  # exp-a's model came from DVC's cache, byte for byte
+
+    scores = {v: json.loads((repo / f"metrics/variants/{v}.json").read_text())["val_ppl"]
+              for v in ("lstm", "rnn_scratch")}
+    assert f"variant {min(scores, key=scores.get)}:" in gen("exp-a")[1]  # no --variant: the best
+
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{repo}/mlflow.db")
+    train_run = mlflow.search_runs(experiment_names=["timemachine-char"], output_format="list",
+                                   filter_string="tags.`rnnlab.dvc_exp` = 'exp-a' and "
+                                                 "tags.`rnnlab.variant` = 'lstm'")[0]
+    mlflow.set_tracking_uri(None)
+    assert gen(train_run.info.run_id)[0] == from_a

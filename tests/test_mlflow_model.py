@@ -16,6 +16,7 @@ from rnnlab.mlflow_model import RNNLMPredictor, requirements, signature
 from rnnlab.models import ModelConfig, build_model
 from rnnlab.sampling import Options, continuation
 from rnnlab.vocab import build_vocab
+from tests.conftest import shipped
 
 TEXT = "the time traveller for so it will be convenient to speak of him was expounding"
 
@@ -45,7 +46,7 @@ def logged_run(tmp_path: Path, checkpoint: Path) -> str:
     from rnnlab.config import Tracking
     from rnnlab.tracking import tracked_run
 
-    cfg = Tracking(enabled=True, experiment="t", patience=0)
+    cfg = shipped(Tracking, experiment="t", patience=0)
     with tracked_run(cfg, "t", "gru", {}) as tracker:
         tracker.log_artifact(checkpoint, "checkpoint")
         tracker.log_model(checkpoint, example="the time")
@@ -153,3 +154,32 @@ def test_top_k_1_sampling_is_greedy(tmp_path):
     top1 = continuation(model, vocab, "the time", 20, 5.0, torch.Generator().manual_seed(1), 1)
     hot = continuation(model, vocab, "the time", 20, 5.0, torch.Generator().manual_seed(1), 0)
     assert top1 == greedy and hot != greedy
+
+
+@pytest.mark.slow  # an MLflow store: about 15 s
+def test_the_champion_alias_moves_only_to_a_better_model_of_the_same_data(tmp_path, store, capsys):
+    from mlflow import MlflowClient
+
+    from rnnlab.config import Tracking
+    from rnnlab.mlflow_model import ALIAS
+    from rnnlab.tracking import tracked_run
+
+    ckpt = tiny_checkpoint(tmp_path / "best.pt")
+    cfg = shipped(Tracking, experiment="t", patience=0)
+
+    def train_and_register(val_ppl: float, data: str = "d1", with_model: bool = True) -> str:
+        with tracked_run(cfg, "t", "gru", {}) as tracker:
+            if with_model:
+                tracker.log_model(ckpt, example="the time")
+            tracker.register("lm", tracker.run_id, val_ppl, data)
+        return [line for line in capsys.readouterr().out.splitlines() if line.startswith("registry:")][0]
+
+    assert train_and_register(5.0) == f"registry: lm version 1 (val ppl 5) is now {ALIAS}"
+    assert train_and_register(4.0) == f"registry: lm version 2 (val ppl 4) is now {ALIAS} (was version 1)"
+    assert train_and_register(4.5) == f"registry: lm's {ALIAS} stays version 2 (val ppl 4 <= 4.5); nothing registered"
+    assert "was trained on other data; nothing registered" in train_and_register(1.0, data="d2")
+    assert "has no MLflow Model" in train_and_register(1.0, with_model=False)
+    client = MlflowClient()
+    champion = client.get_model_version_by_alias("lm", ALIAS)
+    assert int(champion.version) == 2 and champion.tags["rnnlab.val_ppl"] == "4.0"
+    assert len(client.search_model_versions("name = 'lm'")) == 2

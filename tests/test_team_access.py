@@ -205,7 +205,7 @@ def project(tmp_path_factory) -> Path:
         "train": {"num_steps": 8, "hidden_size": 8, "batch_size": 4, "epochs": 1, "device": "cpu",
                   "threads": 1},
         "variants": {VARIANT: {"cell": "rnn"}},
-        "tracking": {"enabled": True, "experiment": EXPERIMENT, "patience": 0},
+        "tracking": {"enabled": True, "experiment": EXPERIMENT, "patience": 0, "register": None},
     })
     (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = stage_env(folder, {})
