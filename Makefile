@@ -10,15 +10,33 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: setup run test test-fast check-params preset sweep bench bench-sweep ui clean \
+.PHONY: setup lock run test test-fast check-params preset sweep bench bench-sweep ui clean \
         team-up team-down team-env team-status bench-team
 
-$(VENV)/.installed: pyproject.toml
+# requirements.lock (README: Dependencies): every package '.[dev,team]' needs but torch, with hashes.
+# uv, pinned and hash-checked in the lock, installs it (pip took 4 minutes); torch comes from its pin
+# in pyproject.toml through pip. On Linux without an NVIDIA driver (no nvidia-smi), from PyTorch's
+# CPU index: PyPI's Linux torch is the CUDA build, several GB. pip's own config still applies (here:
+# a local CPU wheel, taken after the index, unreachable from here, is given up: ~10 s).
+# Override: make setup TORCH_PIP_ARGS=   (PyPI's torch)
+LOCK           := requirements.lock
+CPU_ONLY_LINUX := $(and $(filter Linux,$(shell uname -s)),$(if $(shell command -v nvidia-smi),,yes))
+TORCH_PIP_ARGS ?= $(if $(CPU_ONLY_LINUX),--index-url https://download.pytorch.org/whl/cpu)
+
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q -e '.[dev,team]'
+	awk '/^[^ #]/ { keep = /^uv==/ } keep' $(LOCK) > $(VENV)/uv-requirement.txt
+	$(BIN)/pip install -q --require-hashes --no-deps -r $(VENV)/uv-requirement.txt
+	$(BIN)/uv pip install -q --python $(BIN)/python --require-hashes --no-deps -r $(LOCK)
+	$(BIN)/pip install -q $(TORCH_PIP_ARGS) $$(grep -o '"torch==[^"]*' pyproject.toml | tr -d '"')
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
+	$(BIN)/pip check
 	touch $@
 
-setup: $(VENV)/.installed             ## create .venv with the pinned dependencies
+setup: $(VENV)/.installed             ## create .venv from requirements.lock (hashes checked) and torch's pin
+
+lock:                                 ## refresh requirements.lock from pyproject.toml (tools/lock.py), then: make setup
+	$(PYTHON) tools/lock.py
 
 run: setup                            ## run the whole pipeline on params.yaml
 	$(BIN)/dvc repro
