@@ -329,7 +329,7 @@ def tracking_share(cfg: ModelConfig, ids: torch.Tensor, work: Path, epochs: int,
     old_uri = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
     history, curves = [], []
-    tracking = Tracking(enabled=True, experiment="bench", patience=0)
+    tracking = Tracking(enabled=True, experiment="bench", patience=0, register=None)
     try:
         with tracked_run(tracking, "bench", "bench-setup", {}):
             pass  # creates the store and the experiment, as the pipeline's first run does

@@ -161,7 +161,7 @@ def writer(index: int, job: dict, start, results) -> None:
         from rnnlab.config import Tracking
         from rnnlab.tracking import tracked_run
 
-        cfg = Tracking(enabled=True, experiment=job["experiment"], patience=30)
+        cfg = Tracking(enabled=True, experiment=job["experiment"], patience=30, register=None)
         tags = {**job["tags"], "rnnlab.writer": index}
         epochs, training, latencies = job["epochs"], [], []
         start.wait(START_TIMEOUT)
@@ -216,7 +216,7 @@ def setup_run(job: dict) -> None:
     os.chdir(job["cwd"])
     try:
         with environment(job["env"], job["unset"]), redirect_stdout(io.StringIO()):
-            with tracked_run(Tracking(enabled=True, experiment=job["experiment"], patience=30),
+            with tracked_run(Tracking(enabled=True, experiment=job["experiment"], patience=30, register=None),
                              job["experiment"], "setup", {"rnnlab.bench": "team_load setup"}):
                 pass
     finally:

@@ -20,7 +20,7 @@ from typing import Callable
 
 import yaml
 
-from rnnlab.config import _Loader, validate_params  # _Loader: params.yaml's YAML 1.2 floats
+from rnnlab.config import _Loader, deep_merge, validate_params  # _Loader: params.yaml's YAML 1.2 floats
 from rnnlab.errors import UserError
 from rnnlab.table import RESULT_KEYS, SECTIONS, by_test_ppl, comparison, row
 
@@ -77,7 +77,7 @@ def source_rows(label: str, read: Callable[[str], str | None], params_path: str,
         raw = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as err:
         raise UserError(f"{label}: {params_path} is not valid YAML: {str(err).splitlines()[0]}") from None
-    params = validate_params(raw, f"{label}: {params_path}")
+    params = validate_params(with_later_keys(raw, params_path), f"{label}: {params_path}")
     rows = []
     for variant in params.variants:
         path = f"{Path(metrics_dir).as_posix()}/{variant}.json"
@@ -90,13 +90,25 @@ def source_rows(label: str, read: Callable[[str], str | None], params_path: str,
     return rows
 
 
+def with_later_keys(raw: object, params_path: str) -> object:
+    """An experiment's params.yaml with the keys added to params.yaml since it ran (a new setting,
+    say tracking.register) taken from the workspace's, so that old experiments still compare; its
+    own values and variants are kept."""
+    if not isinstance(raw, dict) or not Path(params_path).is_file():
+        return raw
+    current = yaml.load(Path(params_path).read_text(encoding="utf-8"), Loader=_Loader)
+    if not isinstance(current, dict):
+        return raw
+    return deep_merge({k: v for k, v in current.items() if k != "variants"}, raw)
+
+
 # --- MLflow runs ----------------------------------------------------------------------------------
 
 
-def run_rows(run_id: str) -> list[dict]:
-    """The row of one MLflow run: its params and metrics, with those of the newest evaluation
-    linked to it (tag rnnlab.train_run_id) when evaluate recorded a run of its own."""
-    from rnnlab.tracking import public_uri, tracking_uri
+def find_run(run_id: str):
+    """(an MlflowClient of the tracking store, the run `run_id` in it); a UserError naming the
+    store if it has no such run. A SQLite store that does not exist is not created."""
+    from rnnlab.tracking import public_uri, tracking_uri  # first: it turns MLflow's telemetry off
 
     uri = tracking_uri()
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
@@ -107,9 +119,15 @@ def run_rows(run_id: str) -> list[dict]:
 
     client = MlflowClient(uri)
     try:
-        run = client.get_run(run_id)
+        return client, client.get_run(run_id)
     except MlflowException:
-        raise UserError(f"no MLflow run {run_id} at {public_uri(uri)}") from None
+        raise UserError(f"no MLflow run {run_id} at {public_uri(uri)} (MLFLOW_TRACKING_URI)") from None
+
+
+def run_rows(run_id: str) -> list[dict]:
+    """The row of one MLflow run: its params and metrics, with those of the newest evaluation
+    linked to it (tag rnnlab.train_run_id) when evaluate recorded a run of its own."""
+    client, run = find_run(run_id)
     runs = [run]
     if "test_ppl" not in run.data.metrics:  # a training run whose evaluation has a run of its own
         runs += client.search_runs([run.info.experiment_id], f"tags.`rnnlab.train_run_id` = '{run_id}'",

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import tempfile
 from pathlib import Path
@@ -25,13 +24,12 @@ import torch
 
 from rnnlab.checkpoint import load_checkpoint
 from rnnlab.errors import UserError
-from rnnlab.compare import experiment_refs, git_show
+from rnnlab.compare import RUN_ID, experiment_refs, find_run, git_show
 from rnnlab.config import read_yaml
 from rnnlab.fileio import repo_root
 from rnnlab.sampling import Options, continuation, prefix_tokens
 
 CHECKPOINT = "best.pt"
-RUN_ID = re.compile(r"[0-9a-f]{32}")
 
 
 def add_parser(sub) -> None:
@@ -116,17 +114,9 @@ def _workspace_variants(params: Path) -> list[str]:
 
 def _from_run(run_id: str, tmp: Path) -> tuple[Path, str]:
     """The checkpoint of an MLflow training run (an evaluation's own run: of its training)."""
-    from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from rnnlab.tracking import public_uri, tracking_uri
-
-    uri = tracking_uri()
-    client = MlflowClient(uri)
-    try:
-        run = client.get_run(run_id)
-    except MlflowException:
-        raise UserError(f"no MLflow run {run_id} at {public_uri(uri)} (MLFLOW_TRACKING_URI)") from None
+    client, run = find_run(run_id)
     run_id = run.data.tags.get("rnnlab.train_run_id", run_id)
     try:
         got = client.download_artifacts(run_id, f"checkpoint/{CHECKPOINT}", str(tmp))

@@ -61,6 +61,7 @@ def _load_pyfunc(data_path: str) -> RNNLMPredictor:
 
 
 def _prefixes(model_input) -> list[str]:
+    """Prefixes from a list of strings, a string, or a table (its `prefix` column, else its first)."""
     if isinstance(model_input, str):
         return [model_input]
     if hasattr(model_input, "columns"):  # a pandas DataFrame
@@ -73,7 +74,8 @@ def _prefixes(model_input) -> list[str]:
 
 
 def signature():
-    """Input: a `prefix` string column; output: `prefix` and `continuation`; params: Options."""
+    """Input: one string column (the prefixes: a list of strings is one); output: `prefix` and
+    `continuation`; params: the fields of Options, with their defaults."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
@@ -144,7 +146,12 @@ def register_if_better(name: str, run_id: str, val_ppl: float, data_sha1: str) -
     from mlflow.exceptions import MlflowException
 
     client = MlflowClient()
-    run = client.get_run(run_id)
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise  # a server away or refusing: the Tracker's business
+        return f"registry: training run {run_id} is not in this store; nothing registered"
     models = client.search_logged_models([run.info.experiment_id],
                                          filter_string=f"source_run_id = '{run_id}'")
     if not any(m.name == NAME for m in models):
@@ -152,8 +159,12 @@ def register_if_better(name: str, run_id: str, val_ppl: float, data_sha1: str) -
                 "were logged?); nothing registered")
     try:
         holder = client.get_model_version_by_alias(name, ALIAS)
-    except MlflowException:
-        holder = None  # no such model, or no champion yet
+    except MlflowException as err:
+        if err.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise
+        holder = None  # no such registered model, or no champion yet
+    if holder is not None and holder.run_id == run_id:
+        return f"registry: {name}'s {ALIAS} is already version {holder.version}, this model"
     if holder is not None:
         best = float(holder.tags.get(VAL_TAG, "inf"))
         if holder.tags.get(DATA_TAG) != data_sha1:
@@ -162,10 +173,15 @@ def register_if_better(name: str, run_id: str, val_ppl: float, data_sha1: str) -
         if best <= val_ppl:
             return (f"registry: {name}'s {ALIAS} stays version {holder.version} (val ppl {best:g} "
                     f"<= {val_ppl:g}); nothing registered")
-    quiet = logging.getLogger("mlflow.tracking._model_registry.fluent")  # "Created version ..."
-    with _level(quiet, logging.WARNING):
-        version = mlflow.register_model(f"runs:/{run_id}/{NAME}", name,
-                                        tags={VAL_TAG: str(val_ppl), DATA_TAG: data_sha1})
+    # a retry after an outage between registering and moving the alias: that version, not another
+    done = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    if done:
+        version = done[0]
+    else:
+        quiet = logging.getLogger("mlflow.tracking._model_registry.fluent")  # "Created version"
+        with _level(quiet, logging.WARNING):
+            version = mlflow.register_model(f"runs:/{run_id}/{NAME}", name,
+                                            tags={VAL_TAG: str(val_ppl), DATA_TAG: data_sha1})
     client.set_registered_model_alias(name, ALIAS, version.version)
     was = f" (was version {holder.version})" if holder is not None else ""
     return f"registry: {name} version {version.version} (val ppl {val_ppl:g}) is now {ALIAS}{was}"

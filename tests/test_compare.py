@@ -223,6 +223,15 @@ def test_an_experiment_of_invalid_params_is_left_out_with_a_note(repo, capsys):
     assert code == 2 and "error: bad-lr: params.yaml: train.lr = -1" in err
 
 
+def test_an_experiment_from_before_a_key_was_added_still_compares(repo, capsys):
+    old = shipped_params({"variants": TWO, "train": {"lr": 0.3}})
+    del old["tracking"]["register"]  # made before tracking.register existed
+    add_experiment(repo, "old-exp", old, {"rnn": results(3.0)})
+    code, out, err = cli(capsys)
+    assert code == 0 and "| old-exp | rnn | 2.000 | 2.500 | 3.000 |" in out and "left out" not in err
+    assert cli(capsys, "old-exp")[0] == 0
+
+
 def test_nothing_to_compare(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # not a git repository, no params.yaml
     code, _, err = cli(capsys)
@@ -348,4 +357,4 @@ def test_mlflow_runs_beside_the_workspace(store, repo, capsys, monkeypatch):
 def test_an_unknown_run_id_names_the_store(store, repo, capsys, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store["uri"])
     code, _, err = cli(capsys, "0" * 32)
-    assert code == 2 and err.strip() == f"error: no MLflow run {'0' * 32} at {store['uri']}"
+    assert code == 2 and err.strip() == f"error: no MLflow run {'0' * 32} at {store['uri']} (MLFLOW_TRACKING_URI)"

@@ -161,7 +161,7 @@ def test_the_champion_alias_moves_only_to_a_better_model_of_the_same_data(tmp_pa
     from mlflow import MlflowClient
 
     from rnnlab.config import Tracking
-    from rnnlab.mlflow_model import ALIAS
+    from rnnlab.mlflow_model import ALIAS, register_if_better
     from rnnlab.tracking import tracked_run
 
     ckpt = tiny_checkpoint(tmp_path / "best.pt")
@@ -183,3 +183,18 @@ def test_the_champion_alias_moves_only_to_a_better_model_of_the_same_data(tmp_pa
     champion = client.get_model_version_by_alias("lm", ALIAS)
     assert int(champion.version) == 2 and champion.tags["rnnlab.val_ppl"] == "4.0"
     assert len(client.search_model_versions("name = 'lm'")) == 2
+    assert register_if_better("lm", champion.run_id, 4.0, "d1") == \
+        f"registry: lm's {ALIAS} is already version 2, this model"
+    assert register_if_better("lm", "0" * 32, 1.0, "d1") == \
+        f"registry: training run {'0' * 32} is not in this store; nothing registered"
+
+    # registered, then the server went away before the alias moved: the retry moves it, no copy
+    with tracked_run(cfg, "t", "gru", {}) as tracker:
+        tracker.log_model(ckpt, example="the time")
+    import mlflow
+
+    mlflow.register_model(f"runs:/{tracker.run_id}/model", "lm", tags={"rnnlab.val_ppl": "3.0",
+                                                                       "rnnlab.data_sha1": "d1"})
+    assert register_if_better("lm", tracker.run_id, 3.0, "d1") == \
+        f"registry: lm version 3 (val ppl 3) is now {ALIAS} (was version 2)"
+    assert len(client.search_model_versions("name = 'lm'")) == 3

@@ -65,7 +65,11 @@ def server(tmp_path_factory):
         yield url
     finally:
         proc.terminate()
-        proc.wait(30)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def test_the_models_column_links_each_runs_model_and_compare_shows_the_runs(server, tmp_path):
@@ -83,6 +87,7 @@ def test_the_models_column_links_each_runs_model_and_compare_shows_the_runs(serv
          ",".join(r.info.run_id for r in runs), ",".join(m.model_id for m in models), str(tmp_path)],
         capture_output=True, text=True, timeout=300)
     print(proc.stdout, proc.stderr, file=sys.stderr)
+    assert proc.stdout.strip(), f"the browser check printed nothing (exit {proc.returncode}):\n{proc.stderr}"
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert proc.returncode == 0 and result["failures"] == [], result
     linked = {link["href"].rsplit("/", 1)[-1] for link in result["model_links"] if link["text"] == "model"}
