@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, WrapValidator,
-                      create_model, field_validator, model_validator)
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError,
+                      ValidationInfo, WrapValidator, create_model, field_validator, model_validator)
 
 from rnnlab.corpora import BUILTIN
 from rnnlab.errors import UserError
@@ -82,9 +82,22 @@ class Split(Section):
 class Tokenize(Section):
     token: Literal["char", "word"]
     normalize: Literal["auto", "book", "lower", "plain"]
-    join_lines: Literal["space", "none", "newline"]
+    join_lines: Literal["auto", "space", "none", "newline", "eos"]
     min_freq: Count
     split: Split
+
+    @field_validator("join_lines")
+    @classmethod
+    def _line_ends_of_the_token(cls, v: str, info: ValidationInfo) -> str:
+        """A line end the tokens cannot hold is a mistake, not a silent no-op (rnnlab/text.py)."""
+        token = info.data.get("token")
+        if v == "eos" and token == "char":
+            raise ValueError("<eos> is a word token; with token: char a line end is a '\\n' "
+                             "character: use newline (or space, none)")
+        if v == "newline" and token == "word":
+            raise ValueError("word tokens split on whitespace, so a line break cannot be one: "
+                             "use eos (an <eos> token at every line end) or space")
+        return v
 
 
 def _threads_in_one_line(value: Any, handler: Any) -> Any:
@@ -111,10 +124,38 @@ class Train(Section):
     seed: Annotated[int, Field(ge=0)]
     device: Literal["auto", "cpu", "cuda"]
     dropout: Annotated[float, Field(ge=0, lt=1)]
-    lr_schedule: Literal["constant", "cosine"]
+    lr_schedule: Literal["constant", "cosine", "step", "plateau"]
+    lr_decay: Fraction | None
+    lr_decay_after: Count | None
+    init_scale: Positive | None
     weight_decay: Annotated[float, Field(ge=0, allow_inf_nan=False)]
     bf16: bool
     threads: Threads
+
+    @field_validator("lr_decay")
+    @classmethod
+    def _decay_for_its_schedules(cls, v: float | None, info: ValidationInfo) -> float | None:
+        schedule = info.data.get("lr_schedule")
+        if v is None and schedule in ("step", "plateau"):
+            raise ValueError(f"lr_schedule {schedule} multiplies the rate by lr_decay: "
+                             "set it, in (0, 1)")
+        if v is not None and schedule in ("constant", "cosine"):
+            raise ValueError(f"only lr_schedule step or plateau decays by it, not {schedule}; "
+                             "set it to null")
+        return v
+
+    @field_validator("lr_decay_after")
+    @classmethod
+    def _decay_epoch_in_the_run(cls, v: int | None, info: ValidationInfo) -> int | None:
+        schedule, epochs = info.data.get("lr_schedule"), info.data.get("epochs")
+        if v is None and schedule == "step":
+            raise ValueError("lr_schedule step decays after this epoch: set it (>= 1)")
+        if v is not None and schedule != "step":
+            raise ValueError(f"only lr_schedule step uses it, not {schedule}; set it to null")
+        if v is not None and epochs is not None and v >= epochs:
+            raise ValueError(f"past the last epoch (epochs = {epochs}): the rate would never "
+                             f"decay; allowed: 1 to {epochs - 1}")
+        return v
 
 
 def _every_key_optional(model: type[BaseModel]) -> dict[str, Any]:
@@ -142,6 +183,7 @@ class Variant(Section):
     num_layers: Count = 1
     hidden_size: Count | None = None
     embed_size: Annotated[int, Field(ge=0)] = 0
+    tie_weights: bool = False
     bidirectional: bool = False
     train: TrainOverrides = TrainOverrides()
 
@@ -173,6 +215,7 @@ class Evaluate(Section):
     temperature: Positive
     num_samples: Annotated[int, Field(ge=0)]
     seed: Annotated[int, Field(ge=0)]
+    exclude_unk: Literal["auto"] | bool
 
 
 def _model_name(name: str) -> str:
@@ -212,8 +255,15 @@ class Params(Section):
 
     @model_validator(mode="after")
     def _overrides_valid(self) -> Params:
-        for name in self.variants:
-            resolve_train(self, name)  # raises on a bad override value
+        for name, variant in self.variants.items():
+            train = resolve_train(self, name)  # raises on a bad override value
+            if variant.tie_weights and variant.embed_size != train.hidden_size:
+                raise ValueError(
+                    f"variants.{name}.tie_weights = true: the output layer (vocabulary x "
+                    f"hidden_size {train.hidden_size}) can share the embedding's weight only when "
+                    f"embed_size is the same, not {variant.embed_size}; set "
+                    f"variants.{name}.embed_size: {train.hidden_size}"
+                )
         return self
 
 
@@ -244,7 +294,7 @@ def _lines(err: ValidationError, prefix: str = "") -> list[str]:
         path = ".".join([prefix, *loc] if prefix else loc)
         msg = re.sub(r" or instance of \w+$", "", e["msg"].removeprefix("Value error, "))
         if not loc:
-            lines.append(msg)
+            lines.append(f"{prefix}: {msg}" if prefix else msg)
         elif e["type"] == "extra_forbidden":  # first: a key may itself be named "[key]"
             parent = _model_at(e["loc"][:-1])
             keys = [k for k in (parent.model_fields if parent else ())

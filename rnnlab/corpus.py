@@ -49,6 +49,15 @@ def resolve_normalize(data: Data, tok: Tokenize) -> str:
     return BUILTIN[data.corpus].normalize if data.corpus in BUILTIN else "plain"
 
 
+def resolve_join_lines(data: Data, tok: Tokenize) -> str:
+    """`auto` means the corpus's own line ends: `eos` for PTB's word tokens (a "\n" for its
+    characters), a space for the others."""
+    if tok.join_lines != "auto":
+        return tok.join_lines
+    own = BUILTIN[data.corpus].join_lines if data.corpus in BUILTIN else "space"
+    return "newline" if own == "eos" and tok.token == "char" else own
+
+
 def split_tokens(tokens: list[str], tok: Tokenize) -> dict[str, list[str]]:
     """Contiguous train / val / test pieces, in that order, by the configured fractions."""
     n = len(tokens)
@@ -63,10 +72,10 @@ def split_tokens(tokens: list[str], tok: Tokenize) -> dict[str, list[str]]:
 
 def tokenize_corpus(raw: dict[str, str] | str, data: Data, tok: Tokenize) -> Tokens:
     """The tokenize stage's work, without I/O."""
-    normalize = resolve_normalize(data, tok)
+    normalize, join_lines = resolve_normalize(data, tok), resolve_join_lines(data, tok)
 
     def to_tokens(text: str) -> list[str]:
-        return text_tokens(text, tok.token, normalize, tok.join_lines)
+        return text_tokens(text, tok.token, normalize, join_lines)
 
     own_splits = isinstance(raw, dict)
     pieces = {s: to_tokens(raw[s]) for s in SPLITS} if own_splits else split_tokens(to_tokens(raw), tok)
@@ -79,13 +88,13 @@ def tokenize_corpus(raw: dict[str, str] | str, data: Data, tok: Tokenize) -> Tok
                 f"the {name} split has {len(toks)} tokens (from {where}); it needs at least "
                 f"{MIN_SPLIT_TOKENS}: use a larger corpus or a larger fraction"
             )
-    vocab = build_vocab(pieces["train"], tok.min_freq, tok.token, normalize, tok.join_lines)
+    vocab = build_vocab(pieces["train"], tok.min_freq, tok.token, normalize, join_lines)
     ids = {s: vocab.encode(toks) for s, toks in pieces.items()}
     stats = {
         "corpus": data.corpus,
         "token": tok.token,
         "normalize": normalize,
-        "join_lines": tok.join_lines,
+        "join_lines": join_lines,
         "own_splits": own_splits,
         "vocab_size": len(vocab),
         **{f"{s}_tokens": len(ids[s]) for s in SPLITS},

@@ -7,7 +7,7 @@
 
 plus `out_dir/source.json`:
     {"corpus": name, "source": URL or path read, "sha1": of the fetched file (null for a folder),
-     "member": zip member or null, "splits": true/false, "chars": characters in all texts}.
+     "member": zip member, {split file: member} or null, "splits": true/false, "chars": characters in all texts}.
 
 Where the text comes from (`data` is params.yaml's `data` section):
     built-in corpus   data.source if set, else the copy bundled in rnnlab/corpora, else its URL;
@@ -263,8 +263,8 @@ def prepare_raw(data: Data, out_dir: str | os.PathLike) -> dict:
     return info
 
 
-def resolve_source(data: Data) -> tuple[str, str | None, str | None]:
-    """What to read for `data`: (URL or path, sha1 to check or None, zip member or None)."""
+def resolve_source(data: Data) -> tuple[str, str | None, str | dict[str, str] | None]:
+    """What to read for `data`: (URL or path, sha1 to check or None, zip member(s) or None)."""
     if data.corpus == "custom":
         return data.source, data.sha1, None
     corpus = BUILTIN[data.corpus]
@@ -289,7 +289,7 @@ def _shown(path: Path) -> str:
 
 
 def read_texts(
-    source: str, sha1: str | None, member: str | None, tmp: Path, custom: bool
+    source: str, sha1: str | None, member: str | dict[str, str] | None, tmp: Path, custom: bool
 ) -> tuple[dict[str, str], str | None]:
     """The texts of `source` by output file name, and the sha1 of the file read (None for a
     folder). Downloads land in `tmp`."""
@@ -303,6 +303,8 @@ def read_texts(
         return _folder_splits(local, source), None
     fetched = tmp / "fetched"
     actual = fetch(source, fetched, sha1)
+    if isinstance(member, dict):  # a built-in corpus with its own splits
+        return {out: _zip_member(fetched, name, source) for out, name in member.items()}, actual
     if member is not None:
         return {"corpus.txt": _zip_member(fetched, member, source)}, actual
     if zipfile.is_zipfile(fetched):

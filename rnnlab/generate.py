@@ -45,6 +45,8 @@ def add_parser(sub) -> None:
     p.add_argument("-k", "--top-k", type=int, default=defaults.top_k,
                    help="sample among the k likeliest tokens only (default 0: all)")
     p.add_argument("--seed", type=int, default=defaults.seed, help="seed of the sampling (default 0)")
+    p.add_argument("--exclude-unk", action=argparse.BooleanOptionalAction, default=None,
+                   help="never generate <unk> (default: for word tokens only)")
     p.add_argument("--samples", type=int, default=1, help="continuations per prefix (default 1)")
     p.add_argument("--variant", help="which variant of a DVC experiment (default: best validation ppl)")
     p.add_argument("--params", default="params.yaml", help="for the workspace's variants")
@@ -52,7 +54,7 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    opts = Options(args.num_tokens, args.temperature, args.top_k, args.seed)
+    opts = Options(args.num_tokens, args.temperature, args.top_k, args.seed, args.exclude_unk)
     if args.samples < 1:
         raise UserError(f"--samples = {args.samples}: must be an integer >= 1")
     with tempfile.TemporaryDirectory() as tmp:
@@ -67,7 +69,7 @@ def run(args: argparse.Namespace) -> None:
     for prefix in args.prefix:
         for _ in range(args.samples):
             read, cont = continuation(model, vocab, prefix, opts.num_tokens, opts.temperature or None,
-                                      gen, opts.top_k)
+                                      gen, opts.top_k, exclude_unk=opts.exclude_unk)
             print(read + cont, flush=True)
 
 

@@ -33,7 +33,7 @@ from rnnlab.sampling import Options, continuation
 
 NAME = "model"            # the model's name in its run: runs:/<run id>/model
 CHECKPOINT = "best.pt"    # the checkpoint file inside the model's data folder
-_PARAM_TYPES = {int: "long", float: "double"}
+_PARAM_TYPES = {"int": "long", "float": "double", "bool | None": "boolean"}  # Options' fields
 
 
 class RNNLMPredictor:
@@ -50,7 +50,7 @@ class RNNLMPredictor:
         opts = Options(**{k: v for k, v in (params or {}).items() if v is not None})
         gen = torch.Generator().manual_seed(opts.seed)
         rows = [continuation(self.model, self.vocab, p, opts.num_tokens, opts.temperature or None,
-                             gen, opts.top_k) for p in prefixes]
+                             gen, opts.top_k, exclude_unk=opts.exclude_unk) for p in prefixes]
         return pd.DataFrame(rows, columns=["prefix", "continuation"])
 
 
@@ -79,7 +79,7 @@ def signature():
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
-    params = [ParamSpec(f.name, _PARAM_TYPES[type(f.default)], f.default)
+    params = [ParamSpec(f.name, _PARAM_TYPES[f.type], f.default)
               for f in dataclasses.fields(Options)]
     return ModelSignature(inputs=Schema([ColSpec("string")]),
                           outputs=Schema([ColSpec("string", "prefix"), ColSpec("string", "continuation")]),

@@ -2,8 +2,15 @@
 
     logits, state = model(idx, state)   # idx (batch, steps) -> logits (batch, steps, vocab)
 
-A model is: tokens -> input (one-hot, or a learned embedding) -> `num_layers` recurrent layers
--> dropout -> one Linear layer applied to every step at once -> logits.
+A model is: tokens -> input (one-hot, or a learned embedding, then dropout) -> `num_layers`
+recurrent layers (dropout between them) -> dropout -> one Linear layer applied to every step at
+once -> logits. Dropout acts on every non-recurrent connection, never on the state carried from
+step to step (Zaremba et al. 2014). With `tie_weights` the Linear layer's weight IS the embedding
+(Press & Wolf 2017; Inan et al. 2017): one (vocab, hidden) matrix reads tokens and scores them.
+
+For training and held-out scores, `loss, state = model.loss(idx, targets, state)` gives the
+summed cross-entropy without making the caller hold the logits: for a large vocabulary it is
+rnnlab/softmax.py's fused output layer and loss (one product, no log-softmax copy).
 
     cell  rnn  | gru  | lstm        state (h,) | (h,) | (h, c), each (num_layers, batch, hidden)
     impl  scratch: the book's equations, explicit parameters, a Python loop over time steps
@@ -42,12 +49,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from rnnlab.fused import FUSED, GRURecurrence, Head, TanhRecurrence, fused_applies, use_onednn
+from rnnlab.softmax import linear_cross_entropy
 
 if TYPE_CHECKING:
     from rnnlab.config import Train, Variant
 
 # (h,) for rnn and gru, (h, c) for lstm; each (num_layers, batch, hidden)
 State = tuple[torch.Tensor, ...]
+
+# From this vocabulary size `RNNLM.loss` scores with rnnlab/softmax.py's fused output layer and
+# loss: (docs/benchmark.md); below it the logits are small and the separate ops cost little.
+FUSED_LOSS_VOCAB = 1000
 
 
 @dataclass(frozen=True)
@@ -60,7 +72,8 @@ class ModelConfig:
     num_layers: int = 1  # stacked recurrent layers (>= 1)
     hidden_size: int = 256  # hidden units per layer (>= 1)
     embed_size: int = 0  # 0: one-hot input (as in the book); > 0: learned nn.Embedding of this size
-    dropout: float = 0.0  # on every layer's outputs (between layers, before the head), [0, 1)
+    dropout: float = 0.0  # on the embedding's output, between layers and before the head, [0, 1)
+    tie_weights: bool = False  # the head's weight is the embedding's (embed_size == hidden_size)
 
     def __post_init__(self) -> None:
         minimum = {"vocab_size": 1, "num_layers": 1, "hidden_size": 1, "embed_size": 0}
@@ -70,6 +83,9 @@ class ModelConfig:
                 raise ValueError(f"ModelConfig.{name} = {value!r}: must be an integer >= {low}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"ModelConfig.dropout = {self.dropout!r}: must be in [0, 1)")
+        if self.tie_weights and self.embed_size != self.hidden_size:
+            raise ValueError(f"ModelConfig.tie_weights needs embed_size == hidden_size, got "
+                             f"{self.embed_size} and {self.hidden_size}")
 
 
 def model_config(variant: Variant, train: Train, vocab_size: int) -> ModelConfig:
@@ -82,7 +98,16 @@ def model_config(variant: Variant, train: Train, vocab_size: int) -> ModelConfig
         hidden_size=train.hidden_size,
         embed_size=variant.embed_size,
         dropout=train.dropout,
+        tie_weights=variant.tie_weights,
     )
+
+
+def init_uniform(model: nn.Module, scale: float) -> None:
+    """Every parameter uniform in [-scale, scale], as Zaremba et al. initialise (train.init_scale);
+    draws from torch's global generator, which the train stage seeds."""
+    with torch.no_grad():
+        for p in model.parameters():  # a tied weight is one parameter: drawn once
+            p.uniform_(-scale, scale)
 
 
 def detach_state(state: State) -> State:
@@ -101,25 +126,48 @@ class RNNLM(nn.Module):
         self.rnn = rnn  # ScratchRNN | TorchRNN: (x, state) -> (outputs, state), time-major
         self.dropout = nn.Dropout(config.dropout)
         self.head = nn.Linear(config.hidden_size, config.vocab_size)
+        if config.tie_weights:  # one parameter, the head's (its initialisation, its place)
+            self.embedding.weight = self.head.weight
 
     def forward(self, idx: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
+        """Logits (batch, steps, vocab) of the token after each of idx (batch, steps)."""
+        outputs, state = self.features(idx, state)
+        if self.config.vocab_size < self.config.hidden_size:  # transpose the smaller tensor
+            return self._head(outputs).transpose(0, 1), state
+        return self._head(outputs.transpose(0, 1)), state
+
+    def loss(self, idx: torch.Tensor, targets: torch.Tensor,
+             state: State | None = None) -> tuple[torch.Tensor, State]:
+        """The summed cross-entropy of `targets` (batch, steps) after idx (batch, steps), and the
+        state: `forward`'s logits scored, by the cheapest route for the vocabulary's size."""
+        outputs, state = self.features(idx, state)
+        rows = outputs.flatten(0, 1)  # time-major rows, so the targets go time-major too
+        y = targets.t().flatten()
+        if self.config.vocab_size >= FUSED_LOSS_VOCAB and not torch.is_autocast_enabled(rows.device.type):
+            return linear_cross_entropy(rows, self.head.weight, self.head.bias, y), state
+        logits = self._head(rows)
+        return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), y,
+                               reduction="sum"), state
+
+    def features(self, idx: torch.Tensor, state: State | None) -> tuple[torch.Tensor, State]:
+        """What the head reads: (steps, batch, hidden), after dropout; and the new state."""
         if state is None:
             state = self.init_state(idx.shape[0], idx.device)
         # Time-major inside, as in the book: step t is x[t]. Without an embedding the token ids
         # go on as they are; each impl makes them one-hot.
         # x: (steps, batch) ids | (steps, batch, embed)
-        x = idx.t() if self.embedding is None else self.embedding(idx.t())
+        x = idx.t() if self.embedding is None else self.dropout(self.embedding(idx.t()))
         outputs, state = self.rnn(x, state)  # (steps, batch, hidden)
-        outputs = self.dropout(outputs)
-        if fused_applies(outputs) and use_onednn(outputs):  # the same product, faster: `Head`
-            logits = Head.apply(outputs.flatten(0, 1), self.head.weight, self.head.bias)
-            logits = logits.view(*outputs.shape[:2], -1)
-        else:
-            logits = self.head(outputs)  # (steps, batch, vocab): all steps in one matmul
-        logits = logits.transpose(0, 1)  # (batch, steps, vocab)
         # autocast leaves some layers' state in bfloat16 (nn.RNN, nn.LSTM) and others' in float32
         dtype = self.head.weight.dtype
-        return logits, tuple(s.to(dtype) for s in state)
+        return self.dropout(outputs), tuple(s.to(dtype) for s in state)
+
+    def _head(self, h: torch.Tensor) -> torch.Tensor:
+        """The Linear layer on (..., hidden): every step in one product."""
+        if fused_applies(h) and use_onednn(h):  # the same product, faster: `Head`
+            return Head.apply(h.reshape(-1, h.shape[-1]), self.head.weight,
+                              self.head.bias).view(*h.shape[:-1], -1)
+        return self.head(h)
 
     def init_state(self, batch_size: int, device=None, dtype=None) -> State:
         """Zeros: (h,) or (h, c), each (num_layers, batch, hidden); device, dtype: the weights'."""

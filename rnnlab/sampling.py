@@ -4,7 +4,9 @@ The prefix first becomes tokens as the corpus did (the vocabulary's normalisatio
 joining: with `book`, "Time Traveller!" is read as "time traveller"). Warm-up: those tokens are
 read in one pass to build the state, then each next token is chosen from the last output (argmax
 for greedy; a softmax with a temperature, over the `top_k` likeliest tokens if set, for sampling)
-and fed back.
+and fed back. Generation never chooses `<unk>` when asked to (`exclude_unk`; by default for word
+tokens, where it is one of the commonest words of a corpus like PTB and a greedy model would
+repeat it), and shows `<eos>` as a line break (rnnlab/text.py's `detokenize`).
 
 `Options` holds the defaults of text generation outside the pipeline (`rnnlab generate`, the
 MLflow Model's `predict`): the pipeline's own come from params.yaml's `evaluate` section.
@@ -31,6 +33,7 @@ class Options:
     temperature: float = 0.0  # 0: greedy (argmax); > 0: softmax temperature of sampling
     top_k: int = 0           # sample among the k likeliest tokens only; 0: all
     seed: int = 0            # seed of the sampling (>= 0)
+    exclude_unk: bool | None = None  # never generate <unk>; None: for word tokens only
 
     def __post_init__(self) -> None:
         problems = [f"{name} = {value!r}: {rule}" for name, value, ok, rule in (
@@ -39,9 +42,16 @@ class Options:
              "a number >= 0 (0: greedy)"),
             ("top_k", self.top_k, _int(self.top_k) and self.top_k >= 0, "an integer >= 0 (0: all tokens)"),
             ("seed", self.seed, _int(self.seed) and self.seed >= 0, "an integer >= 0"),
+            ("exclude_unk", self.exclude_unk, self.exclude_unk in (None, True, False)
+             and not _int(self.exclude_unk), "true, false or null (null: for word tokens)"),
         ) if not ok]
         if problems:
             raise UserError("\n".join(problems))
+
+
+def excludes_unk(vocab: Vocab, setting: bool | str | None) -> bool:
+    """Whether generation leaves <unk> out: `auto` / None means for word tokens only."""
+    return vocab.token_type == "word" if setting in ("auto", None) else bool(setting)
 
 
 def _int(v) -> bool:
@@ -70,15 +80,17 @@ def prefix_tokens(vocab: Vocab, prefix: str, warn: bool = True) -> list[str]:
 @torch.no_grad()
 def generate(model: RNNLM, prefix_ids: torch.Tensor, num_tokens: int,
              temperature: float | None = None, gen: torch.Generator | None = None,
-             top_k: int = 0) -> list[int]:
+             top_k: int = 0, exclude: tuple[int, ...] = ()) -> list[int]:
     """`num_tokens` ids after the prefix: greedy when temperature is None, else sampled (among
-    the `top_k` likeliest tokens when top_k > 0)."""
+    the `top_k` likeliest tokens when top_k > 0); never an id of `exclude`."""
     model.eval()
     device = next(model.parameters()).device
     logits, h = model(prefix_ids.to(device)[None], None)  # warm-up: (1, len(prefix), vocab)
     out: list[int] = []
     for _ in range(num_tokens):
         last = logits[0, -1].float()
+        if exclude:
+            last[list(exclude)] = -torch.inf
         if temperature is None:
             nxt = int(last.argmax())
         else:
@@ -94,16 +106,21 @@ def generate(model: RNNLM, prefix_ids: torch.Tensor, num_tokens: int,
 
 def continuation(model: RNNLM, vocab: Vocab, prefix: str, num_tokens: int,
                  temperature: float | None = None, gen: torch.Generator | None = None,
-                 top_k: int = 0, warn: bool = True) -> tuple[str, str]:
-    """(the prefix as the model read it, normalised; its continuation), as text."""
+                 top_k: int = 0, warn: bool = True,
+                 exclude_unk: bool | str | None = None) -> tuple[str, str]:
+    """(the prefix as the model read it, normalised; its continuation), as text. exclude_unk:
+    True, False, or None / "auto" (for word tokens only)."""
     tokens = prefix_tokens(vocab, prefix, warn)
-    ids = generate(model, torch.as_tensor(vocab.encode(tokens)), num_tokens, temperature, gen, top_k)
+    exclude = (0,) if excludes_unk(vocab, exclude_unk) else ()  # <unk> is id 0
+    ids = generate(model, torch.as_tensor(vocab.encode(tokens)), num_tokens, temperature, gen,
+                   top_k, exclude)
     read = detokenize(tokens, vocab.token_type)
     return read, detokenize(tokens + [vocab.tokens[i] for i in ids], vocab.token_type)[len(read):]
 
 
 def continue_text(model: RNNLM, vocab: Vocab, prefix: str, num_tokens: int,
                   temperature: float | None = None, gen: torch.Generator | None = None,
-                  warn: bool = True) -> str:
+                  warn: bool = True, exclude_unk: bool | str | None = None) -> str:
     """The normalised prefix followed by its continuation, as text."""
-    return "".join(continuation(model, vocab, prefix, num_tokens, temperature, gen, warn=warn))
+    return "".join(continuation(model, vocab, prefix, num_tokens, temperature, gen, warn=warn,
+                                exclude_unk=exclude_unk))

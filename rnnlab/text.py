@@ -1,30 +1,48 @@
-"""From raw text to a token sequence: normalisation, line joining, tokenisation.
+"""From raw text to a token sequence: normalisation, line ends, tokenisation.
 
 The book (d2l, section 8.2) normalises The Time Machine line by line (every run of non-letters
 becomes one space, then strip and lower-case) and concatenates the lines with NO separator, which
 glues the last word of a line to the first of the next (`of` + `cheerfulness` -> `ofcheerfulness`).
-Here lines are joined with one space by default (`join_lines: space`, blank lines dropped);
-`join_lines: none` reproduces the book exactly, `newline` keeps line breaks as tokens.
+Here `join_lines` says what a line end becomes:
 
-The vocabulary stores the token type, the (resolved) normalisation and the line joining of its
+    space    one space (the default; blank lines dropped)
+    none     nothing: the book's exact text
+    newline  a "\n" character, a token the model predicts (char tokens)
+    eos      an `<eos>` token after every line, the model predicts it: the Penn Treebank and
+             WikiText convention (word tokens)
+
+Word tokens split on whitespace, so a "\n" cannot be one of them, and `<eos>` is not a character:
+config.py refuses `newline` with word tokens and `eos` with char tokens. Every line end counts,
+the last line's too, and a line's own text is normalised before its end is added.
+
+The vocabulary stores the token type, the (resolved) normalisation and the line ends of its
 corpus, so a prefix given to a trained model becomes tokens exactly as the corpus did
-(`text_tokens`): with `book`, "Time Traveller!" is read as "time traveller".
+(`text_tokens`): with `book`, "Time Traveller!" is read as "time traveller"; with `eos`, a prefix
+ending in a line break ends in `<eos>`, one without does not.
 """
 
 from __future__ import annotations
 
 import re
 
+EOS = "<eos>"  # the end-of-line token of join_lines: eos
+
 NORMALIZERS = {
     "book": lambda line: re.sub("[^A-Za-z]+", " ", line).strip().lower(),
     "lower": str.lower,
     "plain": lambda line: line,
 }
-SEPARATORS = {"space": " ", "none": "", "newline": "\n"}
+SEPARATORS = {"space": " ", "none": "", "newline": "\n", "eos": f" {EOS} "}
 
 
 def prepare_text(text: str, normalize: str, join_lines: str) -> str:
     """Normalise each line, then join the lines (see the module docstring)."""
+    if join_lines == "eos":  # every line break, the last one's too, becomes " <eos> "
+        out = []
+        for line in text.splitlines(keepends=True):  # each piece ends in at most one break
+            content = (line.splitlines() or [""])[0]  # without it, whichever break it is
+            out.append(NORMALIZERS[normalize](content) + (SEPARATORS["eos"] if content != line else ""))
+        return "".join(out)
     lines = [NORMALIZERS[normalize](line) for line in text.splitlines()]
     if join_lines == "space":
         lines = [line.strip() for line in lines if line.strip()]  # no runs of spaces at line ends
@@ -42,4 +60,7 @@ def text_tokens(text: str, token: str, normalize: str, join_lines: str) -> list[
 
 
 def detokenize(tokens: list[str], token: str) -> str:
-    return "".join(tokens) if token == "char" else " ".join(tokens)
+    """Tokens as text: characters joined, words joined by a space, `<eos>` shown as a line break."""
+    if token == "char":
+        return "".join(tokens)
+    return re.sub(rf" ?(?<!\S){re.escape(EOS)}(?!\S) ?", "\n", " ".join(tokens))

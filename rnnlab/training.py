@@ -13,7 +13,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
@@ -51,6 +50,7 @@ class TrainState:
     history: list[dict] = field(default_factory=list)
     best_val_ppl: float = math.inf
     best_epoch: int = 0
+    lr_scale: float = 1.0                # lr_schedule plateau: the product of its decays so far
 
     def snapshot(self) -> dict:
         """Everything needed to continue after the last completed epoch, bit for bit."""
@@ -63,6 +63,7 @@ class TrainState:
             "history": self.history,
             "best_val_ppl": self.best_val_ppl,
             "best_epoch": self.best_epoch,
+            "lr_scale": self.lr_scale,
         }
 
     def restore(self, snap: dict) -> None:
@@ -74,6 +75,7 @@ class TrainState:
         self.history = list(snap["history"])
         self.best_val_ppl = snap["best_val_ppl"]
         self.best_epoch = snap["best_epoch"]
+        self.lr_scale = snap.get("lr_scale", 1.0)  # snapshots from before plateau had none
 
 
 def prepare_torch(cfg: Train) -> torch.device:
@@ -107,10 +109,19 @@ def new_state(model: RNNLM, cfg: Train) -> TrainState:
     return TrainState(model, make_optimizer(model, cfg), torch.Generator().manual_seed(cfg.seed))
 
 
-def lr_at(cfg: Train, progress: float) -> float:
-    """Learning rate after `progress` (0..1) of the whole run."""
+def lr_at(cfg: Train, progress: float, epoch: int, scale: float = 1.0) -> float:
+    """Learning rate after `progress` (0..1) of the whole run, in `epoch` (from 1).
+
+    cosine  decays smoothly to 0 over the run, step by step
+    step    lr * lr_decay ** (epochs past lr_decay_after): Zaremba et al.'s "decay 0.5 after 4"
+    plateau lr * `scale`, the product of the decays after epochs that did not improve
+    """
     if cfg.lr_schedule == "cosine":
         return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
+    if cfg.lr_schedule == "step":
+        return cfg.lr * cfg.lr_decay ** max(0, epoch - cfg.lr_decay_after)
+    if cfg.lr_schedule == "plateau":
+        return cfg.lr * scale
     return cfg.lr
 
 
@@ -133,8 +144,8 @@ def train_step(model: RNNLM, x: torch.Tensor, y: torch.Tensor, h, opt: torch.opt
     The benchmark (bench/benchmark.py) times exactly this function.
     """
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16 and x.device.type == "cuda"):
-        logits, h = model(x, h)  # (batch, num_steps, vocab)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+        total, h = model.loss(x, y, h)  # summed over the batch's tokens
+        loss = total / y.numel()
     opt.zero_grad(set_to_none=True)
     loss.backward()
     norm = nn.utils.clip_grad_norm_(model.parameters(), clip_theta)  # global L2 norm
@@ -160,7 +171,7 @@ def run_epochs(state: TrainState, train_ids: torch.Tensor, val_ids: torch.Tensor
         batches = sampler(train_ids, cfg.batch_size, cfg.num_steps, state.gen)
         for step, (x, y) in enumerate(tqdm(batches, total=per_epoch, leave=False, disable=None,
                                            desc=f"epoch {epoch}", unit="batch"), start=1):
-            lr = lr_at(cfg, (epoch - 1 + step / per_epoch) / cfg.epochs)
+            lr = lr_at(cfg, (epoch - 1 + step / per_epoch) / cfg.epochs, epoch, state.lr_scale)
             for group in opt.param_groups:
                 group["lr"] = lr
             # sequential: carry the state across minibatches, detached to truncate BPTT;
@@ -188,6 +199,8 @@ def run_epochs(state: TrainState, train_ids: torch.Tensor, val_ids: torch.Tensor
         is_best = val_ppl < state.best_val_ppl
         if is_best:
             state.best_val_ppl, state.best_epoch = val_ppl, epoch
+        elif cfg.lr_schedule == "plateau":  # PyTorch's word_language_model: anneal when stuck
+            state.lr_scale *= cfg.lr_decay
         result = EpochResult(
             epoch=epoch,
             train_ppl=math.exp(train_loss),
@@ -243,10 +256,8 @@ def perplexity(model: RNNLM, ids: torch.Tensor, device: torch.device | None = No
         j = min(i + chunk, n)
         x, y = ids[i:j][None], ids[i + 1 : j + 1][None]  # (1, steps): inputs, their next tokens
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda"):
-            logits, h = model(x, h)  # (1, steps, vocab); h carried: chunking changes nothing
-        # bf16 logits are scored in float32; float64 models (the tests) stay in float64
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        total += F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").double()
+            loss, h = model.loss(x, y, h)  # h carried: chunking changes nothing
+        total += loss.double()  # bf16 logits are scored in float32, float64 models in float64
     model.train(was_training)
     mean = float(total) / n
     return math.exp(mean) if mean <= MAX_LOSS else math.inf

@@ -27,7 +27,7 @@ class Vocab:
     freqs: list[int]          # training-split count of each token (for <unk>: tokens mapped to it)
     token_type: str = "char"  # char | word: how text splits into tokens and ids decode back
     normalize: str = "plain"  # the corpus's resolved normalisation (book | lower | plain; never auto)
-    join_lines: str = "space"  # how the corpus's lines were joined (space | none | newline)
+    join_lines: str = "space"  # how the corpus's lines were joined (space | none | newline | eos)
     index: dict[str, int] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:

@@ -30,7 +30,9 @@ def main() -> None:
 def summary(info: dict, out: Path) -> str:
     """One line: `timemachine: 178,979 characters from <source> (sha1 090b5e7e…) -> <files>`."""
     files = ["train.txt", "val.txt", "test.txt"] if info["splits"] else ["corpus.txt"]
-    member = f"zip member {info['member']}, " if info["member"] else ""
+    m = info["member"]
+    member = (f"zip members {', '.join(m.values())}, " if isinstance(m, dict) else
+              f"zip member {m}, " if m else "")
     sha1 = f"sha1 {info['sha1'][:8]}…" if info["sha1"] else "a folder, no sha1"
     targets = ", ".join(str(out / name) for name in files)
     return (

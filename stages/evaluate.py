@@ -24,10 +24,14 @@ from rnnlab.training import perplexity, prepare_torch
 
 
 def samples_markdown(name: str, samples: dict[str, dict], temperature: float, seed: int) -> str:
+    """One line per sample; a line break in a sample (`<eos>`, or a "\n" character) shows as ⏎."""
+    def shown(text: str) -> str:
+        return text.replace("\n", " ⏎ ")
+
     lines = [f"# Samples: {name}", ""]
     for prefix, s in samples.items():
-        lines += [f"## `{prefix}`", "", f"- greedy: `{s['greedy']}`"]
-        lines += [f"- sample {i} (temperature {temperature}, seed {seed}): `{t}`"
+        lines += [f"## `{prefix}`", "", f"- greedy: `{shown(s['greedy'])}`"]
+        lines += [f"- sample {i} (temperature {temperature}, seed {seed}): `{shown(t)}`"
                   for i, t in enumerate(s["sampled"], start=1)]
         lines.append("")
     return "\n".join(lines)
@@ -98,8 +102,9 @@ def main() -> None:
     gen = torch.Generator().manual_seed(ev.seed)
     samples = {
         prefix: {
-            "greedy": continue_text(model, vocab, prefix, ev.num_tokens),
-            "sampled": [continue_text(model, vocab, prefix, ev.num_tokens, ev.temperature, gen, warn=False)
+            "greedy": continue_text(model, vocab, prefix, ev.num_tokens, exclude_unk=ev.exclude_unk),
+            "sampled": [continue_text(model, vocab, prefix, ev.num_tokens, ev.temperature, gen, warn=False,
+                                      exclude_unk=ev.exclude_unk)
                         for _ in range(ev.num_samples)],
         }
         for prefix in ev.prefixes

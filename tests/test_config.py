@@ -41,7 +41,7 @@ def test_every_train_key_has_a_comment_in_params_yaml():
     (lambda p: p["evaluate"].update(prefixes=[""]), "evaluate.prefixes.0 = ''"),
     (lambda p: p["tokenize"].update(split={"train": 0.5, "val": 0.2, "test": 0.2}), "must be 1, got 0.9"),
     (lambda p: p["tokenize"].update(token="byte"), "tokenize.token = 'byte': Input should be 'char' or 'word'"),
-    (lambda p: p["data"].update(corpus="nope"), "data.corpus = 'nope': unknown corpus; allowed: timemachine, jaychou_lyrics, custom"),
+    (lambda p: p["data"].update(corpus="nope"), "data.corpus = 'nope': unknown corpus; allowed: timemachine, jaychou_lyrics, ptb, custom"),
     (lambda p: p["data"].update(corpus="custom"), "corpus 'custom' needs data.source"),
     (lambda p: p["variants"]["rnn"].update(cell="cnn"), "variants.rnn.cell = 'cnn': Input should be 'rnn', 'gru' or 'lstm'"),
     (lambda p: p["variants"]["rnn"].update(impl="cudnn"), "variants.rnn.impl = 'cudnn': Input should be 'scratch' or 'torch'"),
@@ -189,7 +189,8 @@ def test_overrides_reject_unknown_keys_and_hidden_size():
 @pytest.mark.parametrize("key, value", [
     ("lr", 0), ("lr", 1e7), ("clip_theta", 0), ("num_steps", 0), ("batch_size", 0), ("epochs", 0),
     ("optimizer", "rmsprop"), ("sampling", "shuffled"), ("seed", -1), ("device", "tpu"),
-    ("dropout", 1.0), ("lr_schedule", "step"), ("weight_decay", -0.1), ("bf16", "yes"),
+    ("dropout", 1.0), ("lr_schedule", "linear"), ("weight_decay", -0.1), ("init_scale", 0),
+    ("lr_decay", 0.5), ("bf16", "yes"),
     ("threads", -1), ("epochs", 2.0),
 ])
 def test_a_bad_value_is_refused_alike_in_train_and_in_an_override(key, value):

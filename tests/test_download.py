@@ -296,6 +296,104 @@ def test_builtin_zip_unknown_member(tmp_path, monkeypatch):
         prepare_raw(shipped(Data, corpus="jaychou_lyrics", source=str(zpath)), tmp_path / "raw")
 
 
+# Penn Treebank, laid out as d2l's ptb.zip: a folder ptb/ with the three split files
+PTB_FILES = {
+    "ptb/ptb.train.txt": " the cat sat \n the <unk> sat on the mat \n",
+    "ptb/ptb.valid.txt": " the dog \n",
+    "ptb/ptb.test.txt": " a mat \n",
+}
+PTB_OUT = {"train.txt": PTB_FILES["ptb/ptb.train.txt"], "val.txt": PTB_FILES["ptb/ptb.valid.txt"],
+           "test.txt": PTB_FILES["ptb/ptb.test.txt"]}
+
+
+def _ptb_zip(path: Path, files: dict[str, str] = PTB_FILES) -> str:
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("ptb/", b"")  # the folder's own entry, as `zip -r` writes it
+        for name, text in files.items():
+            zf.writestr(name, text.encode("utf-8"))
+    return hashlib.sha1(path.read_bytes()).hexdigest()
+
+
+def _check_ptb_out(out: Path, info: dict) -> None:
+    assert sorted(os.listdir(out)) == ["source.json", "test.txt", "train.txt", "val.txt"]
+    for name, text in PTB_OUT.items():
+        assert (out / name).read_text(encoding="utf-8") == text
+    assert info["splits"] is True and info["corpus"] == "ptb"
+    assert info["member"] == BUILTIN["ptb"].member == {
+        "train.txt": "ptb/ptb.train.txt", "val.txt": "ptb/ptb.valid.txt", "test.txt": "ptb/ptb.test.txt"}
+    assert info["chars"] == sum(len(t) for t in PTB_FILES.values())
+    assert _source_json(out) == info  # the dict member survives the JSON round trip
+
+
+@pytest.mark.parametrize("as_uri", [False, True])
+def test_builtin_ptb_from_a_local_zip(tmp_path, monkeypatch, as_uri):
+    zpath = tmp_path / "ptb.zip"
+    sha1 = _ptb_zip(zpath)
+    _replace_builtin(monkeypatch, "ptb", sha1=sha1)
+    source = zpath.as_uri() if as_uri else str(zpath)
+    out = tmp_path / "raw"
+    info = prepare_raw(shipped(Data, corpus="ptb", source=source), out)
+    _check_ptb_out(out, info)
+    assert info["source"] == source and info["sha1"] == sha1
+    assert sorted(os.listdir(tmp_path)) == ["ptb.zip", "raw"]  # no download folder left
+
+
+def test_builtin_ptb_over_http(server, tmp_path, monkeypatch):
+    zpath = tmp_path / "ptb.zip"
+    _replace_builtin(monkeypatch, "ptb", sha1=_ptb_zip(zpath))
+    server.files["/ptb.zip"] = zpath.read_bytes()
+    url = f"{server.url}/ptb.zip"
+    out = tmp_path / "raw"
+    info = prepare_raw(shipped(Data, corpus="ptb", source=url), out)
+    _check_ptb_out(out, info)
+    assert info["source"] == url and server.hits["/ptb.zip"] == 1
+
+
+def test_builtin_ptb_default_source_is_its_url(server, tmp_path, monkeypatch):
+    """No data.source and nothing bundled: the corpus's own URL is fetched."""
+    zpath = tmp_path / "ptb.zip"
+    assert BUILTIN["ptb"].bundled is None  # not redistributable
+    _replace_builtin(monkeypatch, "ptb", sha1=_ptb_zip(zpath), url=f"{server.url}/ptb.zip")
+    server.files["/ptb.zip"] = zpath.read_bytes()
+    info = prepare_raw(shipped(Data, corpus="ptb"), tmp_path / "raw")
+    _check_ptb_out(tmp_path / "raw", info)
+    assert info["source"] == f"{server.url}/ptb.zip"
+
+
+def test_builtin_ptb_wrong_sha1(tmp_path, monkeypatch):
+    zpath = tmp_path / "ptb.zip"
+    actual = _ptb_zip(zpath)
+    _replace_builtin(monkeypatch, "ptb", sha1="0" * 40)
+    with pytest.raises(UserError, match=f"ptb.zip: sha1 mismatch: expected 0{{40}}, got {actual}"):
+        prepare_raw(shipped(Data, corpus="ptb", source=str(zpath)), tmp_path / "raw")
+    assert os.listdir(tmp_path) == ["ptb.zip"]
+
+
+def test_builtin_ptb_zip_missing_a_member(tmp_path, monkeypatch):
+    zpath = tmp_path / "ptb.zip"
+    files = {k: v for k, v in PTB_FILES.items() if k != "ptb/ptb.valid.txt"}
+    _replace_builtin(monkeypatch, "ptb", sha1=_ptb_zip(zpath, files))
+    with pytest.raises(UserError, match=r"no member 'ptb/ptb.valid.txt' in the zip.*ptb/ptb.train.txt"):
+        prepare_raw(shipped(Data, corpus="ptb", source=str(zpath)), tmp_path / "raw")
+    assert os.listdir(tmp_path) == ["ptb.zip"]
+
+
+def test_stage_summary_names_the_zip_members(tmp_path, monkeypatch):
+    from stages.download import summary
+
+    zpath = tmp_path / "ptb.zip"
+    sha1 = _ptb_zip(zpath)
+    _replace_builtin(monkeypatch, "ptb", sha1=sha1)
+    out = tmp_path / "raw"
+    info = prepare_raw(shipped(Data, corpus="ptb", source=str(zpath)), out)
+    chars = sum(len(t) for t in PTB_FILES.values())
+    assert summary(info, out) == (
+        f"ptb: {chars} characters from {zpath} (zip members ptb/ptb.train.txt, ptb/ptb.valid.txt, "
+        f"ptb/ptb.test.txt, sha1 {sha1[:8]}…) -> {out / 'train.txt'}, {out / 'val.txt'}, "
+        f"{out / 'test.txt'}"
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # prepare_raw: custom corpora
 

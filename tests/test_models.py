@@ -444,3 +444,74 @@ def test_state_keeps_the_weights_dtype_under_autocast(cell, impl, num_layers):
     assert all(s.dtype == torch.float32 for s in (*state, *state2))
     (logits.float().sum() + logits2.float().sum()).backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
+
+
+# --- word-level features: tied weights, dropout on the embedding, uniform init, the summed loss --
+
+
+def test_tied_weights_are_one_parameter_and_survive_a_state_dict_round_trip():
+    untied = make("lstm", "torch", embed_size=5, num_layers=2)
+    tied = make("lstm", "torch", embed_size=5, num_layers=2, tie_weights=True)
+    assert tied.embedding.weight is tied.head.weight
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(untied) - count(tied) == 7 * 5  # one (vocab, hidden) matrix fewer
+
+    idx = torch.randint(0, 7, (2, 4))
+    loss, _ = tied.loss(idx, torch.randint(0, 7, (2, 4)))
+    loss.backward()
+    assert tied.head.weight.grad is not None  # both uses add into the one gradient
+    with torch.no_grad():
+        tied.head.weight.add_(1.0)  # moves the embedding too
+    assert torch.equal(tied.embedding.weight, tied.head.weight)
+
+    back = build_model(ModelConfig(**asdict(tied.config)))
+    back.load_state_dict(tied.state_dict())
+    assert back.embedding.weight is back.head.weight
+    torch.testing.assert_close(back(idx)[0], tied(idx)[0])
+
+
+def test_tying_needs_equal_embedding_and_hidden_sizes():
+    with pytest.raises(ValueError, match="tie_weights needs embed_size == hidden_size, got 4 and 5"):
+        ModelConfig(vocab_size=7, cell="lstm", impl="torch", hidden_size=5, embed_size=4, tie_weights=True)
+    variant = Variant(cell="lstm", embed_size=256, tie_weights=True)
+    assert model_config(variant, shipped(Train), 9).tie_weights
+
+
+@pytest.mark.parametrize("embed_size, calls", [(0, 1), (6, 2)])
+def test_dropout_acts_on_the_embedding_and_before_the_head(embed_size, calls):
+    """Every non-recurrent connection: the embedding's output (when there is one) and the last
+    layer's outputs; nn.LSTM itself drops between its layers."""
+    model = make("lstm", "torch", embed_size=embed_size, dropout=0.5).train()
+    seen = []
+    model.dropout.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].shape))
+    model(torch.randint(0, 7, (3, 4)))
+    assert len(seen) == calls
+    if embed_size:
+        assert seen[0] == (4, 3, embed_size)
+
+
+def test_init_uniform_bounds_every_parameter_once():
+    model = make("lstm", "torch", embed_size=5, tie_weights=True)
+    models.init_uniform(model, 0.05)
+    for name, p in model.named_parameters():
+        assert p.abs().max() <= 0.05, name
+        assert p.abs().max() > 0.04, name  # drawn, not left at PyTorch's init or zero
+    assert model.embedding.weight is model.head.weight
+
+
+@pytest.mark.parametrize("vocab_size", [7, models.FUSED_LOSS_VOCAB])  # the plain and fused routes
+@pytest.mark.parametrize("impl", IMPL_NAMES)
+def test_loss_is_the_summed_cross_entropy_of_the_logits(impl, vocab_size):
+    """`loss` scores exactly `forward`'s logits, value and gradients (float64)."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(vocab_size=vocab_size, cell="gru", impl=impl, hidden_size=5,
+                                    embed_size=4)).double()
+    x, y = torch.randint(0, vocab_size, (3, 6)), torch.randint(0, vocab_size, (3, 6))
+    logits, state = model(x)
+    expected = nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum")
+    want = torch.autograd.grad(expected, list(model.parameters()))
+    got, got_state = model.loss(x, y)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got_state, state)
+    for a, b in zip(torch.autograd.grad(got, list(model.parameters())), want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

@@ -201,3 +201,46 @@ def test_huge_but_finite_loss_is_divergence_not_a_crash():
                 p.mul_(0).add_(torch.randn_like(p) * 1e4)  # enormous logits: loss ~1e4, finite
     with pytest.raises(UserError, match=r"diverged: after epoch 1"):
         train(model, cfg(optimizer="sgd", lr=1e-12))
+
+
+# --- the schedules of the word-level recipes ------------------------------------------------------
+
+
+def test_step_schedule_is_zarembas_decay_after_epoch_k():
+    from rnnlab.training import lr_at
+
+    c = cfg(lr=1.0, epochs=13, lr_schedule="step", lr_decay=0.5, lr_decay_after=4)
+    assert [lr_at(c, 0.0, e) for e in range(1, 8)] == [1, 1, 1, 1, 0.5, 0.25, 0.125]
+
+
+def test_plateau_schedule_decays_after_an_epoch_that_did_not_improve(monkeypatch):
+    """PyTorch's word_language_model: the rate is divided when validation stops improving; the
+    decay is part of the resumable state."""
+    from rnnlab import training
+
+    val = iter([5.0, 6.0, 4.0, 4.0])
+    monkeypatch.setattr(training, "perplexity", lambda *a, **k: next(val))
+    c = cfg(lr=1.0, epochs=4, optimizer="sgd", lr_schedule="plateau", lr_decay=0.25)
+    results, state = train(tiny(), c)
+    assert [r.lr for r in results] == [1.0, 1.0, 0.25, 0.25]  # 2 and 4 did not improve
+    assert state.lr_scale == 0.25 ** 2
+    later = new_state(tiny(), c)
+    later.restore(state.snapshot())
+    assert later.lr_scale == state.lr_scale
+
+
+def test_generation_leaves_out_unk_for_word_tokens_by_default():
+    from rnnlab.sampling import continuation
+
+    vocab = Vocab(["<unk>", "the", "cat", "<eos>"], [5, 3, 2, 1], token_type="word")
+    model = build_model(ModelConfig(vocab_size=4, cell="rnn", impl="torch", hidden_size=4, embed_size=4))
+    with torch.no_grad():
+        model.head.bias.copy_(torch.tensor([50.0, 0.0, 10.0, 0.0]))  # <unk> by far, then "cat"
+    assert continuation(model, vocab, "the", 3)[1] == " cat cat cat"
+    assert continuation(model, vocab, "the", 3, exclude_unk=False)[1] == " <unk> <unk> <unk>"
+    chars = Vocab(["<unk>", "a", "b", "c"], [0, 3, 2, 1], token_type="char")
+    assert continuation(model, chars, "a", 2)[1] == "<unk><unk>"  # chars: kept unless asked
+    assert continuation(model, chars, "a", 2, exclude_unk=True)[1] == "bb"
+    with torch.no_grad():
+        model.head.bias.copy_(torch.tensor([50.0, 0.0, 0.0, 10.0]))  # then <eos>: a line break
+    assert continuation(model, vocab, "the cat", 2)[1] == "\n\n"
