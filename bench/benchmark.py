@@ -1,8 +1,9 @@
 """The benchmark: our training step against the book's, interleaved in one process, and the rest.
 
-    python -m bench.benchmark                         # default variants, batch 32 and 512
+    python -m bench.benchmark                         # default variants, batch 32 and 512, words
     python -m bench.benchmark --quick                 # a smoke run: few steps, tiny extras
     python -m bench.benchmark --variants rnn gru --batches 32 --steps 20 --repeats 5
+    python -m bench.benchmark --word-only --ptb /work/shared/corpora/ptb.zip   # words alone
 
 For every variant of params.yaml (or --variants) and every batch size, both sides train on the
 same Time Machine minibatches (characters, 35 steps, SGD lr 1, clipping at norm 1, 256 hidden
@@ -12,13 +13,24 @@ units, the state carried across minibatches as the book does):
            trained by the body of d2l's train_epoch_ch8
     ours   rnnlab.models.build_model + the training step of rnnlab/training.py
 
+and at word level, Zaremba et al.'s small LSTM as PyTorch's word_language_model example trains it
+(2 layers of 200, embedding 200, vocabulary 10,000, batch 20, 20 steps, SGD lr 20, clipping at
+0.25, no dropout, the state carried), on Penn Treebank's training words (`--ptb` a zip holding
+ptb/ptb.train.txt) or else on a synthetic stream of 10,000 ids drawn by Zipf's law:
+
+    wlm    bench/wlm.py: the example's RNNModel (Embedding, nn.LSTM, Linear, log_softmax) and the
+           body of its train() (NLLLoss, clip_grad_norm_, p.data.add_), on its time-major batches
+    ours   the same, the same tokens laid out batch-major
+
 Each repeat times `--steps` minibatches of one side, then of the other (the order alternates), so
 whatever else the machine does slows both alike; the ratio is the median of the repeats' ratios.
 The FLOP bound of a row is its FLOPs per token (bench/flops.py) at the float32 matmul rate this
 machine reaches on the row's recurrent product, (batch x H) @ (H x gates*H), measured at start-up
 with torch.mm (MKL) and with oneDNN, the faster of the two; `% peak` uses the rate of a large
-product instead. Also measured, once per run: generation and evaluation speed, a no-op
-`dvc repro`, and the share of a training run spent in MLflow tracking.
+product instead. A word row's bound adds up the time of each part at the rate of its own product
+(the head's, (steps*batch x H) @ (H x vocab), is three quarters of the FLOPs). Also measured, once
+per run: generation and evaluation speed, a no-op `dvc repro`, and the share of a training run
+spent in MLflow tracking.
 
 Writes metrics/bench/<date>-<host>-<commit>.md (the tables) and .json (every number). Not a
 test: nothing here asserts a speed.
@@ -38,6 +50,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import zipfile
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -50,7 +64,9 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from bench.baselines import BookScratchRNN, book_model, book_step  # noqa: E402
-from bench.flops import GATES, bound_tokens_per_sec, train_flops  # noqa: E402
+from bench.flops import (GATES, bound_by_part, bound_tokens_per_sec, forward_flops,  # noqa: E402
+                         train_flops)
+from bench.wlm import WordLM, batchify, get_batch, wlm_step  # noqa: E402
 from rnnlab import training  # noqa: E402
 from rnnlab.batches import sequential_batches  # noqa: E402
 from rnnlab.config import Data, Tokenize, load_params, resolve_train  # noqa: E402
@@ -60,6 +76,12 @@ from rnnlab.models import ModelConfig, build_model, detach_state, model_config  
 
 ROOT = Path(__file__).resolve().parents[1]
 BOOK = {"num_steps": 35, "lr": 1.0, "clip_theta": 1.0, "hidden_size": 256}  # d2l 8.5-9.3
+# Zaremba et al. 2014's small LSTM (no dropout), as word_language_model's main.py trains it:
+# `--emsize 200 --nhid 200 --nlayers 2 --batch_size 20 --bptt 20 --lr 20 --clip 0.25 --dropout 0`
+WORD = {"vocab_size": 10_000, "embed_size": 200, "hidden_size": 200, "num_layers": 2,
+        "batch": 20, "num_steps": 20, "lr": 20.0, "clip_theta": 0.25}
+WORD_VARIANT = "word lstm"  # the word rows' name in the table
+WORD_BASELINE = "wlm RNNModel(LSTM)"
 StepFn = Callable[[torch.Tensor, torch.Tensor], object]
 
 
@@ -108,6 +130,48 @@ def minibatches(ids: torch.Tensor, batch_size: int, num_steps: int, count: int,
     while len(out) < count:
         out.extend(sequential_batches(ids, batch_size, num_steps, gen))
     return [(x.to(device).contiguous(), y.to(device).contiguous()) for x, y in out[:count]]
+
+
+def ptb_ids(path: Path) -> torch.Tensor:
+    """The words of ptb/ptb.train.txt in the zip at `path`, "<eos>" after every line, numbered by
+    frequency (0 the most frequent; ties in order of first appearance)."""
+    member = "ptb/ptb.train.txt"
+    with zipfile.ZipFile(path) as z:
+        names = z.namelist()
+        if member not in names:
+            raise SystemExit(f"--ptb {path}: no {member} in it (it holds "
+                             f"{', '.join(names[:5])}{' ...' if len(names) > 5 else ''})")
+        text = z.read(member).decode("utf-8")
+    words = [w for line in text.splitlines() for w in (*line.split(), "<eos>")]
+    number = {w: i for i, (w, _) in enumerate(Counter(words).most_common())}
+    return torch.tensor([number[w] for w in words])
+
+
+def zipf_ids(n: int, vocab_size: int, seed: int = 0) -> torch.Tensor:
+    """`n` ids drawn independently with P(k) proportional to 1 / (k + 1), Zipf's law, which word
+    frequencies roughly follow: a stand-in for a corpus (the speed of a step does not depend on
+    which words it sees). The same ids for the same arguments."""
+    weights = 1.0 / torch.arange(1, vocab_size + 1, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(seed)
+    return torch.multinomial(weights, n, replacement=True, generator=gen)
+
+
+def word_minibatches(ids: torch.Tensor, batch_size: int, num_steps: int, count: int,
+                     device: torch.device = torch.device("cpu")):
+    """`count` minibatches of the word rows, epoch after epoch, made in advance on `device`, in the
+    layout of each side: wlm's (data (steps, batch), targets (steps * batch,)) from its batchify
+    and get_batch, and ours (x, y), each (batch, steps), the same tokens transposed. Only full
+    chunks of `num_steps` (get_batch makes the last one shorter)."""
+    source = batchify(ids, batch_size).to(device)  # (len(ids) // batch, batch)
+    starts = range(0, len(source) - num_steps, num_steps)
+    if not starts:
+        raise SystemExit(f"{len(ids)} tokens make no minibatch of {batch_size} x {num_steps}")
+    wlm, ours = [], []
+    for k in range(count):
+        data, targets = get_batch(source, starts[k % len(starts)], num_steps)
+        wlm.append((data, targets))
+        ours.append((data.t().contiguous(), targets.view(num_steps, batch_size).t().contiguous()))
+    return wlm, ours
 
 
 def synchronize(device: torch.device) -> None:
@@ -189,9 +253,9 @@ class Pair:
     variant: str
     batch: int
     config: dict
-    baseline: str
+    baseline: str  # the baseline's name in the table
     flops_per_token: int  # the model's (no one-hot product), training: forward + backward
-    book: list[float] = field(default_factory=list)
+    book: list[float] = field(default_factory=list)  # the baseline: the book's code, or wlm's
     ours: list[float] = field(default_factory=list)
 
     @property
@@ -214,29 +278,58 @@ def baseline_for(cfg: ModelConfig, device: torch.device = torch.device("cpu")):
     return book_model(cfg.cell, cfg.vocab_size, cfg.hidden_size, cfg.num_layers).to(device)
 
 
+def interleave(pair: Pair, sides: dict[str, tuple[StepFn, list]], tokens_per_batch: int,
+               steps: int, repeats: int, warmup: int,
+               device: torch.device = torch.device("cpu")) -> None:
+    """Warm both sides up, then alternate `steps` minibatches of each, `repeats` times, the order
+    swapped every repeat; tokens/s into `pair`. `sides`: "book" and "ours", each its step and its
+    `warmup + steps * repeats` minibatches."""
+    for step, batches in sides.values():
+        for x, y in batches[:warmup]:
+            step(x, y)
+    synchronize(device)
+    for r in range(repeats):
+        for side in (("book", "ours") if r % 2 == 0 else ("ours", "book")):
+            step, batches = sides[side]
+            t0 = time.perf_counter()
+            for x, y in batches[warmup + r * steps : warmup + (r + 1) * steps]:
+                step(x, y)
+            synchronize(device)
+            getattr(pair, side).append(steps * tokens_per_batch / (time.perf_counter() - t0))
+
+
 def time_pair(pair: Pair, cfg: ModelConfig, ids: torch.Tensor, steps: int, repeats: int,
               warmup: int, device: torch.device = torch.device("cpu")) -> None:
-    """Alternate `steps` minibatches of each side, `repeats` times; tokens/s into `pair`."""
+    """The book's step against ours on the same minibatches; tokens/s into `pair`."""
     batches = minibatches(ids, pair.batch, BOOK["num_steps"], warmup + steps * repeats, device)
     torch.manual_seed(0)
     book_net = baseline_for(cfg, device)
     torch.manual_seed(0)
-    sides = {"book": book_step(book_net, BOOK["lr"], BOOK["clip_theta"]),
-             "ours": ours_step(build_model(cfg).to(device), BOOK["lr"], BOOK["clip_theta"])}
-    for step in sides.values():
-        for x, y in batches[:warmup]:
-            step(x, y)
-    synchronize(device)
-    tokens = steps * pair.batch * BOOK["num_steps"]
-    for r in range(repeats):
-        chunk = batches[warmup + r * steps : warmup + (r + 1) * steps]
-        for side in (("book", "ours") if r % 2 == 0 else ("ours", "book")):
-            step = sides[side]
-            t0 = time.perf_counter()
-            for x, y in chunk:
-                step(x, y)
-            synchronize(device)
-            getattr(pair, side).append(tokens / (time.perf_counter() - t0))
+    sides = {"book": (book_step(book_net, BOOK["lr"], BOOK["clip_theta"]), batches),
+             "ours": (ours_step(build_model(cfg).to(device), BOOK["lr"], BOOK["clip_theta"]),
+                      batches)}
+    interleave(pair, sides, pair.batch * BOOK["num_steps"], steps, repeats, warmup, device)
+
+
+def word_config(vocab_size: int) -> ModelConfig:
+    """Our model of the word rows: WORD's LSTM over `vocab_size` words."""
+    return ModelConfig(vocab_size=vocab_size, cell="lstm", impl="torch",
+                       num_layers=WORD["num_layers"], hidden_size=WORD["hidden_size"],
+                       embed_size=WORD["embed_size"])
+
+
+def time_word_pair(pair: Pair, cfg: ModelConfig, ids: torch.Tensor, steps: int, repeats: int,
+                   warmup: int, device: torch.device = torch.device("cpu")) -> None:
+    """wlm's step against ours on the same tokens, each in its own layout; tokens/s into `pair`."""
+    wlm_batches, our_batches = word_minibatches(ids, pair.batch, WORD["num_steps"],
+                                                warmup + steps * repeats, device)
+    lr, clip = WORD["lr"], WORD["clip_theta"]
+    torch.manual_seed(0)
+    wlm = WordLM(cfg.vocab_size, cfg.embed_size, cfg.hidden_size, cfg.num_layers, dropout=0.0)
+    torch.manual_seed(0)
+    sides = {"book": (wlm_step(wlm.to(device), lr, clip), wlm_batches),
+             "ours": (ours_step(build_model(cfg).to(device), lr, clip), our_batches)}
+    interleave(pair, sides, pair.batch * WORD["num_steps"], steps, repeats, warmup, device)
 
 
 # --- generation, evaluation -----------------------------------------------------------------------
@@ -398,9 +491,9 @@ def _k(x: float) -> str:
     return f"{x / 1e3:,.1f}k"
 
 
-def _training_rows(result: dict) -> list[str]:
+def _training_rows(pairs: list[dict]) -> list[str]:
     rows = []
-    for p in result["training"]:
+    for p in pairs:
         for side in ("book", "ours"):
             s = p[side]
             cells = [p["variant"], p["batch"], "ours" if side == "ours" else p["baseline"],
@@ -423,16 +516,35 @@ def markdown(result: dict) -> str:
         f"{m['torch']}, oneDNN {'yes' if m['onednn'] else 'no'}; load average "
         f"{m.get('load_average_before', float('nan')):.1f} before, {m['load_average']:.1f} after "
         f"(other work on the machine; {m['cores']} cores); command: `{result['command']}`",
-        "",
-        f"Training: {settings['steps']} minibatches x {settings['repeats']} repeats per side, "
-        f"{BOOK['num_steps']} steps, SGD lr {BOOK['lr']:g}, clip {BOOK['clip_theta']:g}, The Time "
-        f"Machine characters (vocab {result['vocab_size']}). tok/s: median (min-max) of the "
-        "repeats; ratio: median of the repeats' ours/book; bound: FLOPs/token at the best float32 "
-        "matmul rate of the row's recurrent product; peak: at the large product's rate.",
-        "",
-        "| " + " | ".join(TABLE_COLUMNS) + " |",
-        "|---|---:|---|" + "---:|" * (len(TABLE_COLUMNS) - 3),
-        *_training_rows(result),
+    ]
+    header = ["| " + " | ".join(TABLE_COLUMNS) + " |",
+              "|---|---:|---|" + "---:|" * (len(TABLE_COLUMNS) - 3)]
+    if result["training"]:
+        lines += [
+            "",
+            f"Training: {settings['steps']} minibatches x {settings['repeats']} repeats per side, "
+            f"{BOOK['num_steps']} steps, SGD lr {BOOK['lr']:g}, clip {BOOK['clip_theta']:g}, The "
+            f"Time Machine characters (vocab {result['vocab_size']}). tok/s: median (min-max) of "
+            "the repeats; ratio: median of the repeats' ours/book; bound: FLOPs/token at the best "
+            "float32 matmul rate of the row's recurrent product; peak: at the large product's "
+            "rate.",
+            "", *header, *_training_rows(result["training"])]
+    if result.get("word"):
+        w, (p,) = result["word"]["settings"], result["word"]["training"]
+        parts = ", ".join(f"{part} {rows} x {k} @ {k} x {n}"
+                          for part, (rows, k, n) in p["shapes"].items())
+        lines += [
+            "",
+            f"Words: {settings['steps']} minibatches x {settings['repeats']} repeats per side of "
+            f"Zaremba et al.'s small LSTM ({w['num_layers']} layers of {w['hidden_size']}, "
+            f"embedding {w['embed_size']}, vocab {p['config']['vocab_size']:,}, no dropout), batch "
+            f"{w['batch']}, {w['num_steps']} steps, SGD lr {w['lr']:g}, clip {w['clip_theta']:g}, "
+            f"on {result['word']['data']}; wlm: pytorch/examples word_language_model "
+            "(bench/wlm.py). tok/s: median (min-max) of the repeats; ratio: median of the repeats' "
+            "ours/wlm; bound: each part's FLOPs at the best float32 rate of its own product "
+            f"({parts}), the parts' times added; peak: all at the large product's rate.",
+            "", *header, *_training_rows(result["word"]["training"])]
+    lines += [
         "",
         "float32 matmul rates (GFLOP/s, median of 5 rounds):",
         "",
@@ -466,18 +578,60 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def summarize(pair: Pair, rates: dict) -> dict:
-    gates = GATES[pair.config["cell"]]
-    rate = rates[(pair.batch, gates * pair.config["hidden_size"])]
+def summarize(pair: Pair, bound: float, peak_bound: float) -> dict:
+    """`pair` as the report keeps it: each side's median, min, max, the ratio and the bounds."""
     out = {k: v for k, v in asdict(pair).items() if k not in ("book", "ours")}
     for side in ("book", "ours"):
         values = getattr(pair, side)
         out[side] = {"median": statistics.median(values), "min": min(values), "max": max(values),
                      "repeats": values}
     out["ratio"] = pair.ratio
-    out["bound"] = bound_tokens_per_sec(pair.flops_per_token, rate * 1e9)
-    out["peak_bound"] = bound_tokens_per_sec(pair.flops_per_token, rates["peak"] * 1e9)
+    out["bound"] = bound
+    out["peak_bound"] = peak_bound
     return out
+
+
+def char_configs(params, names: list[str], vocab_size: int) -> dict[str, ModelConfig]:
+    """The char-level rows' models: each variant of params.yaml at the book's settings."""
+    unknown = [n for n in names if n not in params.variants]
+    if unknown:
+        raise SystemExit(f"unknown variant(s) {', '.join(unknown)}; params.yaml has "
+                         f"{', '.join(params.variants)}")
+    configs = {}
+    for name in names:
+        cfg = model_config(params.variants[name], resolve_train(params, name), vocab_size)
+        configs[name] = ModelConfig(**{**asdict(cfg), "hidden_size": BOOK["hidden_size"],
+                                       "dropout": 0.0})
+    return configs
+
+
+def word_data(ptb: Path | None, count: int) -> tuple[torch.Tensor, int, str]:
+    """The word rows' tokens (at least `count` minibatches), their vocabulary size, and what they
+    are: Penn Treebank's training words from the zip `ptb`, or a synthetic Zipf stream."""
+    if ptb is None:
+        n = (count + 1) * WORD["num_steps"] * WORD["batch"]
+        return (zipf_ids(n, WORD["vocab_size"]), WORD["vocab_size"],
+                f"a synthetic Zipf stream ({n:,} ids over {WORD['vocab_size']:,})")
+    ids = ptb_ids(ptb)
+    vocab_size = int(ids.max()) + 1
+    return (ids, vocab_size, f"Penn Treebank's training words ({ptb.name}: {len(ids):,} tokens, "
+                             f"{vocab_size:,} words)")
+
+
+def word_shapes(cfg: ModelConfig, batch: int, num_steps: int) -> dict[str, tuple[int, int, int]]:
+    """The product behind each part of `forward_flops`, as (m, k, n): the input projection of
+    all steps at once (the first layer's; the others' is the same when embed_size = hidden_size),
+    the recurrent product of one step, the head over all steps."""
+    width, rows = GATES[cfg.cell] * cfg.hidden_size, batch * num_steps
+    return {"input": (rows, cfg.embed_size or cfg.hidden_size, width),
+            "recurrent": (batch, cfg.hidden_size, width),
+            "output": (rows, cfg.hidden_size, cfg.vocab_size)}
+
+
+def _progress(name: str, batch: int, baseline: str, s: dict) -> None:
+    print(f"{name:>14} batch {batch:>4}: {baseline} {_k(s['book']['median']):>8}  ours "
+          f"{_k(s['ours']['median']):>8} tok/s  {s['ratio']:.2f}x  "
+          f"{s['ours']['median'] / s['bound']:.0%} of bound", flush=True)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -486,48 +640,62 @@ def run(args: argparse.Namespace) -> dict:
     kept = keep_freed_memory()
     device = training.resolve_device(args.device)
     load_before = os.getloadavg()[0]
-    params = load_params(ROOT / "params.yaml")
-    train_ids, val_ids, vocab = time_machine(params.tokenize)
-    names = args.variants or list(params.variants)
-    unknown = [n for n in names if n not in params.variants]
-    if unknown:
-        raise SystemExit(f"unknown variant(s) {', '.join(unknown)}; params.yaml has "
-                         f"{', '.join(params.variants)}")
-    configs = {}
-    for name in names:
-        cfg = model_config(params.variants[name], resolve_train(params, name), len(vocab))
-        configs[name] = ModelConfig(**{**asdict(cfg), "hidden_size": BOOK["hidden_size"],
-                                       "dropout": 0.0})
-
-    hidden = BOOK["hidden_size"]
-    widths = sorted({GATES[c.cell] * hidden for c in configs.values()})
-    shapes = [(b, hidden, w) for b in args.batches for w in widths]
+    count = args.warmup + args.steps * args.repeats  # minibatches per side
+    configs, shapes = {}, []
+    if not args.word_only:
+        params = load_params(ROOT / "params.yaml")
+        train_ids, val_ids, vocab = time_machine(params.tokenize)
+        configs = char_configs(params, args.variants or list(params.variants), len(vocab))
+        hidden = BOOK["hidden_size"]
+        widths = sorted({GATES[c.cell] * hidden for c in configs.values()})
+        shapes += [(b, hidden, w) for b in args.batches for w in widths]
+    if not args.skip_word:
+        word_ids, word_vocab, word_source = word_data(args.ptb, count)
+        word_cfg = word_config(word_vocab)
+        parts = word_shapes(word_cfg, WORD["batch"], WORD["num_steps"])
+        shapes += [shape for shape in parts.values() if shape not in shapes]
+        print(f"word rows: {word_source}", flush=True)
     big = 512 if args.quick else 2048
     shapes.append((big, big, big))
     print(f"matmul rates: {len(shapes)} shapes ...", flush=True)
     matmul = matmul_rates(shapes, 0.2 if args.quick else 1.0, device)
-    rates = {(r["m"], r["n"]): r["best"] for r in matmul[:-1]}
-    rates["peak"] = matmul[-1]["best"]
+    rates = {(r["m"], r["k"], r["n"]): r["best"] * 1e9 for r in matmul}  # FLOP/s
+    peak = rates[(big, big, big)]
 
     pairs = []
     for name, cfg in configs.items():
         for batch in args.batches:
             pair = Pair(name, batch, asdict(cfg), baseline_name(cfg), train_flops(cfg))
             time_pair(pair, cfg, train_ids, args.steps, args.repeats, args.warmup, device)
-            s = summarize(pair, rates)
-            print(f"{name:>12} batch {batch:>4}: book {_k(s['book']['median']):>8}  ours "
-                  f"{_k(s['ours']['median']):>8} tok/s  {s['ratio']:.2f}x  "
-                  f"{s['ours']['median'] / s['bound']:.0%} of bound", flush=True)
+            rate = rates[(batch, cfg.hidden_size, GATES[cfg.cell] * cfg.hidden_size)]
+            s = summarize(pair, bound_tokens_per_sec(pair.flops_per_token, rate),
+                          bound_tokens_per_sec(pair.flops_per_token, peak))
+            _progress(name, batch, "book", s)
             pairs.append(s)
 
     result = {"date": dt.datetime.now().isoformat(timespec="seconds"),
               "machine": {**machine(), "device": str(device), "load_average_before": load_before},
               "command": " ".join(["python -m bench.benchmark", *args.argv]),
-              "vocab_size": len(vocab), "malloc_keeps_freed_memory": kept,
+              "vocab_size": None if args.word_only else len(vocab),
+              "malloc_keeps_freed_memory": kept,
               "settings": {"steps": args.steps, "repeats": args.repeats, "warmup": args.warmup,
-                           "batches": args.batches, "tracking_variant": names[0], **BOOK},
+                           "batches": args.batches, **BOOK,
+                           "tracking_variant": next(iter(configs), None)},
               "matmul": matmul, "training": pairs}
-    if not args.skip_extras:
+
+    if not args.skip_word:
+        pair = Pair(WORD_VARIANT, WORD["batch"], asdict(word_cfg), WORD_BASELINE,
+                    train_flops(word_cfg))
+        time_word_pair(pair, word_cfg, word_ids, args.steps, args.repeats, args.warmup, device)
+        part_rates = {part: rates[shape] for part, shape in parts.items()}
+        s = summarize(pair, bound_by_part(forward_flops(word_cfg), part_rates),
+                      bound_tokens_per_sec(pair.flops_per_token, peak))
+        s["shapes"] = parts
+        s["flops_by_part"] = forward_flops(word_cfg)  # one forward pass; training: x3
+        _progress(WORD_VARIANT, WORD["batch"], "wlm", s)
+        result["word"] = {"data": word_source, "settings": WORD, "training": [s]}
+
+    if not (args.skip_extras or args.word_only):
         num_chars = 20 if args.quick else 200
         result["inference"] = {}
         for name, cfg in configs.items():
@@ -563,7 +731,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", nargs="+", help="names in params.yaml (default: all)")
-    parser.add_argument("--batches", nargs="+", type=int, default=[32, 512])
+    parser.add_argument("--batches", nargs="+", type=int, default=[32, 512],
+                        help="the char-level rows' batch sizes (the word rows': 20)")
     parser.add_argument("--steps", type=int, default=20, help="minibatches per side per repeat")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=3, help="untimed minibatches per side")
@@ -571,13 +740,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                         help="auto: CUDA when present, else the CPU (as train.device)")
     parser.add_argument("--quick", action="store_true",
-                        help="a smoke run: 2 steps x 2 repeats, 1 warm-up, batch 32, short extras")
+                        help="a smoke run: 2 steps x 2 repeats, 1 warm-up, batch 32 (the word "
+                             "rows 20), short extras")
     parser.add_argument("--skip-extras", action="store_true",
                         help="training only: no generation, evaluation, tracking, dvc")
     parser.add_argument("--skip-dvc", action="store_true", help="no no-op `dvc repro` timing")
+    words = parser.add_mutually_exclusive_group()
+    words.add_argument("--word-only", action="store_true",
+                       help="only the word rows: no char-level rows, no extras")
+    words.add_argument("--skip-word", action="store_true", help="no word rows")
+    parser.add_argument("--ptb", type=Path, metavar="ZIP",
+                        help="the word rows' tokens: a zip holding ptb/ptb.train.txt "
+                             "(default: a synthetic Zipf stream over 10,000 ids)")
     parser.add_argument("--out", type=Path, default=ROOT / "metrics" / "bench")
     args = parser.parse_args(argv)
     args.argv = list(argv if argv is not None else sys.argv[1:])
+    if args.word_only and args.variants:
+        parser.error("--word-only runs no char-level variant: drop --variants")
+    if args.ptb is not None and not args.ptb.is_file():
+        parser.error(f"--ptb {args.ptb}: no such file")
     if args.quick:
         given = set(args.argv)
         if "--steps" not in given:

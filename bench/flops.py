@@ -13,7 +13,8 @@ with G gates (rnn 1, gru 3, lstm 4), hidden size H, vocabulary V:
     output layer       2 * H * V     (once, after the last layer)
 
 Training costs about three forward passes: the forward itself, and in the backward one product
-for the gradient of each layer's input and one for the gradient of its weight.
+for the gradient of each layer's input and one for the gradient of its weight. (An embedding's
+own gradient is a scatter-add of rows, not a product: not counted.)
 """
 
 from __future__ import annotations
@@ -44,3 +45,10 @@ def train_flops(cfg: ModelConfig, one_hot_matmul: bool = False) -> int:
 def bound_tokens_per_sec(flops_per_token: float, flops_per_sec: float) -> float:
     """The most tokens per second a machine doing `flops_per_sec` can train."""
     return flops_per_sec / flops_per_token
+
+
+def bound_by_part(flops_by_part: dict[str, int], flops_per_sec: dict[str, float]) -> float:
+    """The most tokens per second a machine can train when each part's products (`flops_by_part`,
+    one forward pass, as `forward_flops` gives them) run at that part's rate: the parts' times
+    add up, so a slow small product weighs more than its share of the FLOPs."""
+    return 1 / sum(TRAIN_FACTOR * f / flops_per_sec[part] for part, f in flops_by_part.items())
