@@ -62,6 +62,20 @@ def test_float32_matches_reference(bias, onednn, monkeypatch):
     assert_matches(torch.float32, bias)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_is_near_float64(dtype):
+    """16-bit floats round too coarsely to match the reference's own rounding: both are held to
+    the float64 answer, within a few of the dtype's epsilons of the largest value."""
+    args = inputs(dtype)
+    loss, grads = loss_and_grads(linear_cross_entropy, *args)
+    exact_args = [t.detach().double().requires_grad_() for t in args[:3]]
+    exact_loss, exact_grads = loss_and_grads(reference, *exact_args, args[3])
+    eps = torch.finfo(dtype).eps
+    for ours, exact in zip([loss, *grads], [exact_loss, *exact_grads], strict=True):
+        assert ours.dtype == dtype
+        assert (ours.double() - exact).abs().max() <= 4 * eps * exact.abs().max()
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_rows_whose_target_probability_underflows(dtype):
     """Every other row's logits thousands apart: there softmax(target) is 0 or subnormal, and the
