@@ -136,6 +136,8 @@ class Train(Section):
     @classmethod
     def _decay_for_its_schedules(cls, v: float | None, info: ValidationInfo) -> float | None:
         schedule = info.data.get("lr_schedule")
+        if schedule is None:  # lr_schedule itself is wrong: that is the error to read
+            return v
         if v is None and schedule in ("step", "plateau"):
             raise ValueError(f"lr_schedule {schedule} multiplies the rate by lr_decay: "
                              "set it, in (0, 1)")
@@ -148,13 +150,16 @@ class Train(Section):
     @classmethod
     def _decay_epoch_in_the_run(cls, v: int | None, info: ValidationInfo) -> int | None:
         schedule, epochs = info.data.get("lr_schedule"), info.data.get("epochs")
+        if schedule is None:
+            return v
         if v is None and schedule == "step":
             raise ValueError("lr_schedule step decays after this epoch: set it (>= 1)")
         if v is not None and schedule != "step":
             raise ValueError(f"only lr_schedule step uses it, not {schedule}; set it to null")
         if v is not None and epochs is not None and v >= epochs:
+            allowed = f"1 to {epochs - 1}" if epochs > 1 else "none: step needs epochs >= 2"
             raise ValueError(f"past the last epoch (epochs = {epochs}): the rate would never "
-                             f"decay; allowed: 1 to {epochs - 1}")
+                             f"decay; allowed: {allowed}")
         return v
 
 
@@ -215,7 +220,7 @@ class Evaluate(Section):
     temperature: Positive
     num_samples: Annotated[int, Field(ge=0)]
     seed: Annotated[int, Field(ge=0)]
-    exclude_unk: Literal["auto"] | bool
+    exclude_unk: Literal["auto", True, False]  # one Literal: one error line, not one per member
 
 
 def _model_name(name: str) -> str:

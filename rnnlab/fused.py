@@ -48,7 +48,9 @@ ONEDNN = _onednn_linear()  # whether `_linear` may use oneDNN at all (tests turn
 
 
 def use_onednn(t: torch.Tensor) -> bool:
-    return ONEDNN and t.dtype == torch.float32 and torch.backends.mkldnn.enabled
+    """oneDNN's float32 product applies: a CPU tensor (oneDNN has no GPU kernel here)."""
+    return (ONEDNN and t.device.type == "cpu" and t.dtype == torch.float32
+            and torch.backends.mkldnn.enabled)
 
 
 def _packed(w: torch.Tensor, batch: int, uses: int) -> torch.Tensor:

@@ -19,6 +19,7 @@ import dataclasses
 import importlib
 import logging
 import time
+import typing
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -33,7 +34,7 @@ from rnnlab.sampling import Options, continuation
 
 NAME = "model"            # the model's name in its run: runs:/<run id>/model
 CHECKPOINT = "best.pt"    # the checkpoint file inside the model's data folder
-_PARAM_TYPES = {"int": "long", "float": "double", "bool | None": "boolean"}  # Options' fields
+_PARAM_TYPES = {int: "long", float: "double", bool | None: "boolean"}  # Options' field types
 
 
 class RNNLMPredictor:
@@ -79,7 +80,8 @@ def signature():
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
-    params = [ParamSpec(f.name, _PARAM_TYPES[f.type], f.default)
+    types = typing.get_type_hints(Options)
+    params = [ParamSpec(f.name, _PARAM_TYPES[types[f.name]], f.default)
               for f in dataclasses.fields(Options)]
     return ModelSignature(inputs=Schema([ColSpec("string")]),
                           outputs=Schema([ColSpec("string", "prefix"), ColSpec("string", "continuation")]),

@@ -22,7 +22,7 @@ import torch
 from rnnlab.errors import UserError
 from rnnlab.models import RNNLM
 from rnnlab.text import detokenize
-from rnnlab.vocab import Vocab
+from rnnlab.vocab import UNK, Vocab
 
 
 @dataclass(frozen=True)
@@ -42,8 +42,8 @@ class Options:
              "a number >= 0 (0: greedy)"),
             ("top_k", self.top_k, _int(self.top_k) and self.top_k >= 0, "an integer >= 0 (0: all tokens)"),
             ("seed", self.seed, _int(self.seed) and self.seed >= 0, "an integer >= 0"),
-            ("exclude_unk", self.exclude_unk, self.exclude_unk in (None, True, False)
-             and not _int(self.exclude_unk), "true, false or null (null: for word tokens)"),
+            ("exclude_unk", self.exclude_unk, self.exclude_unk is None or isinstance(self.exclude_unk, bool),
+             "true, false or null (null: for word tokens)"),
         ) if not ok]
         if problems:
             raise UserError("\n".join(problems))
@@ -111,7 +111,7 @@ def continuation(model: RNNLM, vocab: Vocab, prefix: str, num_tokens: int,
     """(the prefix as the model read it, normalised; its continuation), as text. exclude_unk:
     True, False, or None / "auto" (for word tokens only)."""
     tokens = prefix_tokens(vocab, prefix, warn)
-    exclude = (0,) if excludes_unk(vocab, exclude_unk) else ()  # <unk> is id 0
+    exclude = (vocab.index[UNK],) if excludes_unk(vocab, exclude_unk) else ()
     ids = generate(model, torch.as_tensor(vocab.encode(tokens)), num_tokens, temperature, gen,
                    top_k, exclude)
     read = detokenize(tokens, vocab.token_type)

@@ -70,10 +70,11 @@ def setting_text(value: Any) -> str:
 
 def variant_settings(params: Params, name: str) -> dict[str, str]:
     """Every setting of one variant under the names of its MLflow params (rnnlab.records.run_params):
-    `model.*` (cell, impl, num_layers, embed_size), its resolved `train.*` (overrides applied),
+    `model.*` (cell, impl, num_layers, embed_size, tie_weights), its resolved `train.*` (overrides applied),
     `data.*`, `tokenize.*` and `evaluate.*`."""
     v = params.variants[name]
-    model = {"cell": v.cell, "impl": v.impl, "num_layers": v.num_layers, "embed_size": v.embed_size}
+    model = {"cell": v.cell, "impl": v.impl, "num_layers": v.num_layers, "embed_size": v.embed_size,
+             "tie_weights": v.tie_weights}
     flat = flatten({"model": model, "train": resolve_train(params, name), "data": params.data,
                     "tokenize": params.tokenize, "evaluate": params.evaluate})
     return {k: setting_text(value) for k, value in flat.items()}

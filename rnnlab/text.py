@@ -12,8 +12,9 @@ Here `join_lines` says what a line end becomes:
              WikiText convention (word tokens)
 
 Word tokens split on whitespace, so a "\n" cannot be one of them, and `<eos>` is not a character:
-config.py refuses `newline` with word tokens and `eos` with char tokens. Every line end counts,
-the last line's too, and a line's own text is normalised before its end is added.
+config.py refuses `newline` with word tokens and `eos` with char tokens. Every line break counts,
+the one ending the last line too (a text without a final line break has no `<eos>` at its end:
+a prefix), and a line's own text is normalised before its end is added.
 
 The vocabulary stores the token type, the (resolved) normalisation and the line ends of its
 corpus, so a prefix given to a trained model becomes tokens exactly as the corpus did

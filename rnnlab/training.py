@@ -75,7 +75,7 @@ class TrainState:
         self.history = list(snap["history"])
         self.best_val_ppl = snap["best_val_ppl"]
         self.best_epoch = snap["best_epoch"]
-        self.lr_scale = snap.get("lr_scale", 1.0)  # snapshots from before plateau had none
+        self.lr_scale = snap["lr_scale"]
 
 
 def prepare_torch(cfg: Train) -> torch.device:

@@ -205,6 +205,17 @@ def test_a_bad_value_is_refused_alike_in_train_and_in_an_override(key, value):
     assert in_train == in_variant and in_train.startswith(f"{key} = {value!r}: ")
 
 
+@pytest.mark.parametrize("train", [
+    {"lr_schedule": "stepp", "lr_decay": 0.5, "lr_decay_after": 3},  # the typo is the one error
+    {"epochs": 1, "lr_schedule": "step", "lr_decay": 0.5, "lr_decay_after": 1},
+    {"lr_decay": 2},
+])
+def test_a_schedule_mistake_is_one_line(train):
+    with pytest.raises(UserError) as err:
+        validate_params(shipped_params({"train": train}))
+    assert len(str(err.value).splitlines()) == 1, str(err.value)
+
+
 @pytest.mark.parametrize("value, ok", [("rnnlab-char", True), ("lm.v2_x", True), (None, True),
                                        ("bad name", False), ("-x", False), ("", False)])
 def test_tracking_register_is_a_registered_model_name_or_null(value, ok):

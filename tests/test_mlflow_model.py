@@ -111,7 +111,8 @@ def test_signature_params_are_the_generation_options_with_their_defaults():
     params = {p.name: (p.to_dict()["type"], p.default) for p in signature().params.params}
     d = Options()
     assert params == {"num_tokens": ("long", d.num_tokens), "temperature": ("double", d.temperature),
-                      "top_k": ("long", d.top_k), "seed": ("long", d.seed)}
+                      "top_k": ("long", d.top_k), "seed": ("long", d.seed),
+                      "exclude_unk": ("boolean", None)}  # None: for word tokens only
     assert [c.name for c in signature().outputs.inputs] == ["prefix", "continuation"]
 
 

@@ -67,3 +67,44 @@ def test_presets_run_as_named_experiments(tmp_path):
     show = run([str(Path(sys.executable).parent / "dvc"), "exp", "show", "--csv"], repo)
     assert "book-rnn-concise" in show and "jaychou-concise" in show
     assert "metrics/variants/jaychou_concise.json:test_ppl" in show
+
+
+@pytest.mark.slow
+def test_the_word_level_preset_runs_end_to_end(tmp_path):
+    """zaremba-small's settings (word tokens, <eos>, SGD with the step schedule, init_scale)
+    through `dvc exp run --temp`, on a tiny PTB-shaped corpus with its own splits (a custom
+    corpus: the built-in ptb is checked against the real file's sha1), at 2 epochs and 8 units."""
+    from tests.test_pipeline import copy_repo, run
+
+    repo = copy_repo(tmp_path / "repo")
+    corpus = tmp_path / "ptb"
+    corpus.mkdir()
+    words = "the company said N <unk> shares rose in the first quarter of the year".split()
+    for name, lines in (("train", 400), ("valid", 40), ("test", 40)):
+        text = "".join(" " + " ".join(words[(i % 7):] + words[:(i % 7)]) + " \n" for i in range(lines))
+        (corpus / f"{name}.txt").write_text(text, encoding="utf-8")
+    out = run([sys.executable, "-m", "rnnlab.presets", "zaremba-small", "-S", "data.corpus=custom",
+               "-S", f"data.source={corpus}", "-S", "train.epochs=2", "-S", "train.lr_decay_after=1",
+               "-S", "variants.zaremba_small.hidden_size=8", "-S", "variants.zaremba_small.embed_size=8",
+               "-S", "evaluate.num_tokens=5"], repo)
+    per_line = len(words) + 1  # and its <eos>
+    vocab = len(set(words) - {"<unk>"}) + 2  # the words, <unk> and <eos>
+    assert f"train {400 * per_line:,} tokens | val {40 * per_line} | test {40 * per_line} | vocab {vocab}" in out
+    assert "lr 20 " in out and "lr 10 " in out  # epoch 1 at the full rate, epoch 2 halved
+    show = run([str(Path(sys.executable).parent / "dvc"), "exp", "show", "--csv"], repo)
+    assert "zaremba-small" in show and "metrics/variants/zaremba_small.json:test_ppl" in show
+    rows = results_rows_of(repo, "zaremba-small")
+    assert [r["variant"] for r in rows] == ["zaremba_small"]
+    assert rows[0]["test_ppl"] < vocab  # learned something: better than a uniform guess
+    assert rows[0]["book"] == "validation perplexity 120.7, test 114.5"
+
+
+def results_rows_of(repo: Path, name: str) -> list[dict]:
+    """The preset's rows as `python -m rnnlab.presets --results` reads them, in `repo`."""
+    cwd = os.getcwd()
+    os.chdir(repo)
+    try:
+        from rnnlab.presets import results_rows
+        return results_rows(name, "params.yaml", repo / PRESETS)
+    finally:
+        os.chdir(cwd)

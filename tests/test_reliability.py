@@ -142,8 +142,8 @@ def test_one_problem_is_one_line():
         validate_params(tiny_params(train={"clip_thta": 1.0}))
     assert str(err.value) == (
         "params.yaml: train.clip_thta: unknown key; allowed: lr, clip_theta, num_steps, hidden_size, "
-        "batch_size, epochs, optimizer, sampling, seed, device, dropout, lr_schedule, weight_decay, "
-        "bf16, threads")
+        "batch_size, epochs, optimizer, sampling, seed, device, dropout, lr_schedule, lr_decay, "
+        "lr_decay_after, init_scale, weight_decay, bf16, threads")
 
 
 def test_several_problems_are_one_line_each():
