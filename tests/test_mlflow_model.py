@@ -80,7 +80,8 @@ print(json.dumps({{"greedy": greedy.to_dict("records"), "sampled": sampled.to_di
     assert len(got["greedy"][0]["continuation"]) == 12
     sampled = continuation(model, vocab, "the", 12, 0.9, torch.Generator().manual_seed(3), 5)
     assert (got["sampled"][0]["prefix"], got["sampled"][0]["continuation"]) == sampled
-    assert got["params"] == {"num_tokens": 50, "temperature": 0.0, "top_k": 0, "seed": 0}
+    assert got["params"] == {"num_tokens": 50, "temperature": 0.0, "top_k": 0, "seed": 0,
+                             "exclude_unk": None}
 
 
 @pytest.mark.slow
