@@ -31,7 +31,7 @@ from rnnlab.batches import num_batches, sequential_batches  # noqa: E402
 from rnnlab.config import read_yaml, validate_params, variant_train  # noqa: E402
 from rnnlab.corpus import read_raw, tokenize_corpus  # noqa: E402
 from rnnlab.download import prepare_raw  # noqa: E402
-from rnnlab.models import build_model, detach_state, init_uniform, model_config  # noqa: E402
+from rnnlab.models import detach_state, new_model  # noqa: E402
 from rnnlab.presets import PRESETS, load_preset, merged  # noqa: E402
 from rnnlab.training import make_optimizer, perplexity, train_step  # noqa: E402
 
@@ -51,9 +51,7 @@ def measure(name: str, ptb: str, steps: int, warmup: int, val_tokens: int) -> di
     train_ids, val_ids = (torch.as_tensor(tokens.splits[s]) for s in ("train", "val"))
 
     torch.manual_seed(cfg.seed)
-    model = build_model(model_config(params.variants[variant], cfg, len(tokens.vocab)))
-    if cfg.init_scale is not None:
-        init_uniform(model, cfg.init_scale)
+    model = new_model(params.variants[variant], cfg, len(tokens.vocab))
     opt = make_optimizer(model, cfg)
     batches = sequential_batches(train_ids, cfg.batch_size, cfg.num_steps, torch.Generator().manual_seed(0))
     h, start = None, 0.0

@@ -104,6 +104,15 @@ def model_config(variant: Variant, train: Train, vocab_size: int) -> ModelConfig
     )
 
 
+def new_model(variant: Variant, train: Train, vocab_size: int) -> RNNLM:
+    """A variant's model as training starts it: built, then drawn in ±train.init_scale when set
+    (else PyTorch's own initialisation); seed torch's global generator first."""
+    model = build_model(model_config(variant, train, vocab_size))
+    if train.init_scale is not None:
+        init_uniform(model, train.init_scale)
+    return model
+
+
 def init_uniform(model: nn.Module, scale: float) -> None:
     """Every parameter uniform in [-scale, scale], as Zaremba et al. initialise (train.init_scale);
     draws from torch's global generator, which the train stage seeds."""

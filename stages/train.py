@@ -15,7 +15,7 @@ from rnnlab.config import load_params, variant_train
 from rnnlab.corpus import load_tokens
 from rnnlab.errors import run_main
 from rnnlab.fileio import atomic_path
-from rnnlab.models import build_model, init_uniform, model_config
+from rnnlab.models import new_model
 from rnnlab.records import record_curves, record_curves_png, record_summary, run_params
 from rnnlab.resume import checkpointed_epochs, fingerprint, finished, load_resumable
 from rnnlab.tracking import dvc_tags, folder_sha1, git_tags, tracked_run
@@ -51,10 +51,7 @@ def main() -> None:
     device = prepare_torch(cfg)
 
     torch.manual_seed(cfg.seed)
-    model = build_model(model_config(params.variants[name], cfg, len(tokens.vocab)))
-    if cfg.init_scale is not None:
-        init_uniform(model, cfg.init_scale)
-    model = model.to(device)
+    model = new_model(params.variants[name], cfg, len(tokens.vocab)).to(device)
     state = new_state(model, cfg)
     data_sha1 = folder_sha1(args.data)
     fp = fingerprint(model.config, cfg, data_sha1)
