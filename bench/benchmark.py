@@ -32,8 +32,15 @@ product instead. A word row's bound adds up the time of each part at the rate of
 per run: generation and evaluation speed, a no-op `dvc repro`, and the share of a training run
 spent in MLflow tracking.
 
-Writes metrics/bench/<date>-<host>-<commit>.md (the tables) and .json (every number). Not a
-test: nothing here asserts a speed.
+Our side runs what a training run would run on this machine: the layer path and the product
+libraries that rnnlab/kernels.py measures fastest at first use, measured afresh for the benchmark
+(the cache neither read nor written) and listed in the report with their timings. The report names the CPU, its
+ISA flags, PyTorch's ISA level and the ISA oneDNN dispatches to. Where the CPU multiplies bfloat16
+in hardware (AMX, AVX512-BF16), or with --bf16, it also times the lstm under bfloat16 autocast.
+
+Writes metrics/bench/<machine kind>.md (the tables) and .json (every number), e.g.
+amd-epyc-avx2.md: one report per kind of CPU, the last full run on it; other settings than the
+defaults write <kind>-partial.*. Not a test: nothing here asserts a speed.
 """
 
 from __future__ import annotations
@@ -64,17 +71,17 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from bench.baselines import BookScratchRNN, book_model, book_step  # noqa: E402
+from bench.clone import ROOT, tiny_clone  # noqa: E402
 from bench.flops import (GATES, bound_by_part, bound_tokens_per_sec, forward_flops,  # noqa: E402
                          train_flops)
 from bench.wlm import WordLM, batchify, get_batch, wlm_step  # noqa: E402
-from rnnlab import training  # noqa: E402
+from rnnlab import kernels, training  # noqa: E402
 from rnnlab.batches import sequential_batches  # noqa: E402
 from rnnlab.config import Data, Tokenize, load_params, resolve_train  # noqa: E402
 from rnnlab.corpora import BUILTIN  # noqa: E402
 from rnnlab.corpus import tokenize_corpus  # noqa: E402
 from rnnlab.models import ModelConfig, build_model, detach_state, model_config  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 BOOK = {"num_steps": 35, "lr": 1.0, "clip_theta": 1.0, "hidden_size": 256}  # d2l 8.5-9.3
 # Zaremba et al. 2014's small LSTM (no dropout), as word_language_model's main.py trains it:
 # `--emsize 200 --nhid 200 --nlayers 2 --batch_size 20 --bptt 20 --lr 20 --clip 0.25 --dropout 0`
@@ -88,17 +95,17 @@ StepFn = Callable[[torch.Tensor, torch.Tensor], object]
 # --- the training step of each side ---------------------------------------------------------------
 
 
-def ours_step(model: nn.Module, lr: float, clip_theta: float) -> StepFn:
+def ours_step(model: nn.Module, lr: float, clip_theta: float, bf16: bool = False) -> StepFn:
     """Our training step with the state carried (sequential sampling), as run_epochs runs it:
     losses and gradient norms kept as tensors, the losses looked at every 25 steps (one host
-    sync per 25)."""
+    sync per 25); bf16: under bfloat16 autocast (train.bf16)."""
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     h, window, norms = None, [], []
 
     def step(x, y):
         nonlocal h, window
         h = detach_state(h) if h is not None else None  # detach: truncate BPTT
-        h, loss, norm = training.train_step(model, x, y, h, opt, clip_theta)
+        h, loss, norm = training.train_step(model, x, y, h, opt, clip_theta, bf16)
         window.append(loss)
         norms.append(norm)
         if len(norms) % 25 == 0:
@@ -311,6 +318,20 @@ def time_pair(pair: Pair, cfg: ModelConfig, ids: torch.Tensor, steps: int, repea
     interleave(pair, sides, pair.batch * BOOK["num_steps"], steps, repeats, warmup, device)
 
 
+def time_bf16(cfg: ModelConfig, ids: torch.Tensor, batch: int, steps: int, repeats: int,
+              warmup: int) -> dict:
+    """Our step in float32 against itself under bfloat16 autocast (train.bf16), same batches."""
+    pair = Pair(cfg.cell, batch, asdict(cfg), "float32", train_flops(cfg))
+    batches = minibatches(ids, batch, BOOK["num_steps"], warmup + steps * repeats)
+    sides = {}
+    for side, bf16 in (("book", False), ("ours", True)):
+        torch.manual_seed(0)
+        sides[side] = (ours_step(build_model(cfg), BOOK["lr"], BOOK["clip_theta"], bf16), batches)
+    interleave(pair, sides, batch * BOOK["num_steps"], steps, repeats, warmup)
+    return {"variant": pair.variant, "batch": batch, "float32": statistics.median(pair.book),
+            "bfloat16": statistics.median(pair.ours), "ratio": pair.ratio}
+
+
 def word_config(vocab_size: int) -> ModelConfig:
     """Our model of the word rows: WORD's LSTM over `vocab_size` words."""
     return ModelConfig(vocab_size=vocab_size, cell="lstm", impl="torch",
@@ -361,20 +382,7 @@ def inference_speeds(cfg: ModelConfig, val_ids: torch.Tensor, vocab, num_chars: 
 def noop_repro_seconds(work: Path) -> dict:
     """Seconds of `dvc repro` when nothing changed: in a git clone of HEAD with tiny params,
     the first repro runs every stage, the second (timed) should find nothing to do."""
-    import yaml
-
-    repo = work / "repo"
-    subprocess.run(["git", "clone", "-q", str(ROOT), str(repo)], check=True)
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["data"]["max_tokens"] = 600
-    params["train"].update(epochs=1, hidden_size=8, num_steps=8, batch_size=4, threads=1)
-    params["variants"] = {"rnn": {"cell": "rnn"}}
-    params["evaluate"].update(num_tokens=5, num_samples=0)
-    params["tracking"]["enabled"] = False
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    env.pop("DVC_EXP_NAME", None)
-    dvc = str(Path(sys.executable).parent / "dvc")
+    repo, env, dvc = tiny_clone(work)
 
     def repro() -> tuple[float, str]:
         t0 = time.perf_counter()
@@ -462,20 +470,60 @@ def tracking_share(cfg: ModelConfig, ids: torch.Tensor, work: Path, epochs: int,
 # --- the report -----------------------------------------------------------------------------------
 
 
-def machine() -> dict:
-    cpu = platform.processor() or "unknown"
+# ISA flags that decide which code is fast (as /proc/cpuinfo names them; macOS: none listed)
+ISA_FLAGS = ("avx", "avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni",
+             "amx_tile", "amx_bf16", "asimd", "sve")
+
+
+def cpu_flags() -> list[str]:
+    """The ISA_FLAGS this CPU lists, in that order."""
     try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-            if line.startswith("Model name:"):
-                cpu = line.split(":", 1)[1].strip()
+        text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        pass
+        return []
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            flags.update(line.split(":", 1)[1].split())
+    return [f for f in ISA_FLAGS if f in flags]
+
+
+def onednn_isa() -> str:
+    """The ISA oneDNN dispatches to here, as its verbose log names it (a child process: the
+    log is read once, at start-up)."""
+    code = ("import torch; x = torch.randn(4, 8); w = torch.randn(8, 8); "
+            "torch.ops.mkldnn._linear_pointwise(x, w, None, 'none', [], '')")
+    try:
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              env={**os.environ, "ONEDNN_VERBOSE": "1"}, timeout=120)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    for line in proc.stdout.splitlines():
+        if ",isa:" in line:
+            return line.split(",isa:", 1)[1].strip()
+    return "unknown"
+
+
+def machine_kind(cpu: str, flags: list[str]) -> str:
+    """A file name for the kind of machine: its CPU model and the ISA that sets its speed, e.g.
+    amd-epyc-avx2 or intel-xeon-platinum-8480c-avx512-amx."""
+    isa = torch.backends.cpu.get_cpu_capability().lower().replace("_", "-")
+    extra = "-amx" if "amx_tile" in flags else "-bf16" if "avx512_bf16" in flags else ""
+    slug = "".join(c if c.isalnum() else "-" for c in cpu.lower().replace("(r)", "").replace("(tm)", ""))
+    return "-".join(part for part in slug.split("-") if part) + f"-{isa}{extra}"
+
+
+def machine() -> dict:
+    cpu, flags = kernels.cpu_model(), cpu_flags()
 
     def git(*args: str) -> str:
         proc = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
         return proc.stdout.strip() if proc.returncode == 0 else "unknown"
 
     return {"host": socket.gethostname(), "cpu": cpu, "cores": os.cpu_count(),
+            "flags": flags, "kind": machine_kind(cpu, flags),
+            "torch_isa": torch.backends.cpu.get_cpu_capability(),
+            "onednn_isa": onednn_isa() if onednn_available() else "none",
             "load_average": os.getloadavg()[0],  # other work on the machine: 0 is quiet
             "threads": torch.get_num_threads(), "torch": torch.__version__,
             "onednn": onednn_available(), "python": platform.python_version(),
@@ -511,6 +559,9 @@ def markdown(result: dict) -> str:
     on = "" if m["device"] == "cpu" else f", on {m['device']}"
     lines = [
         f"# Benchmark {result['date']}: {m['cpu']}, {m['threads']} thread(s){on}",
+        "",
+        f"CPU flags: {' '.join(m.get('flags', [])) or 'none of ' + ', '.join(ISA_FLAGS)}; "
+        f"PyTorch's ISA level {m.get('torch_isa', '?')}; oneDNN's ISA: {m.get('onednn_isa', '?')}",
         "",
         f"host {m['host']}, commit {m['commit']}{' (dirty)' if m['dirty'] else ''}, torch "
         f"{m['torch']}, oneDNN {'yes' if m['onednn'] else 'no'}; load average "
@@ -554,6 +605,15 @@ def markdown(result: dict) -> str:
     for r in result["matmul"]:
         lines.append(f"| {r['m']} x {r['k']} @ {r['k']} x {r['n']} | {r['mkl']:.0f} | "
                      f"{r.get('onednn', float('nan')):.0f} | {r['best']:.0f} |")
+    if result.get("kernels"):
+        lines += ["", "What ran (rnnlab/kernels.py: measured here at first use, then cached; "
+                      "against the reference, times faster):", ""]
+        lines += [f"- {line}" for line in result["kernels"]]
+    if result.get("bf16"):
+        b = result["bf16"]
+        lines += ["", f"bfloat16 autocast (train.bf16), ours {b['variant']} at batch {b['batch']}: "
+                      f"{_k(b['bfloat16'])} tok/s against {_k(b['float32'])} in float32, "
+                      f"{b['ratio']:.2f}x."]
     if result.get("inference"):
         lines += ["", "Generation (after `time traveller`), evaluation (`perplexity`, batch 1):",
                   "", "| variant | greedy chars/s | sampled chars/s | eval tok/s |",
@@ -635,6 +695,11 @@ def _progress(name: str, batch: int, baseline: str, s: dict) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
+    with kernels.afresh():  # this run's own measurements, not the cache's
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     kept = keep_freed_memory()
@@ -681,7 +746,15 @@ def run(args: argparse.Namespace) -> dict:
               "settings": {"steps": args.steps, "repeats": args.repeats, "warmup": args.warmup,
                            "batches": args.batches, **BOOK,
                            "tracking_variant": next(iter(configs), None)},
-              "matmul": matmul, "training": pairs}
+              "matmul": matmul, "training": pairs, "full": args.full}
+
+    if configs and (args.bf16 or training.bf16_hardware(torch.device("cpu"))) \
+            and device.type == "cpu":
+        cfg = next((c for c in configs.values() if c.cell == "lstm"), next(iter(configs.values())))
+        result["bf16"] = time_bf16(cfg, train_ids, max(args.batches), args.steps, args.repeats,
+                                   args.warmup)
+        print(f"bf16: {result['bf16']}", flush=True)
+    result["kernels"] = kernels.report()
 
     if not args.skip_word:
         pair = Pair(WORD_VARIANT, WORD["batch"], asdict(word_cfg), WORD_BASELINE,
@@ -717,9 +790,11 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def write(result: dict, out_dir: Path) -> Path:
-    """metrics/bench/<date>-<host>-<commit>.md and .json; returns the .md path."""
+    """metrics/bench/<machine kind>.md and .json, one report per kind of machine (the last full
+    run on it); a run with other settings than `make bench`'s writes <kind>-partial.*.
+    Returns the .md path."""
     m = result["machine"]
-    stem = f"{result['date'][:10]}-{m['host']}-{m['commit']}"
+    stem = m["kind"] + ("" if result.get("full") else "-partial")
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
     md = out_dir / f"{stem}.md"
@@ -752,9 +827,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ptb", type=Path, metavar="ZIP",
                         help="the word rows' tokens: a zip holding ptb/ptb.train.txt "
                              "(default: a synthetic Zipf stream over 10,000 ids)")
+    parser.add_argument("--bf16", action="store_true",
+                        help="also time the lstm under bfloat16 autocast where the CPU has no "
+                             "AMX or AVX512-BF16 (where it has, always)")
     parser.add_argument("--out", type=Path, default=ROOT / "metrics" / "bench")
     args = parser.parse_args(argv)
     args.argv = list(argv if argv is not None else sys.argv[1:])
+    settings = ("variants", "batches", "steps", "repeats", "warmup", "threads", "device", "quick",
+                "word_only", "skip_word")
+    args.full = all(getattr(args, k) == parser.get_default(k) for k in settings)
     if args.word_only and args.variants:
         parser.error("--word-only runs no char-level variant: drop --variants")
     if args.ptb is not None and not args.ptb.is_file():

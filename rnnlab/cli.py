@@ -1,13 +1,14 @@
-"""rnnlab: text from trained models, and tables of experiments and runs.
+"""rnnlab: text from trained models, tables of experiments and runs, this machine's kernels.
 
-Each subcommand lives in its own module (rnnlab/generate.py, rnnlab/compare.py) and adds its
+Each subcommand lives in its own module (rnnlab/generate.py, rnnlab/compare.py,
+rnnlab/kernels.py) and adds its
 parser here (`add_parser`), which sets the function that runs it (`run`)."""
 
 from __future__ import annotations
 
 import argparse
 
-from rnnlab import compare, generate
+from rnnlab import compare, generate, kernels
 from rnnlab.errors import run_main
 
 
@@ -16,6 +17,7 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     generate.add_parser(sub)
     compare.add_parser(sub)
+    kernels.add_parser(sub)
     args = parser.parse_args(argv)
     run_main(lambda: args.run(args))
 

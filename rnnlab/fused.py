@@ -4,16 +4,21 @@ the scratch cells), faster on the CPU.
 One torch.autograd.Function per layer with a hand-written backward: the input projection of all
 steps before the loop (a row lookup for one-hot input), one product per step forward and one
 backward, the recurrent weight's gradient as one product over all steps (or step by step from a
-batch of STEPWISE_GRAD_BATCH), float32 products through oneDNN with the weight packed once per
-sequence. rnnlab/models.py decides when it applies (`fused_applies`); tests/test_models.py holds it
-equal to nn.* and the scratch loop, forward and backward. docs/benchmark.md measures it.
+batch of STEPWISE_GRAD_BATCH), each float32 product through MKL or oneDNN, whichever measured
+faster for its shape on this machine (rnnlab/kernels.py). Whether the fused path runs at all is
+measured too, against nn.RNN / nn.GRU (rnnlab/models.py). tests/test_models.py holds it equal to
+nn.* and the scratch loop, forward and backward, whichever library runs the products.
+docs/benchmark.md measures it.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
-from torch import nn
+
+from rnnlab import kernels
 
 
 def fused_applies(x: torch.Tensor) -> bool:
@@ -28,11 +33,9 @@ def fused_applies(x: torch.Tensor) -> bool:
 # hand: the input projection is computed for all steps before the loop (a row lookup for token
 # ids), each step makes one product forward and one backward, and the recurrent weight's gradient
 # is one product over all steps. The gates work step by step on (batch, hidden) pieces that stay
-# in the CPU's cache. And two things that pay on CPUs with AVX-512 from another vendor than Intel:
-#   - float32 products go through oneDNN where PyTorch has it: about twice MKL's rate there, as
-#     MKL does not run its AVX-512 code on them;
-#   - tanh(a) is computed as 2 sigmoid(2a) - 1 (the same function): torch.tanh goes through MKL's
-#     vector maths library, several times slower there than torch.sigmoid.
+# in the CPU's cache. tanh(a) is computed as 2 sigmoid(2a) - 1 (the same function): torch.tanh
+# goes through MKL's vector maths library, several times slower than torch.sigmoid on AMD CPUs
+# with AVX-512.
 # tests/test_models.py checks it against nn.RNN / nn.GRU: outputs, state and every gradient.
 
 
@@ -48,32 +51,73 @@ ONEDNN = _onednn_linear()  # whether `_linear` may use oneDNN at all (tests turn
 
 
 def use_onednn(t: torch.Tensor) -> bool:
-    """oneDNN's float32 product applies: a CPU tensor (oneDNN has no GPU kernel here)."""
+    """oneDNN's float32 product is a candidate: a CPU tensor (oneDNN has no GPU kernel here)."""
     return (ONEDNN and t.device.type == "cpu" and t.dtype == torch.float32
             and torch.backends.mkldnn.enabled)
 
 
-def _packed(w: torch.Tensor, batch: int, uses: int) -> torch.Tensor:
-    """w laid out once for `uses` products by `_linear` with `batch` rows: oneDNN's products then
-    run 10-15% faster at a batch of 32; the layout costs about two products, so it is worth it
-    for a sequence, not for one step (generation)."""
-    if uses >= 8 and use_onednn(w):
-        return torch.ops.mkldnn._reorder_linear_weight(w, batch)
-    return w
+# Every float32 product below goes through the library measured fastest for its shape on this
+# machine (rnnlab/kernels.py): MKL (torch's matmul) or oneDNN. Neither wins everywhere: oneDNN ran
+# twice MKL's rate on an AMD EPYC with AVX-512, half of it on an Intel Xeon with AMX, 0.7x on an
+# AMD EPYC with AVX2 only (docs/benchmark.md).
+PACK_USES = 8  # oneDNN's weight layout costs about two products: worth it for a sequence
 
 
-def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None,
-            add: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ w^T (+ b) (+ add), w (out, in) as nn.Linear keeps it (or `_packed`): oneDNN for float32
-    if PyTorch has it, else torch's matmul."""
-    if use_onednn(x):
-        if add is None:
-            return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
-        return torch.ops.mkldnn._linear_pointwise.binary(x, add, w, b, "add")
+def _mkl(x, w, b=None, add=None):
+    """x @ w^T (+ b) (+ add) through torch's matmul."""
     if add is None:
         return F.linear(x, w, b)
     out = torch.addmm(add, x, w.t())
     return out if b is None else out.add_(b)
+
+
+def _onednn(x, w, b=None, add=None):
+    """The same through oneDNN (w as nn.Linear keeps it, or laid out by `Product`)."""
+    if add is None:
+        return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+    return torch.ops.mkldnn._linear_pointwise.binary(x, add, w, b, "add")
+
+
+LIBRARIES = {"mkl": _mkl, "onednn": _onednn}  # the first is the reference
+
+
+def _shape(x: torch.Tensor, w: torch.Tensor) -> str:
+    return (f"{x.shape[0]}x{x.shape[1]} @ {w.shape[1]}x{w.shape[0]} {str(x.dtype)[6:]}"
+            f"{'' if x.is_contiguous() else ' x-strided'}{'' if w.is_contiguous() else ' w-strided'}")
+
+
+def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None,
+            add: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ w^T (+ b) (+ add), w (out, in) as nn.Linear keeps it, through the library measured
+    fastest for this shape (timed on these very arguments the first time)."""
+    if not use_onednn(x):
+        return _mkl(x, w, b, add)
+    key = _shape(x, w) + ("" if b is None else " +bias") + ("" if add is None else " +add")
+    choice = kernels.choose("product", key, {name: functools.partial(f, x, w, b, add)
+                                             for name, f in LIBRARIES.items()})
+    return LIBRARIES[choice](x, w, b, add)
+
+
+class Product:
+    """x @ w^T (+ b) (+ add) for the `uses` products of a sequence, each x (rows, in): the
+    library chosen once (measured on this shape the first time), and for oneDNN w laid out once
+    for it: 10-15% faster products at a batch of 32."""
+
+    def __init__(self, w: torch.Tensor, rows: int, uses: int):
+        self.w, self.library = w, _mkl
+        if not use_onednn(w):
+            return
+        x = torch.rand(rows, w.shape[1], dtype=w.dtype, generator=torch.Generator().manual_seed(0))
+        packed = (torch.ops.mkldnn._reorder_linear_weight(w, rows) if uses >= PACK_USES else w)
+        key = _shape(x, w) + (" packed" if packed is not w else "")
+        choice = kernels.choose("product", key, {"mkl": functools.partial(_mkl, x, w),
+                                                 "onednn": functools.partial(_onednn, x, packed)})
+        if choice == "onednn":
+            self.w, self.library = packed, _onednn
+
+    def __call__(self, x: torch.Tensor, b: torch.Tensor | None = None,
+                 add: torch.Tensor | None = None) -> torch.Tensor:
+        return self.library(x, self.w, b, add)
 
 
 # The recurrent weight's gradient, sum_t d_t^T h_{t-1}: at small batches one product over all
@@ -104,8 +148,9 @@ def _project(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 class Head(torch.autograd.Function):
-    """nn.Linear on (rows, in), its forward and input gradient through oneDNN (2-3x MKL's rate on
-    these skinny products here), its weight gradient through torch (faster for this shape)."""
+    """nn.Linear on (rows, in), its forward and input gradient through the library measured
+    faster for the shape (oneDNN ran these skinny products at 2-3x MKL's rate on an AMD EPYC with
+    AVX-512), its weight gradient through torch."""
 
     @staticmethod
     def forward(ctx, x, w, b):
@@ -127,9 +172,9 @@ class TanhRecurrence(torch.autograd.Function):
         steps, batch, hidden = g.shape
         hs = g.new_empty(steps + 1, batch, hidden)  # h_0 .. h_steps
         hs[0] = h0
-        w2, minus_one = _packed((2 * w_hh).contiguous(), batch, steps), g.new_full((), -1.0)
+        w2, minus_one = Product((2 * w_hh).contiguous(), batch, steps), g.new_full((), -1.0)
         for g_t, h_prev, h_t in zip(g, hs[:-1], hs[1:]):  # (batch, hidden) views
-            a2 = _linear(h_prev, w2).add_(g_t, alpha=2)  # 2 a_t
+            a2 = w2(h_prev).add_(g_t, alpha=2)  # 2 a_t
             torch.add(minus_one, a2.sigmoid_(), alpha=2, out=h_t)  # 2 sigmoid(2a) - 1
         ctx.save_for_backward(hs, w_hh)
         return hs[1:], hs[-1].clone()
@@ -139,7 +184,7 @@ class TanhRecurrence(torch.autograd.Function):
         hs, w_hh = ctx.saved_tensors
         d_out = d_out.contiguous()  # (steps, batch, hidden)
         d_pre = torch.empty_like(d_out)  # dL/da_t
-        w_t = _packed(w_hh.t().contiguous(), d_out.shape[1], len(d_out))  # dh_{t-1} = da_t W_hh
+        w_t = Product(w_hh.t().contiguous(), d_out.shape[1], len(d_out))  # dh_{t-1} = da_t W_hh
         dh = d_out[-1] + d_last  # dL/dh_t: from the output at t and from step t + 1
         d_outs, h_ts, d_pres = d_out.unbind(), hs[1:].unbind(), d_pre.unbind()  # per step
         stepwise, d_w_t = d_out.shape[1] >= STEPWISE_GRAD_BATCH, None
@@ -147,14 +192,15 @@ class TanhRecurrence(torch.autograd.Function):
             torch.ops.aten.tanh_backward(dh, h_ts[t], grad_input=d_pres[t])  # dh (1 - h_t^2)
             if stepwise:
                 d_w_t = _add_step_grad(d_w_t, d_pres[t], hs[t])
-            dh = _linear(d_pres[t], w_t, add=d_outs[t - 1]) if t else _linear(d_pres[0], w_t)
+            dh = w_t(d_pres[t], add=d_outs[t - 1]) if t else w_t(d_pres[0])
         d_w = d_w_t.t() if stepwise else _all_steps_grad(d_pre, hs[:-1])
         return d_pre, dh, d_w
 
 
-def _rnn_layer(x, h0, w_ih, w_hh, b_ih, b_hh):
-    """nn.RNN (tanh), one layer: x token ids (steps, batch) or (steps, batch, input)."""
-    return TanhRecurrence.apply(_project(x, w_ih, b_ih + b_hh), h0, w_hh)
+def rnn_layer(recurrence, x, h0, w_ih, w_hh, b_ih, b_hh):
+    """nn.RNN (tanh), one layer, `recurrence` TanhRecurrence or its compiled twin: x token ids
+    (steps, batch) or (steps, batch, input)."""
+    return recurrence.apply(_project(x, w_ih, b_ih + b_hh), h0, w_hh)
 
 
 class GRURecurrence(torch.autograd.Function):
@@ -176,12 +222,12 @@ class GRURecurrence(torch.autograd.Function):
         hs[0] = h0
         rz = gi.new_empty(steps, batch, 2 * hidden)  # (r_t, z_t)
         n = gi.new_empty(steps, batch, hidden)
-        w, ghs, minus_one = _packed(w_hh.contiguous(), batch, steps), [], gi.new_full((), -1.0)
+        w, ghs, minus_one = Product(w_hh.contiguous(), batch, steps), [], gi.new_full((), -1.0)
         # per step (batch, ...) views, made once
         steps_ = zip(gi[..., rz_], gi[..., n_], rz, rz[..., :hidden], rz[..., hidden:], n,
                      hs[:-1], hs[1:])
         for gi_rz, gi_n, rz_t, r, z, n_t, h_prev, h_t in steps_:
-            gh = _linear(h_prev, w, b_hh)  # (batch, 3*hidden)
+            gh = w(h_prev, b_hh)  # (batch, 3*hidden)
             torch.add(gi_rz, gh[:, rz_], out=rz_t).sigmoid_()
             q2 = torch.addcmul(gi_n, r, gh[:, n_]).mul_(2)
             torch.add(minus_one, q2.sigmoid_(), alpha=2, out=n_t)  # tanh(q) = 2 sigmoid(2q) - 1
@@ -200,7 +246,7 @@ class GRURecurrence(torch.autograd.Function):
         d_gh = torch.empty_like(d_gi)  # dL/d gh_t: the same but for n: r_t dL/d(n pre-activ.)
         d_rz = d_out.new_empty(batch, 2 * hidden)  # dL/d(r_t, z_t)
         d_r, d_z = d_rz[:, :hidden], d_rz[:, hidden:]
-        w_t = _packed(w_hh.t().contiguous(), batch, steps)  # dL/dh_{t-1} = dL/d gh_t W_hh + ...
+        w_t = Product(w_hh.t().contiguous(), batch, steps)  # dL/dh_{t-1} = dL/d gh_t W_hh + ...
         # per step (batch, ...) views, made once
         rz_t, r, z, n_t, h_prev = (rz.unbind(), rz[..., :hidden].unbind(),
                                    rz[..., hidden:].unbind(), n.unbind(), hs[:-1].unbind())
@@ -220,14 +266,16 @@ class GRURecurrence(torch.autograd.Function):
             direct = torch.addcmul(d_outs[t - 1], dh, z[t]) if t else dh * z[0]  # via z h
             if stepwise:
                 d_w_t = _add_step_grad(d_w_t, d_gh_t[t], h_prev[t])
-            dh = _linear(d_gh_t[t], w_t, add=direct)
+            dh = w_t(d_gh_t[t], add=direct)
         d_w = d_w_t.t() if stepwise else _all_steps_grad(d_gh, hs[:-1])
         return d_gi, dh, d_w, d_gh.sum((0, 1))
 
 
-def _gru_layer(x, h0, w_ih, w_hh, b_ih, b_hh):
-    """nn.GRU, one layer: x token ids (steps, batch) or (steps, batch, input)."""
-    return GRURecurrence.apply(_project(x, w_ih, b_ih), h0, w_hh, b_hh)
+def gru_layer(recurrence, x, h0, w_ih, w_hh, b_ih, b_hh):
+    """nn.GRU, one layer, `recurrence` GRURecurrence or its compiled twin: x token ids
+    (steps, batch) or (steps, batch, input)."""
+    return recurrence.apply(_project(x, w_ih, b_ih), h0, w_hh, b_hh)
 
 
-FUSED = {nn.RNN: _rnn_layer, nn.GRU: _gru_layer}  # nn.LSTM: its own oneDNN kernel
+LAYERS = {"rnn": rnn_layer, "gru": gru_layer}  # nn.LSTM keeps its own oneDNN kernel
+RECURRENCES = {"rnn": TanhRecurrence, "gru": GRURecurrence}

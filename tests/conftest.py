@@ -16,6 +16,19 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
+
+@pytest.fixture(scope="session", autouse=True)
+def kernel_cache(tmp_path_factory):
+    """Kernel choices (rnnlab/kernels.py) and compiled code (rnnlab/native.py) cached for this test
+    session only, shared by its processes (stages that DVC starts inherit it): never the user's."""
+    previous = os.environ.get("RNNLAB_CACHE_DIR")
+    os.environ["RNNLAB_CACHE_DIR"] = str(tmp_path_factory.mktemp("rnnlab-cache"))
+    yield Path(os.environ["RNNLAB_CACHE_DIR"])
+    if previous is None:
+        os.environ.pop("RNNLAB_CACHE_DIR", None)
+    else:
+        os.environ["RNNLAB_CACHE_DIR"] = previous
+
 SHIPPED = read_yaml(Path(__file__).resolve().parents[1] / "params.yaml")
 
 
