@@ -19,6 +19,8 @@ export DVC_NO_ANALYTICS := 1
 # CPU index: PyPI's Linux torch is the CUDA build, several GB. pip's own config still applies (here:
 # a local CPU wheel, taken after the index, unreachable from here, is given up: ~10 s).
 # Override: make setup TORCH_PIP_ARGS=   (PyPI's torch)
+# Last, the compiled time loop of rnn and gru (rnnlab/native.py) is built with the system's C++
+# compiler into ~/.cache/rnnlab; without a compiler it says why and the pure-PyTorch path runs.
 LOCK           := requirements.lock
 CPU_ONLY_LINUX := $(and $(filter Linux,$(shell uname -s)),$(if $(shell command -v nvidia-smi),,yes))
 TORCH_PIP_ARGS ?= $(if $(CPU_ONLY_LINUX),--index-url https://download.pytorch.org/whl/cpu)
@@ -31,6 +33,7 @@ $(VENV)/.installed: pyproject.toml $(LOCK)
 	$(BIN)/pip install -q $(TORCH_PIP_ARGS) $$(grep -o '"torch==[^"]*' pyproject.toml | tr -d '"')
 	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
 	$(BIN)/pip check
+	$(BIN)/python -m rnnlab.native build
 	touch $@
 
 setup: $(VENV)/.installed             ## create .venv from requirements.lock (hashes checked) and torch's pin

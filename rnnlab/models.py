@@ -15,11 +15,13 @@ rnnlab/softmax.py's fused output layer and loss (one product, no log-softmax cop
     cell  rnn  | gru  | lstm        state (h,) | (h,) | (h, c), each (num_layers, batch, hidden)
     impl  scratch: the book's equations, explicit parameters, a Python loop over time steps
           torch:   nn.RNN (tanh) / nn.GRU / nn.LSTM: cuDNN on a GPU; on the CPU nn.LSTM's oneDNN
-                   kernel, and for rnn and gru a fused path with the same parameters (below)
+                   kernel, and for rnn and gru other paths with the same parameters (below)
 
 The two impls of a cell compute the same function (tests/test_models.py checks logits, state and
-gradients to 1e-10 in float64), so they differ only in speed; so do the torch impl's fused path
-and nn.RNN / nn.GRU themselves. `build_model` is the only place that branches on cell or impl.
+gradients to 1e-10 in float64), so they differ only in speed; so do the paths that can train an
+rnn or gru stack on the CPU: `reference` (nn.RNN / nn.GRU, or the scratch cells' loop over steps),
+`fused` (rnnlab/fused.py) and `native` (the same, compiled: rnnlab/native.py). Which one trains is
+measured on the first minibatch, per machine and shape (`training_path`, rnnlab/kernels.py). `build_model` is the only place that branches on cell or impl.
 The state a model returns has its parameters' dtype, under autocast too, so the state carried
 from one minibatch to the next never changes dtype.
 
@@ -31,10 +33,11 @@ Every scratch cell obeys one contract, in two halves:
 
 The input terms do not depend on the state, so they are computed outside the time loop in one
 matmul per gate; only the recurrent part (h W_h*) runs step by step. The rnn and gru cells also
-have `outputs, state = cell.all_steps(terms, state)`: the same function over every step as one
-autograd op, the fused path of the torch impl on the scratch parameters. It is what runs on the
-CPU (outside autocast); the loop over `cell(x_t, state)` runs everywhere else, and the tests check
-that the two agree.
+have `outputs, state = cell.all_steps(terms, state, recurrence)`: the same function over every
+step as one autograd op, the fused (or native) path of the torch impl on the scratch parameters.
+On the CPU (outside autocast) it runs where it measured faster than the loop, and always without
+gradients; the loop over `cell(x_t, state)` runs everywhere else, and the tests check that the
+two agree.
 """
 
 from __future__ import annotations
@@ -48,7 +51,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rnnlab.fused import FUSED, GRURecurrence, Head, TanhRecurrence, fused_applies, use_onednn
+from rnnlab import kernels, native
+from rnnlab.fused import LAYERS, RECURRENCES, Head, fused_applies, use_onednn
 from rnnlab.softmax import linear_cross_entropy
 
 if TYPE_CHECKING:
@@ -211,11 +215,16 @@ def cpu_bf16_runs(module: type[nn.RNNBase]) -> bool:
 class TorchRNN(nn.Module):
     """nn.RNN (tanh) / nn.GRU / nn.LSTM behind the scratch stack's interface.
 
-    `reference` runs the nn.* module itself; `fused` (rnn and gru only) computes the same function
-    from the same parameters, faster on the CPU when training. `forward` picks the fused path on
-    the CPU outside autocast while gradients are recorded, the module everywhere else: cuDNN on a GPU already runs the whole sequence in one
-    kernel, and so does nn.LSTM's oneDNN kernel on the CPU.
+    Paths (`run`): `reference` runs the nn.* module itself; for rnn and gru, `fused` and `native`
+    compute the same function from the same parameters (rnnlab/fused.py, rnnlab/native.py).
+    `forward` takes the path `training_path` measured fastest while gradients are recorded on the
+    CPU, the module everywhere else: without gradients nn.RNN's / nn.GRU's own kernel is faster
+    (2.7x the fused path at batch 1, 256 hidden); cuDNN on a GPU, and nn.LSTM's oneDNN kernel on
+    the CPU, already run the whole sequence in one kernel.
     """
+
+    CELLS = {nn.RNN: "rnn", nn.GRU: "gru", nn.LSTM: "lstm"}
+    no_grad_path = "reference"
 
     def __init__(self, module: type[nn.RNNBase], input_size: int, hidden_size: int,
                  num_layers: int, dropout: float):
@@ -223,15 +232,18 @@ class TorchRNN(nn.Module):
         # nn.RNN's dropout acts between layers only (and warns if given with one layer).
         self.rnn = module(input_size, hidden_size, num_layers,
                           dropout=dropout if num_layers > 1 else 0.0)
-        self.num_states = 2 if isinstance(self.rnn, nn.LSTM) else 1  # nn.LSTM carries (h, c)
-        self.recurrence = FUSED.get(module)  # the fused path's layer function, None for nn.LSTM
+        self.cell = self.CELLS[module]
+        self.num_states = 2 if self.cell == "lstm" else 1  # nn.LSTM carries (h, c)
+
+    def paths(self) -> list[str]:
+        """What can train this stack on the CPU, the reference first."""
+        return training_paths(self.cell)
 
     def forward(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
-        # The fused path's gain is its backward: without gradients (evaluation, generation)
-        # nn.RNN's / nn.GRU's own kernel is faster (2.7x for rnn and gru at batch 1, 256 hidden).
-        if self.recurrence is not None and fused_applies(x) and torch.is_grad_enabled():
-            return self.fused(x, state)
-        return self.reference(x, state)
+        return self.run(x, state, training_path(self, x, state))
+
+    def run(self, x: torch.Tensor, state: State, path: str) -> tuple[torch.Tensor, State]:
+        return self.reference(x, state) if path == "reference" else self.fused(x, state, path)
 
     def reference(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         if not x.is_floating_point():  # token ids: one-hot, as the book's concise RNN
@@ -246,18 +258,65 @@ class TorchRNN(nn.Module):
             outputs, hx = self.rnn(x, hx)  # (steps, batch, hidden)
         return outputs, hx if isinstance(hx, tuple) else (hx,)
 
-    def fused(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
-        """nn.RNN's / nn.GRU's function, layer by layer."""
+    def fused(self, x: torch.Tensor, state: State, path: str = "fused") -> tuple[torch.Tensor, State]:
+        """nn.RNN's / nn.GRU's function, layer by layer, by the `fused` or `native` path."""
         rnn, (h0,) = self.rnn, state  # h0: (num_layers, batch, hidden)
+        layer_fn, recurrence = LAYERS[self.cell], recurrence_of(self.cell, path)
         last = []
         for layer in range(rnn.num_layers):
             w_ih, w_hh, b_ih, b_hh = (getattr(rnn, f"{name}_l{layer}")
                                       for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
             if layer > 0:
                 x = F.dropout(x, rnn.dropout, self.training)  # between layers, as nn.RNN
-            x, h = self.recurrence(x, h0[layer], w_ih, w_hh, b_ih, b_hh)  # (steps, batch, hidden)
+            x, h = layer_fn(recurrence, x, h0[layer], w_ih, w_hh, b_ih, b_hh)  # (steps, batch, hidden)
             last.append(h)
         return x, (torch.stack(last),)
+
+
+# --- which path trains a stack: measured ----------------------------------------------------------
+
+
+def training_paths(cell: str) -> list[str]:
+    """The paths that compute a `cell` stack's function on the CPU, the reference first."""
+    if cell not in LAYERS:
+        return ["reference"]
+    return ["reference", "fused"] + (["native"] if native.load() else [])
+
+
+def recurrence_of(cell: str, path: str):
+    """The autograd Function that runs a `cell` layer's time loop on `path` (fused | native)."""
+    return native.RECURRENCES[cell] if path == "native" else RECURRENCES[cell]
+
+
+def training_path(stack: nn.Module, x: torch.Tensor, state: State) -> str:
+    """The path `stack` runs x by: on the CPU outside autocast with gradients recorded, the one
+    measured fastest for this shape (rnnlab/kernels.py); without gradients the stack's
+    `no_grad_path`; `reference` on other devices and under autocast."""
+    if not fused_applies(x):
+        return "reference"
+    if not torch.is_grad_enabled():
+        return stack.no_grad_path
+    paths = stack.paths()
+    if len(paths) == 1:
+        return paths[0]
+    p = next(stack.parameters())
+    key = (f"{stack.cell} {type(stack).__name__.removesuffix('RNN').lower()}: "
+           f"{state[0].shape[0]} layer(s) x {state[0].shape[-1]}, "
+           f"{'one-hot' if not x.is_floating_point() else f'{x.shape[-1]}-wide'} input, "
+           f"{x.shape[0]} steps x batch {x.shape[1]}, {str(p.dtype)[6:]}")
+    return kernels.choose("layer", key, {path: functools.partial(_train_pass, stack, x, state, path)
+                                         for path in paths})
+
+
+def _train_pass(stack: nn.Module, x: torch.Tensor, state: State, path: str) -> None:
+    """One forward and backward of `stack` by `path` on the inputs' shapes, leaving every
+    parameter's .grad as it was: what `training_path` times."""
+    with torch.enable_grad():
+        x = x.detach().requires_grad_() if x.is_floating_point() else x
+        state = tuple(s.detach().requires_grad_() for s in state)
+        outputs, last = stack.run(x, state, path)
+        loss = outputs.sum() + sum(s.sum() for s in last)
+        torch.autograd.grad(loss, [*stack.parameters(), *state])
 
 
 # --- impl "scratch" -------------------------------------------------------------------------------
@@ -294,6 +353,7 @@ def _input_term(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> torch.Tens
 class RNNCell(nn.Module):
     """d2l 8.5: H_t = tanh(X_t W_xh + H_{t-1} W_hh + b_h)."""
 
+    name = "rnn"
     num_states = 1  # (h,)
 
     def __init__(self, input_size: int, hidden_size: int):
@@ -309,11 +369,12 @@ class RNNCell(nn.Module):
         h = torch.tanh(x_h + h @ self.W_hh)
         return (h,)
 
-    def all_steps(self, terms: tuple[torch.Tensor, ...],
-                  state: State) -> tuple[torch.Tensor, State]:
-        """`forward` over every step at once: terms (steps, batch, hidden) -> every h_t, (h,)."""
+    def all_steps(self, terms: tuple[torch.Tensor, ...], state: State,
+                  recurrence=RECURRENCES["rnn"]) -> tuple[torch.Tensor, State]:
+        """`forward` over every step at once: terms (steps, batch, hidden) -> every h_t, (h,);
+        `recurrence`: fused.TanhRecurrence or its compiled twin."""
         (x_h,), (h,) = terms, state
-        outputs, h = TanhRecurrence.apply(x_h, h, self.W_hh.t())  # it takes W as nn.RNN keeps it
+        outputs, h = recurrence.apply(x_h, h, self.W_hh.t())  # it takes W as nn.RNN keeps it
         return outputs, (h,)
 
 
@@ -331,6 +392,7 @@ class GRUCell(nn.Module):
     into b_h). The two are different functions; this cell follows nn.GRU so the impls agree.
     """
 
+    name = "gru"
     num_states = 1  # (h,)
 
     def __init__(self, input_size: int, hidden_size: int):
@@ -355,9 +417,10 @@ class GRUCell(nn.Module):
         h = z * h + (1 - z) * h_tilde
         return (h,)
 
-    def all_steps(self, terms: tuple[torch.Tensor, ...],
-                  state: State) -> tuple[torch.Tensor, State]:
-        """`forward` over every step at once: terms (steps, batch, hidden) -> every h_t, (h,)."""
+    def all_steps(self, terms: tuple[torch.Tensor, ...], state: State,
+                  recurrence=RECURRENCES["gru"]) -> tuple[torch.Tensor, State]:
+        """`forward` over every step at once: terms (steps, batch, hidden) -> every h_t, (h,);
+        `recurrence`: fused.GRURecurrence or its compiled twin."""
         x_z, x_r, x_h = terms
         (h,) = state
         # nn.GRU's layout: gates stacked (r, z, n), weights (out, in), the recurrent bias of r
@@ -365,7 +428,7 @@ class GRUCell(nn.Module):
         gi = torch.cat([x_r, x_z, x_h], dim=-1)  # (steps, batch, 3*hidden)
         w_hh = torch.cat([self.W_hr, self.W_hz, self.W_hh], dim=1).t()  # (3*hidden, hidden)
         b_hh = torch.cat([torch.zeros_like(self.b_hh).repeat(2), self.b_hh])
-        outputs, h = GRURecurrence.apply(gi, h, w_hh, b_hh)
+        outputs, h = recurrence.apply(gi, h, w_hh, b_hh)
         return outputs, (h,)
 
 
@@ -380,6 +443,7 @@ class LSTMCell(nn.Module):
         H_t = O_t * tanh(C_t)
     """
 
+    name = "lstm"
     num_states = 2  # (h, c)
 
     def __init__(self, input_size: int, hidden_size: int):
@@ -408,23 +472,32 @@ class LSTMCell(nn.Module):
 
 
 class ScratchRNN(nn.Module):
-    """Stacked scratch cells: each layer runs its cell over time; its outputs feed the next."""
+    """Stacked scratch cells: each layer runs its cell over time; its outputs feed the next.
+    Without gradients (evaluation, generation) a cell with `all_steps` takes the fused path, far
+    faster than the loop; with them, the path `training_path` measured fastest."""
+
+    no_grad_path = "fused"
 
     def __init__(self, cell: type[nn.Module], input_size: int, hidden_size: int,
                  num_layers: int, dropout: float):
         super().__init__()
-        self.num_states = cell.num_states
+        self.num_states, self.cell = cell.num_states, cell.name
         self.cells = nn.ModuleList(
             cell(input_size if layer == 0 else hidden_size, hidden_size)
             for layer in range(num_layers)
         )
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
-        return self.run(x, state, fused=fused_applies(x))
+    def paths(self) -> list[str]:
+        """What can train this stack on the CPU, the reference (the book's loop) first."""
+        return training_paths(self.cell)
 
-    def run(self, x: torch.Tensor, state: State, fused: bool) -> tuple[torch.Tensor, State]:
-        """fused: a cell with `all_steps` runs every step as one op; else the loop over steps."""
+    def forward(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        return self.run(x, state, training_path(self, x, state))
+
+    def run(self, x: torch.Tensor, state: State, path: str) -> tuple[torch.Tensor, State]:
+        """`reference`: the loop over steps; `fused` | `native`: a cell with `all_steps` runs
+        every step as one op, by that path."""
         # x: token ids (steps, batch) for one-hot input, else (steps, batch, input)
         final = []  # per layer: its last (h,) or (h, c)
         for layer, cell in enumerate(self.cells):
@@ -432,8 +505,8 @@ class ScratchRNN(nn.Module):
                 x = self.dropout(x)  # between layers, like nn.RNN's dropout
             s = tuple(part[layer] for part in state)  # this layer's (h,) | (h, c), (batch, hidden)
             terms = cell.input_terms(x)  # per gate (steps, batch, hidden), before the loop
-            if fused and hasattr(cell, "all_steps"):
-                x, s = cell.all_steps(terms, s)
+            if path != "reference" and hasattr(cell, "all_steps"):
+                x, s = cell.all_steps(terms, s, recurrence_of(self.cell, path))
             else:
                 outputs = []
                 for x_t in zip(*terms):  # per gate (batch, hidden)

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import math
+import os
+import shutil
 from dataclasses import asdict
 
 import pytest
 import torch
 from torch import nn
 
-from rnnlab import fused, models
+from rnnlab import fused, kernels, models, native
 from rnnlab.config import Train, Variant
 from rnnlab.models import CELLS, IMPLS, ModelConfig, build_model, detach_state, model_config
 from tests.conftest import shipped
@@ -269,9 +271,9 @@ def test_rnn_learns_hello_to_ohlol(impl, seed):
 FUSED_CELLS = ("rnn", "gru")  # nn.LSTM keeps its own oneDNN kernel
 
 
-def two_paths(cell, impl, num_layers, embed_size, dtype, hidden=6, batch=3, steps=5):
+def two_paths(cell, impl, num_layers, embed_size, dtype, hidden=6, batch=3, steps=5, path="fused"):
     """Outputs, final state and gradients (of every parameter, the initial state and an embedded
-    input) of a stack's fused path and of its reference (the nn.* module for the torch impl, the
+    input) of a stack's `path` (fused | native) and of its reference (the nn.* module for the torch impl, the
     loop over time steps for the scratch impl), from the same weights and input."""
     model = make(cell, impl, num_layers=num_layers, embed_size=embed_size, hidden_size=hidden)
     model = model.to(dtype)
@@ -283,32 +285,38 @@ def two_paths(cell, impl, num_layers, embed_size, dtype, hidden=6, batch=3, step
     w_out = torch.randn(steps, batch, hidden, generator=gen, dtype=dtype)
     w_last = torch.randn(num_layers, batch, hidden, generator=gen, dtype=dtype)
     inputs = [h0, *layers.parameters()] + ([x] if embed_size else [])
-    if impl == "torch":
-        paths = (layers.fused, layers.reference)
-    else:
-        paths = (lambda x, s: layers.run(x, s, fused=True),
-                 lambda x, s: layers.run(x, s, fused=False))
     results = []
-    for path in paths:
-        out, (last,) = path(x, (h0,))
+    for path in (path, "reference"):
+        out, (last,) = layers.run(x, (h0,), path)
         loss = (w_out * out).sum() + (w_last * last).sum()
         results.append((out, last, torch.autograd.grad(loss, inputs)))
     return results
 
 
+def needs(path):
+    """Skip a `native` test only where no C++ compiler can build it; fail where one should have."""
+    if path == "native":
+        if shutil.which(os.environ.get("CXX", "c++")) is None:
+            pytest.skip("no C++ compiler: rnnlab/native.py falls back to the fused path")
+        assert native.load(), native.why_not()
+    return path
+
+
+@pytest.mark.parametrize("path", ["fused", "native"])
 @pytest.mark.parametrize("stepwise", [False, True], ids=["all-steps-grad", "stepwise-grad"])
 @pytest.mark.parametrize("embed_size", [0, 4])
 @pytest.mark.parametrize("num_layers", [1, 2])
 @pytest.mark.parametrize("impl", IMPL_NAMES)
 @pytest.mark.parametrize("cell", FUSED_CELLS)
-def test_fused_path_equals_the_reference(cell, impl, num_layers, embed_size, stepwise,
+def test_fused_path_equals_the_reference(cell, impl, num_layers, embed_size, stepwise, path,
                                          monkeypatch):
     """float64: the same function to rounding (its matmuls go through torch, not oneDNN) as
     nn.RNN / nn.GRU (torch impl) and as the loop over the book's cell (scratch impl); with the
-    recurrent weight's gradient made in one product or step by step (large batches)."""
+    recurrent weight's gradient made in one product or step by step (large batches); in Python
+    (fused) and compiled (native)."""
     monkeypatch.setattr(fused, "STEPWISE_GRAD_BATCH", 1 if stepwise else 10**9)
     (out, last, grads), (ref_out, ref_last, ref_grads) = two_paths(
-        cell, impl, num_layers, embed_size, torch.float64)
+        cell, impl, num_layers, embed_size, torch.float64, path=needs(path))
     tight = {"rtol": 0, "atol": 1e-10}
     torch.testing.assert_close(out, ref_out, **tight)
     torch.testing.assert_close(last, ref_last, **tight)
@@ -316,18 +324,18 @@ def test_fused_path_equals_the_reference(cell, impl, num_layers, embed_size, ste
         torch.testing.assert_close(g, ref, **tight)
 
 
+@pytest.mark.parametrize("path,library", [("fused", "onednn"), ("fused", "mkl"), ("native", "mkl")])
 @pytest.mark.parametrize("stepwise", [False, True], ids=["all-steps-grad", "stepwise-grad"])
-@pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "torch-matmul"])
 @pytest.mark.parametrize("impl", IMPL_NAMES)
 @pytest.mark.parametrize("cell", FUSED_CELLS)
-def test_fused_path_float32(cell, impl, onednn, stepwise, monkeypatch):
-    """float32, as trained: through oneDNN's matmul where PyTorch has it, and without."""
-    if onednn and not fused.ONEDNN:
+def test_fused_path_float32(cell, impl, path, library, stepwise, monkeypatch):
+    """float32, as trained: each product forced through oneDNN or MKL, and compiled."""
+    if library == "onednn" and not fused.ONEDNN:
         pytest.skip("this PyTorch has no oneDNN linear")
-    monkeypatch.setattr(fused, "ONEDNN", onednn)
+    monkeypatch.setenv("RNNLAB_PRODUCT", library)
     monkeypatch.setattr(fused, "STEPWISE_GRAD_BATCH", 1 if stepwise else 10**9)
     (out, last, grads), (ref_out, ref_last, ref_grads) = two_paths(
-        cell, impl, 2, 0, torch.float32, hidden=32, batch=8, steps=12)
+        cell, impl, 2, 0, torch.float32, hidden=32, batch=8, steps=12, path=needs(path))
     loose = {"rtol": 1e-4, "atol": 1e-5}
     torch.testing.assert_close(out, ref_out, **loose)
     torch.testing.assert_close(last, ref_last, **loose)
@@ -343,9 +351,9 @@ def test_fused_path_dropout_between_layers_is_the_module_s(cell):
     idx = torch.randint(0, 7, (6, 4))  # (steps, batch)
     state = model.init_state(4)
     outputs = []
-    for path in (model.rnn.fused, model.rnn.reference):
+    for path in ("fused", "reference"):
         torch.manual_seed(7)
-        outputs.append(path(idx, state)[0])
+        outputs.append(model.rnn.run(idx, state, path)[0])
     torch.testing.assert_close(outputs[0], outputs[1])
 
 
@@ -364,8 +372,9 @@ def test_fused_path_backward_twice_with_retain_graph(cell, impl):
 @pytest.mark.parametrize("impl", IMPL_NAMES)
 @pytest.mark.parametrize("cell", CELLS)
 def test_forward_takes_the_fused_path_on_the_cpu_only(cell, impl, monkeypatch):
-    """rnn and gru on the CPU: fused; under autocast, on another device, and for lstm: nn.* or
-    the loop over steps; the torch impl without gradients: nn.*."""
+    """rnn and gru on the CPU, the fused path forced: fused; under autocast, on another device,
+    and for lstm: nn.* or the loop over steps; the torch impl without gradients: nn.*."""
+    monkeypatch.setenv("RNNLAB_KERNEL", "fused")
     calls = []
     for recurrence in (fused.TanhRecurrence, fused.GRURecurrence):
         monkeypatch.setattr(recurrence, "apply", lambda *a, _f=recurrence.apply: calls.append(1) or _f(*a))
@@ -382,6 +391,68 @@ def test_forward_takes_the_fused_path_on_the_cpu_only(cell, impl, monkeypatch):
     assert on_cpu == (1 if cell in FUSED_CELLS else 0)
     assert no_grad == (1 if cell in FUSED_CELLS and impl == "scratch" else 0)
     assert len(calls) == on_cpu + no_grad
+
+
+@pytest.mark.parametrize("faster", ["reference", "fused", "native", "none"])
+@pytest.mark.parametrize("impl", IMPL_NAMES)
+def test_training_takes_the_path_that_measured_fastest(impl, faster, monkeypatch):
+    """The dispatch by measurement, each outcome forced through the timings it sees: the fastest
+    path runs; where nothing beats the reference by kernels.MARGIN, the reference runs. (The
+    native path here counts its calls and runs the fused one: the choice is what is tested.)"""
+    kernels.forget()
+    timed = []
+
+    def timings(candidates):
+        timed.append(list(candidates))
+        return {name: 0.5 if name == faster else 1.0 for name in candidates}
+
+    calls = []
+
+    class Counting:
+        def __init__(self, path):
+            self.path = path
+
+        def apply(self, *args):
+            calls.append(self.path)
+            return fused.GRURecurrence.apply(*args)
+
+    monkeypatch.setattr(kernels, "measure", timings)
+    monkeypatch.setattr(kernels, "_cached", lambda full: None)  # nor from it
+    monkeypatch.setattr(kernels, "_store", lambda full, entry: entry)  # not into the session's cache
+    monkeypatch.setattr(models, "training_paths", lambda cell: ["reference", "fused", "native"])
+    monkeypatch.setattr(models, "recurrence_of", lambda cell, path: Counting(path))
+    model = make("gru", impl)
+    model.loss(torch.randint(0, 7, (2, 3)), torch.randint(0, 7, (2, 3)))[0].backward()
+    kernels.forget()
+    assert [names for names in timed if "reference" in names] == [["reference", "fused", "native"]]
+    assert calls == ([] if faster in ("reference", "none") else [faster])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("cell", FUSED_CELLS)
+def test_every_dispatch_outcome_trains_the_same(cell, dtype, monkeypatch):
+    """The whole model's loss and gradients with each path and each product library forced:
+    equal to the reference's, to rounding (float64) or to float32's tolerance."""
+    results = {}
+    for path in ("reference", "fused", "native"):
+        for library in ("mkl", "onednn"):
+            if (path == "native" and shutil.which(os.environ.get("CXX", "c++")) is None
+                    or library == "onednn" and not fused.ONEDNN):
+                continue
+            monkeypatch.setenv("RNNLAB_KERNEL", needs(path))
+            monkeypatch.setenv("RNNLAB_PRODUCT", library)
+            model = make(cell, "torch", hidden_size=24, num_layers=2).to(dtype)
+            x = torch.randint(0, 7, (6, 10), generator=torch.Generator().manual_seed(1))
+            loss, (h,) = model.loss(x, x.roll(1, 1))
+            results[path, library] = (loss, h, torch.autograd.grad(loss, list(model.parameters())))
+    tol = {"rtol": 0, "atol": 1e-10} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-5}
+    reference = results["reference", "mkl"]
+    assert len(results) >= 3
+    for outcome, (loss, h, grads) in results.items():
+        torch.testing.assert_close(loss, reference[0], **tol, msg=str(outcome))
+        torch.testing.assert_close(h, reference[1], **tol)
+        for g, r in zip(grads, reference[2], strict=True):
+            torch.testing.assert_close(g, r, **tol)
 
 
 def test_output_layer_through_onednn_equals_nn_linear(monkeypatch):
