@@ -112,6 +112,18 @@ def _threads_in_one_line(value: Any, handler: Any) -> Any:
 Threads = Annotated[Literal["auto"] | Annotated[int, Field(ge=0)], WrapValidator(_threads_in_one_line)]
 
 
+def _bf16_in_one_line(value: Any, handler: Any) -> Any:
+    try:
+        return handler(value)
+    except ValidationError:
+        raise ValueError("Input should be auto (where the hardware has bfloat16 products), "
+                         "true or false") from None
+
+
+# auto: where the device multiplies bfloat16 in hardware (rnnlab/training.py: use_bf16) | bool
+Bf16 = Annotated[Literal["auto"] | bool, WrapValidator(_bf16_in_one_line)]
+
+
 class Train(Section):
     lr: Annotated[float, Field(gt=0, le=1e6, allow_inf_nan=False)]
     clip_theta: Positive
@@ -129,7 +141,7 @@ class Train(Section):
     lr_decay_after: Count | None
     init_scale: Positive | None
     weight_decay: Annotated[float, Field(ge=0, allow_inf_nan=False)]
-    bf16: bool
+    bf16: Bf16
     threads: Threads
 
     @field_validator("lr_decay")

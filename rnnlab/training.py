@@ -99,6 +99,22 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def bf16_hardware(device: torch.device) -> bool:
+    """Whether `device` multiplies bfloat16 in hardware: a CUDA GPU that supports it, a CPU with
+    AMX or AVX512-BF16. Elsewhere oneDNN emulates it: 10x slower than float32 for rnn and gru on
+    an AMD EPYC with AVX2 (docs/benchmark.md), so `auto` leaves it off there."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+    return False
+
+
+def use_bf16(setting: bool | str, device: torch.device) -> bool:
+    """train.bf16 on `device`: true, false, or auto (where the hardware has it)."""
+    return bf16_hardware(device) if setting == "auto" else bool(setting)
+
+
 def make_optimizer(model: nn.Module, cfg: Train) -> torch.optim.Optimizer:
     if cfg.optimizer == "adam":
         return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -143,7 +159,7 @@ def train_step(model: RNNLM, x: torch.Tensor, y: torch.Tensor, h, opt: torch.opt
     Returns (new state, loss, gradient norm before clipping), all tensors: no host sync.
     The benchmark (bench/benchmark.py) times exactly this function.
     """
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16 and x.device.type == "cuda"):
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
         total, h = model.loss(x, y, h)  # summed over the batch's tokens
         loss = total / y.numel()
     opt.zero_grad(set_to_none=True)
@@ -161,6 +177,7 @@ def run_epochs(state: TrainState, train_ids: torch.Tensor, val_ids: torch.Tensor
     train_ids, val_ids = train_ids.to(device), val_ids.to(device)
     sampler = SAMPLERS[cfg.sampling]
     per_epoch = num_batches(len(train_ids), cfg.batch_size, cfg.num_steps)
+    bf16 = use_bf16(cfg.bf16, device)
 
     for epoch in range(state.epoch + 1, cfg.epochs + 1):
         start = time.perf_counter()
@@ -177,7 +194,7 @@ def run_epochs(state: TrainState, train_ids: torch.Tensor, val_ids: torch.Tensor
             # sequential: carry the state across minibatches, detached to truncate BPTT;
             # random: rows are unrelated to the previous minibatch's, so start from zeros.
             h = detach_state(h) if (cfg.sampling == "sequential" and h is not None) else None
-            h, loss, norm = train_step(model, x, y, h, opt, cfg.clip_theta, cfg.bf16)
+            h, loss, norm = train_step(model, x, y, h, opt, cfg.clip_theta, bf16)
             norms.append(norm)
             window.append(loss)
             n_tokens += y.numel()
@@ -189,7 +206,7 @@ def run_epochs(state: TrainState, train_ids: torch.Tensor, val_ids: torch.Tensor
 
         norms_t = torch.stack(norms)
         train_loss = float(loss_sum) / len(norms)  # every minibatch has the same size
-        val_ppl = perplexity(model, val_ids, device, cfg.bf16)
+        val_ppl = perplexity(model, val_ids, device, bf16)
         if not math.isfinite(val_ppl) or train_loss > MAX_LOSS:
             raise UserError(
                 f"training diverged: after epoch {epoch} the training loss is {train_loss:.4g} and "
@@ -255,7 +272,7 @@ def perplexity(model: RNNLM, ids: torch.Tensor, device: torch.device | None = No
     for i in range(0, n, chunk):
         j = min(i + chunk, n)
         x, y = ids[i:j][None], ids[i + 1 : j + 1][None]  # (1, steps): inputs, their next tokens
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             loss, h = model.loss(x, y, h)  # h carried: chunking changes nothing
         total += loss.double()  # bf16 logits are scored in float32, float64 models in float64
     model.train(was_training)

@@ -20,7 +20,7 @@ from rnnlab.models import ModelConfig, model_config
 from rnnlab.records import record_summary, run_params
 from rnnlab.sampling import continue_text, prefix_tokens
 from rnnlab.tracking import dvc_tags, folder_sha1, git_tags, tracked_run
-from rnnlab.training import perplexity, prepare_torch
+from rnnlab.training import perplexity, prepare_torch, use_bf16
 
 
 def samples_markdown(name: str, samples: dict[str, dict], temperature: float, seed: int) -> str:
@@ -98,7 +98,7 @@ def main() -> None:
 
     start = time.perf_counter()
     # the protocol of docs/evaluation.md: each split as one sequence, whatever the training batches
-    ppl = {s: perplexity(model, torch.as_tensor(tokens.splits[s]), device, cfg.bf16) for s in SPLITS}
+    ppl = {s: perplexity(model, torch.as_tensor(tokens.splits[s]), device, use_bf16(cfg.bf16, device)) for s in SPLITS}
     gen = torch.Generator().manual_seed(ev.seed)
     samples = {
         prefix: {

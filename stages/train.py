@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from rnnlab import kernels
 from rnnlab.config import load_params, variant_train
 from rnnlab.corpus import load_tokens
 from rnnlab.errors import run_main
@@ -19,13 +20,19 @@ from rnnlab.models import new_model
 from rnnlab.records import record_curves, record_curves_png, record_summary, run_params
 from rnnlab.resume import checkpointed_epochs, fingerprint, finished, load_resumable
 from rnnlab.tracking import dvc_tags, folder_sha1, git_tags, tracked_run
-from rnnlab.training import EpochResult, check_fits, new_state, prepare_torch
+from rnnlab.training import EpochResult, check_fits, new_state, prepare_torch, use_bf16
 
 
 def epoch_line(r: EpochResult, epochs: int) -> str:
     return (f"epoch {r.epoch:>3}/{epochs}  train ppl {r.train_ppl:8.3f}  val ppl {r.val_ppl:8.3f}  "
             f"grad {r.grad_norm:6.3f} (clipped {r.clipped_frac:4.0%})  lr {r.lr:.3g}  "
             f"{r.tokens_per_sec:>9,.0f} tok/s  {r.seconds:6.1f}s{'  *best' if r.is_best else ''}")
+
+
+def kernel_tags() -> dict[str, str]:
+    """The code this run trains with, as measured fastest here (rnnlab/kernels.py)."""
+    return {"rnnlab.kernels": kernels.summary(), "rnnlab.kernel_choices": "\n".join(kernels.report()),
+            "rnnlab.cpu": kernels.machine()}
 
 
 def model_example(tokens) -> str:
@@ -62,9 +69,10 @@ def main() -> None:
     elif resume.why_not:
         print(f"{name}: starting over, not resuming: {resume.why_not}")
     n_params = sum(p.numel() for p in model.parameters())
+    bf16 = " (bfloat16 autocast)" if use_bf16(cfg.bf16, device) else ""
     print(f"{name}: {model.config.cell} ({model.config.impl}), {model.config.num_layers} layer(s) x "
           f"{model.config.hidden_size}{', tied embedding' if model.config.tie_weights else ''}, "
-          f"{n_params:,} parameters, on {device}; "
+          f"{n_params:,} parameters, on {device}{bf16}; "
           f"{len(tokens.splits['train']):,} training tokens")
 
     corpus = f"{tokens.stats['corpus']}-{tokens.stats['token']}"
@@ -83,6 +91,7 @@ def main() -> None:
         for result in checkpointed_epochs(state, train_ids, val_ids, cfg, device, work, fp,
                                           tokens.vocab, name, tracker.run_id):
             record_curves(args.curves, state.history, tracker)
+            tracker.set_tags(kernel_tags())  # what the first epoch chose: the same every epoch
             print(epoch_line(result, cfg.epochs), flush=True)
 
         with atomic_path(out / "best.pt") as tmp:

@@ -13,7 +13,7 @@ from rnnlab.config import Train
 from rnnlab.errors import UserError
 from rnnlab.models import ModelConfig, build_model
 from rnnlab.sampling import continue_text, prefix_tokens
-from rnnlab.training import new_state, perplexity, run_epochs, train_step
+from rnnlab.training import new_state, perplexity, run_epochs, train_step, use_bf16
 from rnnlab.vocab import Vocab, build_vocab
 from tests.conftest import shipped
 
@@ -244,3 +244,29 @@ def test_generation_leaves_out_unk_for_word_tokens_by_default():
     with torch.no_grad():
         model.head.bias.copy_(torch.tensor([50.0, 0.0, 0.0, 10.0]))  # then <eos>: a line break
     assert continuation(model, vocab, "the cat", 2)[1] == "\n\n"
+
+
+@pytest.mark.parametrize("amx, avx512_bf16, expected", [
+    (False, False, False), (True, False, True), (False, True, True)])
+def test_bf16_auto_is_on_where_the_cpu_multiplies_bfloat16(amx, avx512_bf16, expected, monkeypatch):
+    """train.bf16: auto follows the hardware (AMX or AVX512-BF16 on a CPU); true and false are
+    what they say, on any device."""
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    cpu = torch.device("cpu")
+    assert use_bf16("auto", cpu) is expected
+    assert use_bf16(True, cpu) is True and use_bf16(False, cpu) is False
+    assert use_bf16(cfg(bf16="auto").bf16, cpu) is expected  # the schema takes auto
+
+
+def test_bf16_trains_under_autocast_on_the_cpu(monkeypatch):
+    """train.bf16: true on the CPU runs the products in bfloat16 (the fused path steps aside: no
+    recurrence of rnnlab/fused.py runs), and still learns."""
+    from rnnlab import fused
+
+    monkeypatch.setattr(fused.TanhRecurrence, "apply", lambda *a: pytest.fail("fused under autocast"))
+    results, state = train(tiny("rnn"), cfg(bf16=True, epochs=2))
+    assert results[-1].val_ppl < results[0].val_ppl < len(VOCAB)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, _ = state.model(IDS[:8][None])
+    assert logits.dtype == torch.bfloat16
