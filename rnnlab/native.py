@@ -44,15 +44,18 @@ from pathlib import Path
 import torch
 from torch.autograd.function import once_differentiable
 
+from rnnlab import kernels
+
 SOURCE = Path(__file__).resolve().parent / "csrc" / "recurrence.cpp"
 DISABLE_ENV = "RNNLAB_NATIVE"  # "0": never load (the fused path runs)
-CACHE_ENV = "RNNLAB_CACHE_DIR"
 # Code generation; the include and library paths, the ABI define and the libraries are added by
-# `_command`. -march=native: built where it runs (the cache key holds the CPU). No -ffast-math:
-# the float32 exp in the source relies on IEEE rounding (and fast-math gained nothing measurable).
+# `_command`. -march=native: built where it runs (the cache key holds the CPU). -fno-math-errno
+# -fno-trapping-math (as torch's own build): without them GCC vectorizes none of the gate loops
+# (the clamps in the source's exp); they change no result. No -ffast-math: that exp relies on IEEE
+# rounding, and fast-math gained nothing measurable. -fopenmp: the C++ runs small batches on a team
+# of threads (torch's own OpenMP runtime, already loaded). -w: torch's headers warn.
 CXXFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp",
-            "-std=c++17", "-shared", "-fPIC",
-            "-fvisibility=hidden", "-w"]
+            "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden", "-w"]
 LIBS = ["-lc10", "-ltorch", "-ltorch_cpu"]
 BUILD_TIMEOUT = 900  # seconds: a compiler that hangs is a failure, not a hung training run
 LOCK_TIMEOUT = 1200  # seconds to wait for another process's build
@@ -70,14 +73,6 @@ def why_not() -> str:
 def build_log() -> str:
     """The compiler's output of the last failed build ('' if none)."""
     return _build_log
-
-
-def cache_dir() -> Path:
-    """$RNNLAB_CACHE_DIR, else $XDG_CACHE_HOME/rnnlab, else ~/.cache/rnnlab: outside the repo."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "rnnlab"
 
 
 @functools.cache
@@ -109,7 +104,7 @@ def library_path() -> Path:
                      str(Path(torch.__file__).parent), " ".join(compiler()),
                      " ".join(CXXFLAGS + LIBS), str(torch._C._GLIBCXX_USE_CXX11_ABI), cpu_id()])
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    return cache_dir() / "native" / f"recurrence-{digest}.so"
+    return kernels.cache_dir() / "native" / f"recurrence-{digest}.so"
 
 
 def _command(source: Path, out: Path) -> list[str]:
@@ -211,6 +206,7 @@ def load() -> bool:
         _fail(f"loading {path} failed: {type(err).__name__}: {_first_error(str(err))}")
         return False
     _loaded = path
+    _fail("")  # a failure before this one no longer holds
     return True
 
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rnnlab import fused, native
+from rnnlab import fused, kernels, native
 
 HAS_CXX = shutil.which("c++") is not None
 TIGHT = {"rtol": 0, "atol": 1e-10}  # float64, as tests/test_models.py
@@ -25,13 +25,13 @@ SHAPES = [(5, 3, 13, 4), (1, 1, 8, 3), (6, 1, 5, 2), (1, 4, 7, 3), (4, 5, 70, 3)
 
 
 @pytest.fixture(scope="session")
-def ops(tmp_path_factory):
-    """The compiled ops, built once per test session into a cache of its own (or already loaded
-    by an earlier test of this session); skipped only where there is no C++ compiler."""
+def ops():
+    """The compiled ops, built once per test session into the session's cache (conftest.py's
+    kernel_cache), or already loaded by an earlier test; skipped only where there is no C++
+    compiler."""
     if not HAS_CXX:
         pytest.skip("no C++ compiler (c++) on PATH")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(native.CACHE_ENV, str(tmp_path_factory.mktemp("native-cache")))
         mp.delenv(native.DISABLE_ENV, raising=False)
         native.load.cache_clear()
         assert native.load(), native.why_not()
@@ -181,7 +181,7 @@ def test_wrong_shapes_raise(ops):
 def test_library_is_cached_outside_the_repo(ops, tmp_path, monkeypatch):
     """The build lands in $RNNLAB_CACHE_DIR/native/, named by a key of source, torch, flags and
     CPU; a second build finds it."""
-    monkeypatch.setenv(native.CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv(kernels.CACHE_ENV, str(tmp_path))
     path = native.library_path()
     assert path.parent == tmp_path / "native" and path.suffix == ".so"
     monkeypatch.setenv("CXX", "c++ -DRNNLAB_OTHER_FLAGS")
@@ -190,7 +190,7 @@ def test_library_is_cached_outside_the_repo(ops, tmp_path, monkeypatch):
 
 def test_no_compiler_gives_a_reason_not_an_exception(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("CXX", "/nonexistent/c++")
-    monkeypatch.setenv(native.CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv(kernels.CACHE_ENV, str(tmp_path))
     assert native.build(verbose=False) is None
     assert "/nonexistent/c++" in native.why_not()
     assert "\n" not in native.why_not()
@@ -204,7 +204,7 @@ def test_compile_error_gives_the_compiler_s_message(tmp_path, monkeypatch):
     source = tmp_path / "broken.cpp"
     source.write_text("this is not C++;\n")
     monkeypatch.setattr(native, "SOURCE", source)
-    monkeypatch.setenv(native.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(kernels.CACHE_ENV, str(tmp_path / "cache"))
     monkeypatch.delenv("CXX", raising=False)
     assert native.build(verbose=False) is None
     assert "failed" in native.why_not() and "error" in native.why_not()
