@@ -455,6 +455,19 @@ def test_every_dispatch_outcome_trains_the_same(cell, dtype, monkeypatch):
             torch.testing.assert_close(g, r, **tol)
 
 
+@pytest.mark.parametrize("path", ["reference", "fused", "native"])
+@pytest.mark.parametrize("cell", FUSED_CELLS)
+def test_a_nan_weight_gives_a_nan_loss_on_every_path(cell, path, monkeypatch):
+    """Divergence must show whichever path trains: a NaN in the first layer's weights makes the
+    loss NaN (the train stage stops on it), never a finite number."""
+    monkeypatch.setenv("RNNLAB_KERNEL", needs(path))
+    model = make(cell, "torch", hidden_size=24, num_layers=1)
+    with torch.no_grad():
+        next(model.parameters()).fill_(float("nan"))
+    x = torch.randint(0, 7, (6, 10), generator=torch.Generator().manual_seed(1))
+    assert model.loss(x, x.roll(1, 1))[0].isnan()
+
+
 def test_output_layer_through_onednn_equals_nn_linear(monkeypatch):
     """On the CPU in float32 the output layer runs as `_Head` (oneDNN's product): nn.Linear's
     function and gradients; float64 and other devices keep nn.Linear."""

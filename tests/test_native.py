@@ -133,6 +133,26 @@ def test_saturated_gates_float32(ops, cell):
     assert_all_close(got, expected, LOOSE)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("cell", ["gru", "rnn"])
+def test_nan_stays_nan(ops, cell, dtype):
+    """A NaN pre-activation gives NaN in that unit's output, as nn.GRU / nn.RNN: a diverged model
+    must show a NaN loss (the train stage stops on it), never a finite one."""
+    steps, batch, hidden = 3, 2, 9
+    gen = torch.Generator().manual_seed(4)
+    gates = 3 if cell == "gru" else 1
+    g = torch.randn(steps, batch, gates * hidden, generator=gen, dtype=dtype)
+    g[0, 1, 0] = float("nan")   # row 1's first unit (the GRU's reset gate of unit 0)
+    h0 = torch.randn(batch, hidden, generator=gen, dtype=dtype)
+    w = torch.randn(gates * hidden, hidden, generator=gen, dtype=dtype)
+    if cell == "gru":
+        out, last = ops.NativeGRU.apply(g, h0, w, torch.zeros(gates * hidden, dtype=dtype))
+    else:
+        out, last = ops.NativeTanh.apply(g, h0, w)
+    assert out[0, 1].isnan().any() and last[1].isnan().any()
+    assert out[:, 0].isfinite().all()   # the other row is untouched
+
+
 @pytest.mark.parametrize("use", ["outputs", "last"])
 @pytest.mark.parametrize("cell", ["gru", "rnn"])
 def test_one_output_unused(ops, cell, use):

@@ -78,12 +78,15 @@ constexpr int64_t kParallelElements = 32768;
 // float: exp by Cephes' expf polynomial (about 1 ulp), written without branches or library calls
 // so that the compiler vectorizes the gate loops; sigmoid(x) = 1 / (1 + exp(-x)),
 // tanh(x) = 1 - 2 / (1 + exp(2x)) (absolute error ~1e-7, as the fused path's 2 sigmoid(2x) - 1).
-// Beyond exp's float range the argument is clamped: sigmoid saturates to 0 or 1, tanh to -1 or 1.
+// Beyond exp's float range the argument is clamped: sigmoid saturates to 0 or 1, tanh to -1 or 1;
+// NaN stays NaN.
 // double: the C library's functions (the tests' precision; speed is float32's business).
 
 inline float exp_f(float x) {
-  x = x < 88.3762626647949f ? x : 88.3762626647949f;  // keeps NaN: comparisons with NaN fail
-  x = x > -87.3365447505531f ? x : -87.3365447505531f;
+  // Written so that NaN passes through: a comparison with NaN is false, so NaN keeps x.
+  // (`x < c ? x : c` would turn NaN into c, and a diverged model into a finite loss.)
+  x = x > 88.3762626647949f ? 88.3762626647949f : x;
+  x = x < -87.3365447505531f ? -87.3365447505531f : x;
   // k = round(x / ln 2) by adding and subtracting 1.5 * 2^23 (needs IEEE rounding: no fast-math)
   const float shifter = 12582912.0f;
   const float k = (x * 1.44269504088896341f + shifter) - shifter;
