@@ -197,10 +197,11 @@ class TanhRecurrence(torch.autograd.Function):
         return d_pre, dh, d_w
 
 
-def rnn_layer(recurrence, x, h0, w_ih, w_hh, b_ih, b_hh):
+def rnn_layer(recurrence, x, state, w_ih, w_hh, b_ih, b_hh):
     """nn.RNN (tanh), one layer, `recurrence` TanhRecurrence or its compiled twin: x token ids
-    (steps, batch) or (steps, batch, input)."""
-    return recurrence.apply(_project(x, w_ih, b_ih + b_hh), h0, w_hh)
+    (steps, batch) or (steps, batch, input), state (h0,) -> outputs, (h,)."""
+    outputs, h = recurrence.apply(_project(x, w_ih, b_ih + b_hh), state[0], w_hh)
+    return outputs, (h,)
 
 
 class GRURecurrence(torch.autograd.Function):
@@ -271,11 +272,22 @@ class GRURecurrence(torch.autograd.Function):
         return d_gi, dh, d_w, d_gh.sum((0, 1))
 
 
-def gru_layer(recurrence, x, h0, w_ih, w_hh, b_ih, b_hh):
-    """nn.GRU, one layer, `recurrence` GRURecurrence or its compiled twin: x token ids
-    (steps, batch) or (steps, batch, input)."""
-    return recurrence.apply(_project(x, w_ih, b_ih), h0, w_hh, b_hh)
+def gru_layer(recurrence, x, state, w_ih, w_hh, b_ih, b_hh):
+    """nn.GRU, one layer, `recurrence` GRURecurrence or its compiled twin: x as `rnn_layer`,
+    state (h0,) -> outputs, (h,)."""
+    outputs, h = recurrence.apply(_project(x, w_ih, b_ih), state[0], w_hh, b_hh)
+    return outputs, (h,)
 
 
-LAYERS = {"rnn": rnn_layer, "gru": gru_layer}  # nn.LSTM keeps its own oneDNN kernel
+def lstm_layer(recurrence, x, state, w_ih, w_hh, b_ih, b_hh):
+    """nn.LSTM, one layer, by the compiled recurrence (rnnlab/native.py's NativeLSTM; in Python
+    nn.LSTM's own kernel is faster, so it has no twin here): x as `rnn_layer`, state (h0, c0)
+    -> outputs, (h, c)."""
+    outputs, h, c = recurrence.apply(_project(x, w_ih, b_ih + b_hh), *state, w_hh)
+    return outputs, (h, c)
+
+
+# cell -> one layer's function of (recurrence, x, state, w_ih, w_hh, b_ih, b_hh), as nn.* keeps
+# the weights; and the Python recurrences (rnnlab/native.py has the compiled ones)
+LAYERS = {"rnn": rnn_layer, "gru": gru_layer, "lstm": lstm_layer}
 RECURRENCES = {"rnn": TanhRecurrence, "gru": GRURecurrence}

@@ -46,6 +46,7 @@ from rnnlab.fileio import write_json
 
 CACHE_ENV = "RNNLAB_CACHE_DIR"
 FORCE_ENV = {"layer": "RNNLAB_KERNEL", "product": "RNNLAB_PRODUCT"}
+KNOWN = {"layer": ("reference", "fused", "native"), "product": ("mkl", "onednn")}  # what forcing may name
 MARGIN = 0.03  # another candidate must be this much faster than the reference to be chosen
 ROUNDS = 5  # timed rounds per candidate, alternated between them
 MIN_SECONDS = 0.004  # a round repeats a candidate until it takes at least this long
@@ -53,6 +54,7 @@ CACHE_VERSION = 1
 
 _decided: dict[str, dict] = {}  # this process's decisions, full key -> cache entry
 _cache_on = [True]  # off inside `afresh`
+_said: set[tuple[str, str, str]] = set()  # forced values this process found no candidate for
 
 
 def cache_dir() -> Path:
@@ -81,14 +83,22 @@ def machine() -> str:
             f"{torch.backends.cpu.get_cpu_capability()} | {torch.get_num_threads()} threads")
 
 
-def forced(kind: str, allowed: list[str]) -> str | None:
-    """The candidate the environment forces for `kind`, or None (measure)."""
+def forced(kind: str, key: str, allowed: list[str]) -> str | None:
+    """The candidate the environment forces for `kind`, or None (measure). A value that names a
+    candidate `key` lacks (fused for an lstm, native where it did not build) gives the reference,
+    said once: the setting holds for a whole sweep of variants."""
     name = FORCE_ENV[kind]
     value = os.environ.get(name, "measure").strip() or "measure"
     if value == "measure":
         return None
+    if value not in KNOWN[kind]:
+        raise UserError(f"{name} = {value!r}: allowed: measure, {', '.join(KNOWN[kind])}")
     if value not in allowed:
-        raise UserError(f"{name} = {value!r}: allowed here: measure, {', '.join(allowed)}")
+        if (kind, key, value) not in _said:
+            _said.add((kind, key, value))
+            print(f"kernels: {kind} {key}: no {value} here ({name}); {allowed[0]} runs",
+                  file=sys.stderr, flush=True)
+        return allowed[0]
     return value
 
 
@@ -96,11 +106,11 @@ def choose(kind: str, key: str, candidates: dict[str, Callable[[], object]]) -> 
     """The candidate to run for `key`: forced, decided before (this process, then the cache), or
     measured now. The first candidate is the reference."""
     names = list(candidates)
-    if len(names) == 1:
-        return names[0]
-    force = forced(kind, names)
+    force = forced(kind, key, names)
     if force:
         return force
+    if len(names) == 1:
+        return names[0]
     full = f"{machine()} | {kind} {key} | {'/'.join(names)}"
     entry = _decided.get(full) or _cached(full)
     if entry is None:

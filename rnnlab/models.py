@@ -14,14 +14,16 @@ rnnlab/softmax.py's fused output layer and loss (one product, no log-softmax cop
 
     cell  rnn  | gru  | lstm        state (h,) | (h,) | (h, c), each (num_layers, batch, hidden)
     impl  scratch: the book's equations, explicit parameters, a Python loop over time steps
-          torch:   nn.RNN (tanh) / nn.GRU / nn.LSTM: cuDNN on a GPU; on the CPU nn.LSTM's oneDNN
-                   kernel, and for rnn and gru other paths with the same parameters (below)
+          torch:   nn.RNN (tanh) / nn.GRU / nn.LSTM: cuDNN on a GPU; on the CPU other paths
+                   with the same parameters too (below)
 
 The two impls of a cell compute the same function (tests/test_models.py checks logits, state and
-gradients to 1e-10 in float64), so they differ only in speed; so do the paths that can train an
-rnn or gru stack on the CPU: `reference` (nn.RNN / nn.GRU, or the scratch cells' loop over steps),
-`fused` (rnnlab/fused.py) and `native` (the same, compiled: rnnlab/native.py). Which one trains is
-measured on the first minibatch, per machine and shape (`training_path`, rnnlab/kernels.py). `build_model` is the only place that branches on cell or impl.
+gradients to 1e-10 in float64), so they differ only in speed; so do the paths that can train a
+stack on the CPU: `reference` (nn.RNN / nn.GRU / nn.LSTM, or the scratch cells' loop over steps),
+`fused` (rnn and gru: rnnlab/fused.py) and `native` (compiled, rnn, gru and the torch impl's lstm:
+rnnlab/native.py). Which one trains is measured on the first minibatch, per machine and shape
+(`training_path`, rnnlab/kernels.py). `build_model` is the only place that branches on cell or
+impl.
 The state a model returns has its parameters' dtype, under autocast too, so the state carried
 from one minibatch to the next never changes dtype.
 
@@ -215,12 +217,12 @@ def cpu_bf16_runs(module: type[nn.RNNBase]) -> bool:
 class TorchRNN(nn.Module):
     """nn.RNN (tanh) / nn.GRU / nn.LSTM behind the scratch stack's interface.
 
-    Paths (`run`): `reference` runs the nn.* module itself; for rnn and gru, `fused` and `native`
-    compute the same function from the same parameters (rnnlab/fused.py, rnnlab/native.py).
-    `forward` takes the path `training_path` measured fastest while gradients are recorded on the
-    CPU, the module everywhere else: without gradients nn.RNN's / nn.GRU's own kernel is faster
-    (2.7x the fused path at batch 1, 256 hidden); cuDNN on a GPU, and nn.LSTM's oneDNN kernel on
-    the CPU, already run the whole sequence in one kernel.
+    Paths (`run`): `reference` runs the nn.* module itself; `fused` (rnn, gru) and `native` (rnn,
+    gru, lstm) compute the same function from the same parameters (rnnlab/fused.py,
+    rnnlab/native.py). `forward` takes the path `training_path` measured fastest while gradients
+    are recorded on the CPU, the module everywhere else: without gradients nn.RNN's / nn.GRU's own
+    kernel is faster (2.7x the fused path at batch 1, 256 hidden); cuDNN on a GPU already runs the
+    whole sequence in one kernel.
     """
 
     CELLS = {nn.RNN: "rnn", nn.GRU: "gru", nn.LSTM: "lstm"}
@@ -259,28 +261,29 @@ class TorchRNN(nn.Module):
         return outputs, hx if isinstance(hx, tuple) else (hx,)
 
     def fused(self, x: torch.Tensor, state: State, path: str = "fused") -> tuple[torch.Tensor, State]:
-        """nn.RNN's / nn.GRU's function, layer by layer, by the `fused` or `native` path."""
-        rnn, (h0,) = self.rnn, state  # h0: (num_layers, batch, hidden)
+        """The nn.* module's function, layer by layer, by the `fused` or `native` path."""
+        rnn = self.rnn
         layer_fn, recurrence = LAYERS[self.cell], recurrence_of(self.cell, path)
-        last = []
+        last = []  # per layer: its last (h,) | (h, c)
         for layer in range(rnn.num_layers):
             w_ih, w_hh, b_ih, b_hh = (getattr(rnn, f"{name}_l{layer}")
                                       for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
             if layer > 0:
                 x = F.dropout(x, rnn.dropout, self.training)  # between layers, as nn.RNN
-            x, h = layer_fn(recurrence, x, h0[layer], w_ih, w_hh, b_ih, b_hh)  # (steps, batch, hidden)
-            last.append(h)
-        return x, (torch.stack(last),)
+            s = tuple(part[layer] for part in state)  # (batch, hidden) each
+            x, s = layer_fn(recurrence, x, s, w_ih, w_hh, b_ih, b_hh)  # x: (steps, batch, hidden)
+            last.append(s)
+        return x, tuple(torch.stack(parts) for parts in zip(*last))
 
 
 # --- which path trains a stack: measured ----------------------------------------------------------
 
 
 def training_paths(cell: str) -> list[str]:
-    """The paths that compute a `cell` stack's function on the CPU, the reference first."""
-    if cell not in LAYERS:
-        return ["reference"]
-    return ["reference", "fused"] + (["native"] if native.load() else [])
+    """The paths that compute a `cell` stack's function on the CPU, the reference first: the
+    Python recurrences (rnn, gru) and the compiled ones (rnn, gru, lstm) where they loaded."""
+    return (["reference"] + (["fused"] if cell in RECURRENCES else [])
+            + (["native"] if cell in native.RECURRENCES and native.load() else []))
 
 
 def recurrence_of(cell: str, path: str):
@@ -489,8 +492,9 @@ class ScratchRNN(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def paths(self) -> list[str]:
-        """What can train this stack on the CPU, the reference (the book's loop) first."""
-        return training_paths(self.cell)
+        """What can train this stack on the CPU, the reference (the book's loop) first; only the
+        loop for a cell without `all_steps` (lstm)."""
+        return training_paths(self.cell) if hasattr(self.cells[0], "all_steps") else ["reference"]
 
     def forward(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         return self.run(x, state, training_path(self, x, state))

@@ -1,6 +1,7 @@
 """The time loops of rnnlab/fused.py's recurrences compiled: `NativeTanh` and `NativeGRU` are
 `TanhRecurrence` and `GRURecurrence` (the same function, the same gradients, the same contracts)
-with the loop over steps in C++ (rnnlab/csrc/recurrence.cpp).
+with the loop over steps in C++ (rnnlab/csrc/recurrence.cpp); `NativeLSTM` is nn.LSTM's
+recurrence, which has no Python twin (nn.LSTM's own kernel is its fallback).
 
 Why: the fused path runs each step as ~20 small torch ops (forward and backward) from Python, and
 at a batch of 32 those cost more than the step's one product. The compiled loop makes the same
@@ -244,7 +245,25 @@ class NativeGRU(torch.autograd.Function):
         return tuple(torch.ops.rnnlab.gru_backward(d_out, d_last, hs, gates, w_hh))
 
 
-RECURRENCES = {"rnn": NativeTanh, "gru": NativeGRU}  # as fused.RECURRENCES
+class NativeLSTM(torch.autograd.Function):
+    """nn.LSTM's recurrence compiled, gates (i, f, g, o) stacked as nn.LSTM does;
+    gi (steps, batch, 4*hidden) = x W_ih^T + b_ih + b_hh. -> every h_t (steps, batch, hidden),
+    the last h, the last c. No Python twin in fused.py: where this cannot run, nn.LSTM does."""
+
+    @staticmethod
+    def forward(ctx, gi, h0, c0, w_hh):
+        hs, cs, gates = torch.ops.rnnlab.lstm_forward(gi, h0, c0, w_hh)  # gates: i, f, g, o, tanh c
+        ctx.save_for_backward(hs, cs, gates, w_hh)
+        return hs[1:], hs[-1].clone(), cs[-1].clone()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, d_out, d_h, d_c):
+        hs, cs, gates, w_hh = ctx.saved_tensors
+        return tuple(torch.ops.rnnlab.lstm_backward(d_out, d_h, d_c, hs, cs, gates, w_hh))
+
+
+RECURRENCES = {"rnn": NativeTanh, "gru": NativeGRU, "lstm": NativeLSTM}  # as fused.RECURRENCES
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -78,10 +78,26 @@ def test_forcing_a_path_skips_the_measurement(monkeypatch):
     assert kernels.choose("product", "k", {"mkl": None, "onednn": None}) == "onednn"
 
 
-def test_a_forced_value_that_is_not_a_candidate_is_a_one_line_error(monkeypatch):
+def test_a_forced_value_that_names_nothing_is_a_one_line_error(monkeypatch):
     monkeypatch.setenv("RNNLAB_KERNEL", "fast")
-    with pytest.raises(UserError, match=r"RNNLAB_KERNEL = 'fast': allowed here: measure, reference, fused$"):
+    with pytest.raises(UserError, match=r"RNNLAB_KERNEL = 'fast': allowed: measure, reference, fused, native$"):
         kernels.choose("layer", "k", {"reference": None, "fused": None})
+    monkeypatch.setenv("RNNLAB_PRODUCT", "blas")
+    with pytest.raises(UserError, match=r"RNNLAB_PRODUCT = 'blas': allowed: measure, mkl, onednn$"):
+        kernels.choose("product", "k", {"mkl": None, "onednn": None})
+
+
+def test_a_forced_path_a_stack_lacks_gives_its_reference_said_once(monkeypatch, capsys):
+    """RNNLAB_KERNEL=fused holds for a sweep of variants: an lstm (no fused path) or a machine
+    without the compiled loop runs the reference, and says so once."""
+    monkeypatch.setattr(kernels, "measure", lambda c: pytest.fail("measured"))
+    monkeypatch.setenv("RNNLAB_KERNEL", "fused")
+    for _ in range(2):
+        assert kernels.choose("layer", "lstm k", {"reference": None, "native": None}) == "reference"
+    assert kernels.choose("layer", "lstm j", {"reference": None}) == "reference"
+    err = capsys.readouterr().err
+    assert err.count("kernels: layer lstm k: no fused here (RNNLAB_KERNEL); reference runs") == 1
+    assert "layer lstm j: no fused here" in err
 
 
 def test_an_unwritable_cache_costs_a_warning_not_the_run(tmp_path, monkeypatch, capsys):

@@ -272,24 +272,26 @@ FUSED_CELLS = ("rnn", "gru")  # nn.LSTM keeps its own oneDNN kernel
 
 
 def two_paths(cell, impl, num_layers, embed_size, dtype, hidden=6, batch=3, steps=5, path="fused"):
-    """Outputs, final state and gradients (of every parameter, the initial state and an embedded
-    input) of a stack's `path` (fused | native) and of its reference (the nn.* module for the torch impl, the
-    loop over time steps for the scratch impl), from the same weights and input."""
+    """Outputs, final state (h, or h and c, concatenated) and gradients (of every parameter, the
+    initial state and an embedded input) of a stack's `path` (fused | native) and of its reference
+    (the nn.* module for the torch impl, the loop over time steps for the scratch impl), from the
+    same weights and input."""
     model = make(cell, impl, num_layers=num_layers, embed_size=embed_size, hidden_size=hidden)
     model = model.to(dtype)
     layers = model.rnn
     gen = torch.Generator().manual_seed(0)
     idx = torch.randint(0, 7, (steps, batch), generator=gen)  # time-major, as the stacks take it
     x = idx if not embed_size else model.embedding(idx).detach().requires_grad_(True)
-    h0 = torch.randn(num_layers, batch, hidden, generator=gen, dtype=dtype, requires_grad=True)
+    state = tuple(torch.randn(num_layers, batch, hidden, generator=gen, dtype=dtype,
+                              requires_grad=True) for _ in range(layers.num_states))  # (h0,) | (h0, c0)
     w_out = torch.randn(steps, batch, hidden, generator=gen, dtype=dtype)
-    w_last = torch.randn(num_layers, batch, hidden, generator=gen, dtype=dtype)
-    inputs = [h0, *layers.parameters()] + ([x] if embed_size else [])
+    w_last = [torch.randn(num_layers, batch, hidden, generator=gen, dtype=dtype) for _ in state]
+    inputs = [*state, *layers.parameters()] + ([x] if embed_size else [])
     results = []
     for path in (path, "reference"):
-        out, (last,) = layers.run(x, (h0,), path)
-        loss = (w_out * out).sum() + (w_last * last).sum()
-        results.append((out, last, torch.autograd.grad(loss, inputs)))
+        out, last = layers.run(x, state, path)
+        loss = (w_out * out).sum() + sum((w * s).sum() for w, s in zip(w_last, last, strict=True))
+        results.append((out, torch.cat(last), torch.autograd.grad(loss, inputs)))
     return results
 
 
@@ -322,6 +324,30 @@ def test_fused_path_equals_the_reference(cell, impl, num_layers, embed_size, ste
     torch.testing.assert_close(last, ref_last, **tight)
     for g, ref in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(g, ref, **tight)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("embed_size", [0, 4])
+@pytest.mark.parametrize("num_layers", [1, 2])
+def test_native_lstm_stack_equals_nn_lstm(num_layers, embed_size, dtype):
+    """nn.LSTM's compiled path (no Python twin): outputs, (h, c) and every gradient of a stack,
+    one-hot or embedded input, as nn.LSTM's own; float64 to rounding, float32 as trained."""
+    (out, last, grads), (ref_out, ref_last, ref_grads) = two_paths(
+        "lstm", "torch", num_layers, embed_size, dtype, hidden=32, batch=8, steps=12,
+        path=needs("native"))
+    tol = {"rtol": 0, "atol": 1e-10} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-5}
+    torch.testing.assert_close(out, ref_out, **tol)
+    torch.testing.assert_close(last, ref_last, **tol)
+    for g, ref in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, ref, **tol)
+
+
+def test_the_lstm_paths_are_nn_lstm_and_native_only():
+    """The torch impl's lstm: nn.LSTM or the compiled loop (where it built); the scratch impl's
+    lstm cell has no `all_steps`: the book's loop only."""
+    torch_lstm, scratch_lstm = make("lstm", "torch").rnn, make("lstm", "scratch").rnn
+    assert torch_lstm.paths() == ["reference"] + (["native"] if native.load() else [])
+    assert scratch_lstm.paths() == ["reference"]
 
 
 @pytest.mark.parametrize("path,library", [("fused", "onednn"), ("fused", "mkl"), ("native", "mkl")])
@@ -429,34 +455,35 @@ def test_training_takes_the_path_that_measured_fastest(impl, faster, monkeypatch
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("cell", FUSED_CELLS)
+@pytest.mark.parametrize("cell", CELLS)
 def test_every_dispatch_outcome_trains_the_same(cell, dtype, monkeypatch):
-    """The whole model's loss and gradients with each path and each product library forced:
-    equal to the reference's, to rounding (float64) or to float32's tolerance."""
+    """The whole model's loss, state and gradients with each path the stack has and each product
+    library forced: equal to the reference's, to rounding (float64) or to float32's tolerance."""
     results = {}
-    for path in ("reference", "fused", "native"):
+    for path in models.training_paths(cell):
         for library in ("mkl", "onednn"):
-            if (path == "native" and shutil.which(os.environ.get("CXX", "c++")) is None
-                    or library == "onednn" and not fused.ONEDNN):
+            if library == "onednn" and not fused.ONEDNN:
                 continue
-            monkeypatch.setenv("RNNLAB_KERNEL", needs(path))
+            monkeypatch.setenv("RNNLAB_KERNEL", path)
             monkeypatch.setenv("RNNLAB_PRODUCT", library)
             model = make(cell, "torch", hidden_size=24, num_layers=2).to(dtype)
             x = torch.randint(0, 7, (6, 10), generator=torch.Generator().manual_seed(1))
-            loss, (h,) = model.loss(x, x.roll(1, 1))
-            results[path, library] = (loss, h, torch.autograd.grad(loss, list(model.parameters())))
+            loss, state = model.loss(x, x.roll(1, 1))
+            results[path, library] = (loss, state, torch.autograd.grad(loss, list(model.parameters())))
     tol = {"rtol": 0, "atol": 1e-10} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-5}
     reference = results["reference", "mkl"]
-    assert len(results) >= 3
-    for outcome, (loss, h, grads) in results.items():
+    # every path a compiler and oneDNN give: rnn and gru 3, lstm 2 (no Python twin)
+    wanted = {"rnn": 3, "gru": 3, "lstm": 2}[cell] - (shutil.which(os.environ.get("CXX", "c++")) is None)
+    assert len({path for path, _ in results}) == wanted
+    for outcome, (loss, state, grads) in results.items():
         torch.testing.assert_close(loss, reference[0], **tol, msg=str(outcome))
-        torch.testing.assert_close(h, reference[1], **tol)
+        torch.testing.assert_close(state, reference[1], **tol)
         for g, r in zip(grads, reference[2], strict=True):
             torch.testing.assert_close(g, r, **tol)
 
 
 @pytest.mark.parametrize("path", ["reference", "fused", "native"])
-@pytest.mark.parametrize("cell", FUSED_CELLS)
+@pytest.mark.parametrize("cell", CELLS)
 def test_a_nan_weight_gives_a_nan_loss_on_every_path(cell, path, monkeypatch):
     """Divergence must show whichever path trains: a NaN in the first layer's weights makes the
     loss NaN (the train stage stops on it), never a finite number."""

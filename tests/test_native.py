@@ -1,6 +1,6 @@
-"""rnnlab/native.py: the compiled recurrences compute fused.py's functions and nn.GRU's / nn.RNN's,
-outputs, last state and every gradient; a machine that cannot build them gets a reason, never an
-exception."""
+"""rnnlab/native.py: the compiled recurrences compute fused.py's functions and nn.GRU's / nn.RNN's /
+nn.LSTM's, outputs, last state and every gradient; a machine that cannot build them gets a reason,
+never an exception."""
 
 from __future__ import annotations
 
@@ -112,6 +112,67 @@ def test_native_equals_fused_and_nn_float32(ops, cell, shape, threads, monkeypat
     assert_all_close(got, by_nn, tol)
 
 
+# --- the LSTM: nn.LSTM's recurrence (no Python twin; nn.LSTM itself is the reference) ----------
+
+
+def lstm_two_ways(steps, batch, hidden, input_size, dtype, loss_of=("out", "h", "c"), scale=1.0):
+    """Outputs, last h and c, and the gradients of (x, h0, c0, w_ih, w_hh, b_ih, b_hh) by
+    NativeLSTM (as fused.lstm_layer calls it) and by nn.LSTM, from the same weights and input;
+    the loss weighs `loss_of` at random. `scale` multiplies the input (saturated gates)."""
+    torch.manual_seed(0)
+    layer = nn.LSTM(input_size, hidden).to(dtype)
+    gen = torch.Generator().manual_seed(0)
+    x = scale * torch.randn(steps, batch, input_size, generator=gen, dtype=dtype)
+    h0, c0 = (torch.randn(batch, hidden, generator=gen, dtype=dtype) for _ in range(2))
+    weights = {name: torch.randn(shape, generator=gen, dtype=dtype)
+               for name, shape in (("out", (steps, batch, hidden)), ("h", (batch, hidden)),
+                                   ("c", (batch, hidden)))}
+    params = list(layer.parameters())  # w_ih, w_hh, b_ih, b_hh
+    w_ih, w_hh, b_ih, b_hh = params
+
+    def by_native(x, h0, c0):
+        return native.NativeLSTM.apply(F.linear(x, w_ih, b_ih + b_hh), h0, c0, w_hh)
+
+    def by_nn(x, h0, c0):
+        out, (h, c) = layer(x, (h0[None], c0[None]))
+        return out, h[0], c[0]
+
+    results = []
+    for fn in (by_native, by_nn):
+        leaves = [t.detach().clone().requires_grad_(True) for t in (x, h0, c0)]
+        out, h, c = fn(*leaves)
+        got = {"out": out, "h": h, "c": c}
+        loss = sum((weights[name] * got[name]).sum() for name in loss_of)
+        results.append([out.detach(), h.detach(), c.detach(),
+                        *torch.autograd.grad(loss, [*leaves, *params])])
+    return results
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_native_lstm_equals_nn_lstm_float64(ops, shape, threads):
+    assert_all_close(*lstm_two_ways(*shape, torch.float64), TIGHT)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_native_lstm_equals_nn_lstm_float32(ops, shape, threads):
+    steps, batch = shape[:2]
+    tol = LOOSE if steps * batch <= 100 else {**LOOSE, "atol": 1e-4}  # as the float32 test above
+    assert_all_close(*lstm_two_ways(*shape, torch.float32), tol)
+
+
+@pytest.mark.parametrize("use", ["out", "h", "c"])
+def test_native_lstm_with_one_output_used(ops, use):
+    """A loss of one of outputs, last h, last c: the others' gradients come in as zeros."""
+    assert_all_close(*lstm_two_ways(4, 3, 6, 2, torch.float64, loss_of=(use,)), TIGHT)
+
+
+def test_native_lstm_saturated_gates_float32(ops):
+    """Pre-activations far past exp's float32 range: finite, and nn.LSTM's values."""
+    got, expected = lstm_two_ways(4, 3, 9, 3, torch.float32, scale=300.0)
+    assert all(t.isfinite().all() for t in got)
+    assert_all_close(got, expected, {"rtol": 1e-4, "atol": 1e-3})
+
+
 @pytest.mark.parametrize("cell", ["gru", "rnn"])
 def test_saturated_gates_float32(ops, cell):
     """Pre-activations far past exp's float32 range (|a| > 88): the gates saturate to 0 / 1 and
@@ -134,19 +195,21 @@ def test_saturated_gates_float32(ops, cell):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
-@pytest.mark.parametrize("cell", ["gru", "rnn"])
+@pytest.mark.parametrize("cell", ["gru", "rnn", "lstm"])
 def test_nan_stays_nan(ops, cell, dtype):
     """A NaN pre-activation gives NaN in that unit's output, as nn.GRU / nn.RNN: a diverged model
     must show a NaN loss (the train stage stops on it), never a finite one."""
     steps, batch, hidden = 3, 2, 9
     gen = torch.Generator().manual_seed(4)
-    gates = 3 if cell == "gru" else 1
+    gates = {"gru": 3, "lstm": 4, "rnn": 1}[cell]
     g = torch.randn(steps, batch, gates * hidden, generator=gen, dtype=dtype)
-    g[0, 1, 0] = float("nan")   # row 1's first unit (the GRU's reset gate of unit 0)
+    g[0, 1, 0] = float("nan")   # row 1's first unit (the GRU's reset gate, the LSTM's input gate)
     h0 = torch.randn(batch, hidden, generator=gen, dtype=dtype)
     w = torch.randn(gates * hidden, hidden, generator=gen, dtype=dtype)
     if cell == "gru":
         out, last = ops.NativeGRU.apply(g, h0, w, torch.zeros(gates * hidden, dtype=dtype))
+    elif cell == "lstm":
+        out, last, _ = ops.NativeLSTM.apply(g, h0, torch.zeros_like(h0), w)
     else:
         out, last = ops.NativeTanh.apply(g, h0, w)
     assert out[0, 1].isnan().any() and last[1].isnan().any()

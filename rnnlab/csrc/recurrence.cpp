@@ -1,14 +1,20 @@
-// The time loops of rnnlab/fused.py's TanhRecurrence and GRURecurrence in compiled code: the same
-// functions and gradients, built and loaded by rnnlab/native.py (read its docstring first).
+// The time loops of rnnlab/fused.py's TanhRecurrence and GRURecurrence in compiled code (the same
+// functions and gradients), and of nn.LSTM's recurrence; built and loaded by rnnlab/native.py
+// (read its docstring first).
 //
 // Ops (registered below, called as torch.ops.rnnlab.*), float32 and float64 CPU tensors, weights
-// as nn.RNN / nn.GRU keep them, w_hh (gates*hidden, hidden):
+// as nn.RNN / nn.GRU / nn.LSTM keep them, w_hh (gates*hidden, hidden):
 //   tanh_forward(g, h0, w_hh) -> hs                      hs = h_0 .. h_steps (steps+1, batch, hidden)
 //   tanh_backward(d_out, d_last, hs, w_hh) -> (d_g, d_h0, d_w_hh)
 //   gru_forward(gi, h0, w_hh, b_hh) -> (hs, gates)        gates (steps, batch, 4*hidden), per row:
 //                                                         r_t, z_t, n_t and gh_n (n's recurrent
 //                                                         product with its bias), for the backward
 //   gru_backward(d_out, d_last, hs, gates, w_hh) -> (d_gi, d_h0, d_w_hh, d_b_hh)
+//   lstm_forward(gi, h0, c0, w_hh) -> (hs, cs, gates)   nn.LSTM's recurrence; gi = x W_ih^T + both
+//                                                         biases; cs = c_0 .. c_steps; gates
+//                                                         (steps, batch, 5*hidden): i, f, g, o and
+//                                                         tanh(c_t) per row
+//   lstm_backward(d_out, d_last_h, d_last_c, hs, cs, gates, w_hh) -> (d_gi, d_h0, d_c0, d_w_hh)
 //
 // A step is one product by W_hh and one pass of plain loops over its (batch, hidden) elements for
 // all the gates (forward) or all their gradients (backward), which the compiler vectorizes. The
@@ -198,6 +204,59 @@ void gru_units_backward(const T* dh, const T* gates, const T* h_prev, const T* d
   if (d_out_prev) {
     RNNLAB_IVDEP
     for (int64_t j = 0; j < n; ++j) dh_prev[j] += d_out_prev[j];
+  }
+}
+
+// LSTM forward: gh = h_{t-1} W_hh^T; gi holds x W_ih^T and both biases -> gates (i, f, g, o and
+// tanh c_t, for the backward), c_t and h_t. Gate blocks as nn.LSTM stacks them: i, f, g, o.
+template <typename T>
+void lstm_units_forward(const T* gi, int64_t s_gi, const T* gh, int64_t s_gh, const T* c_prev,
+                        T* gates, int64_t s_gates, T* c, T* h, int64_t n) {
+  const T *gi_i = gi, *gi_f = gi + s_gi, *gi_g = gi + 2 * s_gi, *gi_o = gi + 3 * s_gi;
+  const T *gh_i = gh, *gh_f = gh + s_gh, *gh_g = gh + 2 * s_gh, *gh_o = gh + 3 * s_gh;
+  T *i_ = gates, *f_ = gates + s_gates, *g_ = gates + 2 * s_gates, *o_ = gates + 3 * s_gates,
+    *tc_ = gates + 4 * s_gates;
+  RNNLAB_IVDEP
+  for (int64_t j = 0; j < n; ++j) {
+    const T i = Fn<T>::sigmoid(gi_i[j] + gh_i[j]);
+    const T f = Fn<T>::sigmoid(gi_f[j] + gh_f[j]);
+    const T g = Fn<T>::tanh(gi_g[j] + gh_g[j]);
+    const T o = Fn<T>::sigmoid(gi_o[j] + gh_o[j]);
+    const T cc = f * c_prev[j] + i * g;
+    const T tc = Fn<T>::tanh(cc);
+    i_[j] = i;
+    f_[j] = f;
+    g_[j] = g;
+    o_[j] = o;
+    tc_[j] = tc;
+    c[j] = cc;
+    h[j] = o * tc;
+  }
+}
+
+// LSTM backward: dh = dL/dh_t, dc = dL/dc_t from step t + 1, replaced in place by that part of
+// dL/dc_{t-1} -> dL/d(i, f, g, o pre-activations) (the gradient of gi and of gh alike), and the
+// part of dL/dh_{t-1} that does not go through W_hh: d_out_{t-1}. Strides: hidden.
+template <typename T>
+void lstm_units_backward(const T* dh, T* dc, const T* gates, const T* c_prev,
+                         const T* d_out_prev, T* d_a, T* dh_prev, int64_t H, int64_t n) {
+  const T *i_ = gates, *f_ = gates + H, *g_ = gates + 2 * H, *o_ = gates + 3 * H,
+          *tc_ = gates + 4 * H;
+  T *d_i = d_a, *d_f = d_a + H, *d_g = d_a + 2 * H, *d_o = d_a + 3 * H;
+  RNNLAB_IVDEP
+  for (int64_t j = 0; j < n; ++j) {
+    const T i = i_[j], f = f_[j], g = g_[j], o = o_[j], tc = tc_[j], d = dh[j];
+    const T d_c = dc[j] + d * o * (T(1) - tc * tc);  // dL/dc_t, all of it
+    d_i[j] = d_c * g * i * (T(1) - i);
+    d_f[j] = d_c * c_prev[j] * f * (T(1) - f);
+    d_g[j] = d_c * i * (T(1) - g * g);
+    d_o[j] = d * tc * o * (T(1) - o);
+    dc[j] = d_c * f;
+  }
+  if (d_out_prev) {
+    std::memcpy(dh_prev, d_out_prev, n * sizeof(T));
+  } else {
+    std::memset(dh_prev, 0, n * sizeof(T));
   }
 }
 
@@ -708,6 +767,175 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_backward(const Tensor& d_out_,
   return {d_gi, dh[steps % 2], d_w, parts == 1 ? db[0] : db.sum(0)};
 }
 
+// ---- LSTM ---------------------------------------------------------------------------------------
+// As the GRU, with two states: c_t's gradient stays with its unit (no product), so a team member
+// carries its units' dL/dc from step to step itself. Both biases are in gi (nn.LSTM adds them
+// both to the same pre-activation), so dL/d gi is also the product's operand for dL/dh_{t-1} and
+// for W_hh's gradient.
+
+std::tuple<Tensor, Tensor, Tensor> lstm_forward(const Tensor& gi_, const Tensor& h0_,
+                                                const Tensor& c0_, const Tensor& w_hh_) {
+  check_cpu(gi_, "gi");
+  check_same(gi_, h0_, "h0");
+  check_same(gi_, c0_, "c0");
+  check_same(gi_, w_hh_, "w_hh");
+  TORCH_CHECK(gi_.dim() == 3 && h0_.dim() == 2 && c0_.dim() == 2 && w_hh_.dim() == 2,
+              "rnnlab native lstm_forward: gi (steps, batch, 4*hidden), h0 and c0 (batch, "
+              "hidden), w_hh (4*hidden, hidden)");
+  const int64_t steps = gi_.size(0), batch = h0_.size(0), hidden = h0_.size(1);
+  TORCH_CHECK(gi_.size(1) == batch && gi_.size(2) == 4 * hidden && c0_.sizes() == h0_.sizes() &&
+                  w_hh_.size(0) == 4 * hidden && w_hh_.size(1) == hidden,
+              "rnnlab native lstm_forward: shapes do not match: gi ", gi_.sizes(), ", h0 ",
+              h0_.sizes(), ", c0 ", c0_.sizes(), ", w_hh ", w_hh_.sizes());
+  const Tensor gi = gi_.contiguous(), w = w_hh_.contiguous();
+  Tensor hs = at::empty({steps + 1, batch, hidden}, gi.options());
+  Tensor cs = at::empty({steps + 1, batch, hidden}, gi.options());
+  hs[0].copy_(h0_);
+  cs[0].copy_(c0_);
+  Tensor gates = at::empty({steps, batch, 5 * hidden}, gi.options());
+  const Team team = plan_team(batch, hidden);
+  AT_DISPATCH_FLOATING_TYPES(gi.scalar_type(), "rnnlab_lstm_forward", [&] {
+    using T = scalar_t;
+    const int64_t H = hidden, plane = batch * hidden;
+    const T* gip = gi.data_ptr<T>();  // step t's gi at gip + 4 * t * plane
+    T* hp = hs.data_ptr<T>();  // h_t at hp + t * plane
+    T* cp = cs.data_ptr<T>();  // c_t at cp + t * plane
+    T* gp = gates.data_ptr<T>();  // step t's gates at gp + 5 * t * plane
+    if (team.size == 1) {
+      Tensor gh = at::empty({batch, 4 * hidden}, gi.options());  // h_{t-1} W_hh^T
+      const T* ghp = gh.data_ptr<T>();
+      for (int64_t t = 0; t < steps; ++t) {
+        at::mm_out(gh, hs[t], w.t());
+        over_rows(batch, H, [&](int64_t b0, int64_t b1) {
+          for (int64_t row = b0; row < b1; ++row) {
+            const int64_t o = row * H;
+            lstm_units_forward(gip + 4 * (t * plane + o), H, ghp + 4 * o, H, cp + t * plane + o,
+                               gp + 5 * (t * plane + o), H, cp + (t + 1) * plane + o,
+                               hp + (t + 1) * plane + o, H);
+          }
+        });
+      }
+      return;
+    }
+    using Packed = PackedRight<T>;
+    constexpr int64_t GP = kGroupPanels, NR = Packed::kNR, U = GP * NR;  // U units a group
+    const T* wp = w.data_ptr<T>();
+    // a slice's rows of W_hh, transposed, in groups of U units: the panels of i, f, g, o of
+    // units u0 .. u0+U-1, then of the next U units, ... (zeros past the slice's last unit)
+    std::vector<Packed> w_t(team.size);
+    std::vector<std::vector<T>> gh(team.size);  // one group's h_{t-1} W_hh^T: (batch, 4 U)
+    run_team(team, steps, [&](int64_t k, int64_t t) {
+      const int64_t u0 = team.u0(k), n = team.units(k), groups = (n + U - 1) / U;
+      if (t == 0) {
+        w_t[k].pack(H, 4 * U * groups, [&](int64_t kk, int64_t c) {
+          const int64_t gate = c / U % 4, unit = c / (4 * U) * U + c % U;
+          return unit < n ? wp[(gate * H + u0 + unit) * H + kk] : T(0);
+        });
+        gh[k].resize(batch * 4 * U);
+      }
+      const T* ghp = gh[k].data();
+      for (int64_t q = 0; q < groups; ++q) {
+        w_t[k].multiply(batch, hp + t * plane, H, gh[k].data(), 4 * U, false, 4 * GP * q,
+                        4 * GP * (q + 1));
+        const int64_t u = u0 + q * U, m = std::min(U, n - q * U);
+        for (int64_t row = 0; row < batch; ++row) {
+          const int64_t o = row * H + u;
+          lstm_units_forward(gip + 4 * (t * plane + row * H) + u, H, ghp + row * 4 * U, U,
+                             cp + t * plane + o, gp + 5 * (t * plane + row * H) + u, H,
+                             cp + (t + 1) * plane + o, hp + (t + 1) * plane + o, m);
+        }
+      }
+    });
+  });
+  return {hs, cs, gates};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_backward(
+    const Tensor& d_out_, const Tensor& d_last_h_, const Tensor& d_last_c_, const Tensor& hs,
+    const Tensor& cs, const Tensor& gates, const Tensor& w_hh_) {
+  check_cpu(hs, "hs");
+  check_same(hs, d_out_, "d_out");
+  check_same(hs, d_last_h_, "d_last_h");
+  check_same(hs, d_last_c_, "d_last_c");
+  check_same(hs, cs, "cs");
+  check_same(hs, gates, "gates");
+  check_same(hs, w_hh_, "w_hh");
+  TORCH_CHECK(hs.is_contiguous() && cs.is_contiguous() && gates.is_contiguous() &&
+                  hs.dim() == 3 && cs.sizes() == hs.sizes() && gates.dim() == 3,
+              "rnnlab native: hs, cs, gates as lstm_forward made them");
+  const int64_t steps = gates.size(0), batch = hs.size(1), hidden = hs.size(2);
+  const Tensor d_out = d_out_.contiguous(), w = w_hh_.contiguous();
+  TORCH_CHECK(d_out.sizes() == at::IntArrayRef({steps, batch, hidden}) &&
+                  d_last_h_.sizes() == at::IntArrayRef({batch, hidden}) &&
+                  d_last_c_.sizes() == at::IntArrayRef({batch, hidden}) &&
+                  w.sizes() == at::IntArrayRef({4 * hidden, hidden}),
+              "rnnlab native lstm_backward: shapes do not match");
+  const auto opt = hs.options();
+  Tensor d_a = at::empty({steps, batch, 4 * hidden}, opt);  // dL/d(pre-activations) = dL/d gi
+  const bool stepwise = batch >= kStepwiseGradBatch;
+  Tensor d_w = stepwise ? at::zeros({4 * hidden, hidden}, opt) : Tensor();
+  // dL/dh_t, from the output and from step t + 1, in turns: step t's gate pass reads one and
+  // starts dL/dh_{t-1} in the other, step t's product finishes it
+  Tensor dh[2] = {at::add(d_out[steps - 1], d_last_h_), at::empty({batch, hidden}, opt)};
+  Tensor dc = d_last_c_.contiguous().clone();  // dL/dc_t, each step's gate pass moves it to t-1
+  const Team team = plan_team(batch, hidden);
+  AT_DISPATCH_FLOATING_TYPES(hs.scalar_type(), "rnnlab_lstm_backward", [&] {
+    using T = scalar_t;
+    const int64_t H = hidden, plane = batch * hidden;
+    const T* cp = cs.data_ptr<T>();  // c_t at cp + t * plane
+    const T* gp = gates.data_ptr<T>();  // step t's gates at gp + 5 * t * plane
+    const T* dop = d_out.data_ptr<T>();
+    T* dap = d_a.data_ptr<T>();  // step t's at dap + 4 * t * plane
+    T* dcp = dc.data_ptr<T>();
+    T* dhp[2] = {dh[0].data_ptr<T>(), dh[1].data_ptr<T>()};
+    // step t's gate pass on rows b0 .. b1-1, units u .. u+m-1: dh_t from dh[i % 2], the direct
+    // part of dh_{t-1} to dh[(i + 1) % 2], i = steps - 1 - t
+    auto gate_pass = [&](int64_t t, int64_t b0, int64_t b1, int64_t u, int64_t m) {
+      const int64_t i = steps - 1 - t;
+      for (int64_t row = b0; row < b1; ++row) {
+        const int64_t o = row * H;
+        lstm_units_backward(dhp[i % 2] + o + u, dcp + o + u, gp + 5 * (t * plane + o) + u,
+                            cp + t * plane + o + u, t ? dop + (t - 1) * plane + o + u : nullptr,
+                            dap + 4 * (t * plane + o) + u, dhp[(i + 1) % 2] + o + u, H, m);
+      }
+    };
+    if (team.size == 1) {
+      for (int64_t t = steps - 1; t >= 0; --t) {
+        over_rows(batch, H, [&](int64_t b0, int64_t b1) { gate_pass(t, b0, b1, 0, H); });
+        const Tensor d_a_t = d_a[t];
+        if (stepwise) d_w.addmm_(d_a_t.t(), hs[t]);
+        dh[(steps - t) % 2].addmm_(d_a_t, w);  // dL/dh_{t-1} += dL/d a_t W_hh
+      }
+      return;
+    }
+    using Packed = PackedRight<T>;
+    const T* wp = w.data_ptr<T>();
+    std::vector<Packed> w_cols(team.size);  // a slice's columns of W_hh: (4*hidden, n)
+    // iteration 0: the gate pass of the last step; iteration i > 0: step t = steps - i's
+    // product and, kGroupPanels panels of units at a time, step t-1's gate pass of those units
+    run_team(team, steps + 1, [&](int64_t k, int64_t i) {
+      const int64_t u0 = team.u0(k), n = team.units(k);
+      if (i == 0) {
+        w_cols[k].pack(4 * H, n, [&](int64_t kk, int64_t j) { return wp[kk * H + u0 + j]; });
+        gate_pass(steps - 1, 0, batch, u0, n);
+        return;
+      }
+      const int64_t t = steps - i, U = kGroupPanels * Packed::kNR;
+      for (int64_t p = 0; p < w_cols[k].panels(); p += kGroupPanels) {  // U units at a time
+        const int64_t u = u0 + p * Packed::kNR, m = std::min(U, n - p * Packed::kNR);
+        w_cols[k].multiply(batch, dap + 4 * t * plane, 4 * H, dhp[i % 2] + u, H, true, p,
+                           std::min(p + kGroupPanels, w_cols[k].panels()));
+        if (t > 0) gate_pass(t - 1, 0, batch, u, m);
+      }
+    });
+  });
+  if (!stepwise) {
+    d_w = at::mm(d_a.view({steps * batch, 4 * hidden}).t(),
+                 hs.narrow(0, 0, steps).reshape({steps * batch, hidden}));
+  }
+  return {d_a, dh[steps % 2], dc, d_w};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(rnnlab, m) {
@@ -717,6 +945,9 @@ TORCH_LIBRARY(rnnlab, m) {
   m.def("gru_forward(Tensor gi, Tensor h0, Tensor w_hh, Tensor b_hh) -> (Tensor, Tensor)");
   m.def("gru_backward(Tensor d_out, Tensor d_last, Tensor hs, Tensor gates, Tensor w_hh) -> "
         "(Tensor, Tensor, Tensor, Tensor)");
+  m.def("lstm_forward(Tensor gi, Tensor h0, Tensor c0, Tensor w_hh) -> (Tensor, Tensor, Tensor)");
+  m.def("lstm_backward(Tensor d_out, Tensor d_last_h, Tensor d_last_c, Tensor hs, Tensor cs, "
+        "Tensor gates, Tensor w_hh) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(rnnlab, CPU, m) {
@@ -724,4 +955,6 @@ TORCH_LIBRARY_IMPL(rnnlab, CPU, m) {
   m.impl("tanh_backward", &tanh_backward);
   m.impl("gru_forward", &gru_forward);
   m.impl("gru_backward", &gru_backward);
+  m.impl("lstm_forward", &lstm_forward);
+  m.impl("lstm_backward", &lstm_backward);
 }
