@@ -458,6 +458,116 @@ void check_same(const Tensor& a, const Tensor& b, const char* name) {
               b.scalar_type(), ", expected ", a.scalar_type());
 }
 
+// ---- the time loops, for every cell --------------------------------------------------------------
+// A step of each cell is one product, gh = h_{t-1} W_hh^T (gates*hidden wide, W_hh as nn.* keeps
+// it), and one gate pass; its backward one gate pass and one product, dL/dh_{t-1} += d W_hh with d
+// the gradient of gh. The loops below run those for any cell; the cell's gate passes come in as
+// functions.
+
+// The forward loop. units(t, row, u, gh, s_gh, m): step t's gate pass on row `row`, units
+// u .. u+m-1, whose gh blocks (one per gate) are at gh, gh + s_gh, ...
+// Alone: ATen's product of each step, then the gate pass over rows. In a team: each member's slice
+// of W_hh laid out once, in groups of U units (the panels of every gate of those units side by
+// side, zeros past the slice's last unit), each group's product and at once its gate pass.
+template <typename T, typename Units>
+void forward_loop(const Team& team, Tensor& hs, const Tensor& w, int64_t gates,
+                  const Units& units) {
+  const int64_t steps = hs.size(0) - 1, batch = hs.size(1), H = hs.size(2), plane = batch * H;
+  const T* hp = hs.data_ptr<T>();  // h_t at hp + t * plane
+  if (team.size == 1) {
+    Tensor gh = at::empty({batch, gates * H}, hs.options());
+    const T* ghp = gh.data_ptr<T>();
+    for (int64_t t = 0; t < steps; ++t) {
+      at::mm_out(gh, hs[t], w.t());
+      over_rows(batch, H, [&](int64_t b0, int64_t b1) {
+        for (int64_t row = b0; row < b1; ++row) units(t, row, 0, ghp + row * gates * H, H, H);
+      });
+    }
+    return;
+  }
+  using Packed = PackedRight<T>;
+  constexpr int64_t GP = kGroupPanels, U = GP * Packed::kNR;  // U units a group
+  const T* wp = w.data_ptr<T>();
+  std::vector<Packed> w_t(team.size);  // a slice's rows of W_hh, transposed, by groups
+  std::vector<std::vector<T>> gh(team.size);  // a group's h_{t-1} W_hh^T: (batch, gates U)
+  run_team(team, steps, [&](int64_t k, int64_t t) {
+    const int64_t u0 = team.u0(k), n = team.units(k), groups = (n + U - 1) / U;
+    if (t == 0) {
+      w_t[k].pack(H, gates * U * groups, [&](int64_t kk, int64_t c) {
+        const int64_t gate = c / U % gates, unit = c / (gates * U) * U + c % U;
+        return unit < n ? wp[(gate * H + u0 + unit) * H + kk] : T(0);
+      });
+      gh[k].resize(batch * gates * U);
+    }
+    for (int64_t q = 0; q < groups; ++q) {
+      w_t[k].multiply(batch, hp + t * plane, H, gh[k].data(), gates * U, false, gates * GP * q,
+                      gates * GP * (q + 1));
+      const int64_t u = u0 + q * U, m = std::min(U, n - q * U);
+      for (int64_t row = 0; row < batch; ++row) {
+        units(t, row, u, gh[k].data() + row * gates * U, U, m);
+      }
+    }
+  });
+}
+
+// The backward loop, from the last step to the first. gate_pass(t, b0, b1, u, m): step t's gate
+// pass on rows b0 .. b1-1, units u .. u+m-1; it reads dL/dh_t from dh[i % 2] and writes the part
+// of dL/dh_{t-1} that does not go through W_hh to dh[(i + 1) % 2], i = steps - 1 - t, and the
+// gradient of step t's gh to d_gh[t] (or to d_gh[0] when d_gh holds one step). The loop adds
+// d_gh_t W_hh to dL/dh_{t-1}. -> W_hh's gradient: from a batch of kStepwiseGradBatch one product
+// per step in the loop, while its operands are in cache, else one over all steps at the end.
+// Alone: ATen's products. In a team: each member's columns of W_hh laid out once; iteration 0 is
+// the last step's gate pass, iteration i > 0 step t = steps - i's product and, a group of units
+// at a time, step t-1's gate pass of those units (their dL/dh_{t-1} is then complete).
+template <typename T, typename Pass>
+Tensor backward_loop(const Team& team, const Tensor& hs, const Tensor& w, const Tensor& d_gh,
+                     Tensor (&dh)[2], const Pass& gate_pass) {
+  const int64_t steps = hs.size(0) - 1, batch = hs.size(1), H = hs.size(2), plane = batch * H;
+  const int64_t gates = w.size(0) / H;
+  const bool stepwise = batch >= kStepwiseGradBatch, one_step = d_gh.size(0) == 1;
+  TORCH_CHECK(stepwise || !one_step || steps == 1, "rnnlab native: d_gh of one step, stepwise");
+  if (team.size == 1) {
+    Tensor d_w = stepwise ? at::zeros({gates * H, H}, hs.options()) : Tensor();
+    for (int64_t t = steps - 1; t >= 0; --t) {
+      over_rows(batch, H, [&](int64_t b0, int64_t b1) { gate_pass(t, b0, b1, 0, H); });
+      const Tensor d_gh_t = d_gh[one_step ? 0 : t];
+      if (stepwise) d_w.addmm_(d_gh_t.t(), hs[t]);
+      dh[(steps - t) % 2].addmm_(d_gh_t, w);  // dL/dh_{t-1} += dL/d gh_t W_hh
+    }
+    if (stepwise) return d_w;
+  } else {
+    using Packed = PackedRight<T>;
+    const T* wp = w.data_ptr<T>();
+    const T* dgp = d_gh.data_ptr<T>();  // step t's at dgp + gates * t * plane
+    T* dhp[2] = {dh[0].data_ptr<T>(), dh[1].data_ptr<T>()};
+    std::vector<Packed> w_cols(team.size);  // a slice's columns of W_hh: (gates*hidden, n)
+    run_team(team, steps + 1, [&](int64_t k, int64_t i) {
+      const int64_t u0 = team.u0(k), n = team.units(k);
+      if (i == 0) {
+        w_cols[k].pack(gates * H, n, [&](int64_t kk, int64_t j) { return wp[kk * H + u0 + j]; });
+        gate_pass(steps - 1, 0, batch, u0, n);
+        return;
+      }
+      const int64_t t = steps - i, U = kGroupPanels * Packed::kNR;
+      for (int64_t p = 0; p < w_cols[k].panels(); p += kGroupPanels) {  // U units at a time
+        const int64_t u = u0 + p * Packed::kNR, m = std::min(U, n - p * Packed::kNR);
+        w_cols[k].multiply(batch, dgp + gates * t * plane, gates * H, dhp[i % 2] + u, H, true, p,
+                           std::min(p + kGroupPanels, w_cols[k].panels()));
+        if (t > 0) gate_pass(t - 1, 0, batch, u, m);
+      }
+    });
+  }
+  return at::mm(d_gh.view({steps * batch, gates * H}).t(),
+                hs.narrow(0, 0, steps).reshape({steps * batch, H}));
+}
+
+// dL/dh_t, from the output and from step t + 1, in turns: step t's gate pass reads one and starts
+// dL/dh_{t-1} in the other, step t's product finishes it; dL/dh_{-1} ends in dh[steps % 2].
+void start_dh(Tensor (&dh)[2], const Tensor& d_out, const Tensor& d_last) {
+  dh[0] = at::add(d_out[d_out.size(0) - 1], d_last);
+  dh[1] = at::empty_like(dh[0]);
+}
+
 // ---- tanh RNN -----------------------------------------------------------------------------------
 
 Tensor tanh_forward(const Tensor& g_, const Tensor& h0_, const Tensor& w_hh_) {
@@ -475,48 +585,16 @@ Tensor tanh_forward(const Tensor& g_, const Tensor& h0_, const Tensor& w_hh_) {
   const Tensor g = g_.contiguous(), w = w_hh_.contiguous();
   Tensor hs = at::empty({steps + 1, batch, hidden}, g.options());
   hs[0].copy_(h0_);
-  const Team team = plan_team(batch, hidden);
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "rnnlab_tanh_forward", [&] {
     using T = scalar_t;
     const int64_t H = hidden, plane = batch * hidden;
     const T* gp = g.data_ptr<T>();
     T* hp = hs.data_ptr<T>();  // h_t at hp + t * plane
-    if (team.size == 1) {
-      Tensor a = at::empty({batch, hidden}, g.options());  // h_{t-1} W^T
-      const T* ap = a.data_ptr<T>();
-      for (int64_t t = 0; t < steps; ++t) {
-        at::mm_out(a, hs[t], w.t());
-        const T* gt = gp + t * plane;
-        T* ht = hp + (t + 1) * plane;
-        over_rows(batch, H, [&](int64_t b0, int64_t b1) {
-          const int64_t o = b0 * H;
-          tanh_units_forward(gt + o, ap + o, ht + o, (b1 - b0) * H);
-        });
-      }
-      return;
-    }
-    using Packed = PackedRight<T>;
-    const T* wp = w.data_ptr<T>();
-    std::vector<Packed> w_t(team.size);      // a slice's rows of W, transposed: (hidden, n)
-    std::vector<std::vector<T>> a(team.size);  // a group's h_{t-1} W^T: (batch, U)
-    run_team(team, steps, [&](int64_t k, int64_t t) {
-      const int64_t u0 = team.u0(k), n = team.units(k);
-      if (t == 0) {
-        w_t[k].pack(H, n, [&](int64_t kk, int64_t j) { return wp[(u0 + j) * H + kk]; });
-        a[k].resize(batch * kGroupPanels * Packed::kNR);
-      }
-      const T* gt = gp + t * plane;
-      T* ht = hp + (t + 1) * plane;
-      const int64_t U = kGroupPanels * Packed::kNR;
-      for (int64_t p = 0; p < w_t[k].panels(); p += kGroupPanels) {  // U units at a time
-        w_t[k].multiply(batch, hp + t * plane, H, a[k].data(), U, false, p,
-                        std::min(p + kGroupPanels, w_t[k].panels()));
-        const int64_t u = u0 + p * Packed::kNR, m = std::min(U, n - p * Packed::kNR);
-        for (int64_t row = 0; row < batch; ++row) {
-          tanh_units_forward(gt + row * H + u, a[k].data() + row * U, ht + row * H + u, m);
-        }
-      }
-    });
+    forward_loop<T>(plan_team(batch, H), hs, w, 1,
+                    [&](int64_t t, int64_t row, int64_t u, const T* a, int64_t, int64_t m) {
+                      const int64_t o = row * H + u;
+                      tanh_units_forward(gp + t * plane + o, a, hp + (t + 1) * plane + o, m);
+                    });
   });
   return hs;
 }
@@ -534,14 +612,9 @@ std::tuple<Tensor, Tensor, Tensor> tanh_backward(const Tensor& d_out_, const Ten
                   d_last_.sizes() == at::IntArrayRef({batch, hidden}) &&
                   w.sizes() == at::IntArrayRef({hidden, hidden}),
               "rnnlab native tanh_backward: shapes do not match");
-  const auto opt = hs.options();
-  Tensor d_pre = at::empty({steps, batch, hidden}, opt);  // dL/da_t, a_t = g_t + h_{t-1} W^T
-  // dL/dh_t, from the output and from step t + 1, in turns: step t's gate pass reads one and
-  // starts dL/dh_{t-1} in the other, step t's product finishes it
-  Tensor dh[2] = {at::add(d_out[steps - 1], d_last_), at::empty({batch, hidden}, opt)};
-  const bool stepwise = batch >= kStepwiseGradBatch;
-  Tensor d_w = stepwise ? at::zeros({hidden, hidden}, opt) : Tensor();
-  const Team team = plan_team(batch, hidden);
+  Tensor d_pre = at::empty({steps, batch, hidden}, hs.options());  // dL/da_t = dL/d gh_t
+  Tensor dh[2], d_w;
+  start_dh(dh, d_out, d_last_);
   AT_DISPATCH_FLOATING_TYPES(hs.scalar_type(), "rnnlab_tanh_backward", [&] {
     using T = scalar_t;
     const int64_t H = hidden, plane = batch * hidden;
@@ -549,9 +622,8 @@ std::tuple<Tensor, Tensor, Tensor> tanh_backward(const Tensor& d_out_, const Ten
     const T* dop = d_out.data_ptr<T>();
     T* dpp = d_pre.data_ptr<T>();
     T* dhp[2] = {dh[0].data_ptr<T>(), dh[1].data_ptr<T>()};
-    // step t's gate pass on rows b0 .. b1-1, units u .. u+m-1: dh_t from dh[i % 2], the direct
-    // part of dh_{t-1} to dh[(i + 1) % 2], i = steps - 1 - t
-    auto gate_pass = [&](int64_t t, int64_t b0, int64_t b1, int64_t u, int64_t m) {
+    d_w = backward_loop<T>(plan_team(batch, H), hs, w, d_pre, dh,
+                           [&](int64_t t, int64_t b0, int64_t b1, int64_t u, int64_t m) {
       const int64_t i = steps - 1 - t;
       for (int64_t row = b0; row < b1; ++row) {
         const int64_t o = row * H + u;
@@ -559,41 +631,8 @@ std::tuple<Tensor, Tensor, Tensor> tanh_backward(const Tensor& d_out_, const Ten
                             t ? dop + (t - 1) * plane + o : nullptr, dpp + t * plane + o,
                             dhp[(i + 1) % 2] + o, m);
       }
-    };
-    if (team.size == 1) {
-      for (int64_t t = steps - 1; t >= 0; --t) {
-        over_rows(batch, H, [&](int64_t b0, int64_t b1) { gate_pass(t, b0, b1, 0, H); });
-        const Tensor d_pre_t = d_pre[t];
-        if (stepwise) d_w.addmm_(d_pre_t.t(), hs[t]);
-        dh[(steps - t) % 2].addmm_(d_pre_t, w);  // dL/dh_{t-1} += dL/da_t W_hh
-      }
-      return;
-    }
-    using Packed = PackedRight<T>;
-    const T* wp = w.data_ptr<T>();
-    std::vector<Packed> w_cols(team.size);  // a slice's columns of W: (hidden, n)
-    // iteration 0: the gate pass of the last step; iteration i > 0: step t = steps - i's
-    // product and, kNR units at a time, step t-1's gate pass of those units
-    run_team(team, steps + 1, [&](int64_t k, int64_t i) {
-      const int64_t u0 = team.u0(k), n = team.units(k);
-      if (i == 0) {
-        w_cols[k].pack(H, n, [&](int64_t kk, int64_t j) { return wp[kk * H + u0 + j]; });
-        gate_pass(steps - 1, 0, batch, u0, n);
-        return;
-      }
-      const int64_t t = steps - i, U = kGroupPanels * Packed::kNR;
-      for (int64_t p = 0; p < w_cols[k].panels(); p += kGroupPanels) {  // U units at a time
-        const int64_t u = u0 + p * Packed::kNR, m = std::min(U, n - p * Packed::kNR);
-        w_cols[k].multiply(batch, dpp + t * plane, H, dhp[i % 2] + u, H, true, p,
-                           std::min(p + kGroupPanels, w_cols[k].panels()));
-        if (t > 0) gate_pass(t - 1, 0, batch, u, m);
-      }
     });
   });
-  if (!stepwise) {
-    d_w = at::mm(d_pre.view({steps * batch, hidden}).t(),
-                 hs.narrow(0, 0, steps).reshape({steps * batch, hidden}));
-  }
   return {d_pre, dh[steps % 2], d_w};
 }
 
@@ -617,7 +656,6 @@ std::tuple<Tensor, Tensor> gru_forward(const Tensor& gi_, const Tensor& h0_, con
   Tensor hs = at::empty({steps + 1, batch, hidden}, gi.options());
   hs[0].copy_(h0_);
   Tensor gates = at::empty({steps, batch, 4 * hidden}, gi.options());
-  const Team team = plan_team(batch, hidden);
   AT_DISPATCH_FLOATING_TYPES(gi.scalar_type(), "rnnlab_gru_forward", [&] {
     using T = scalar_t;
     const int64_t H = hidden, plane = batch * hidden;
@@ -625,51 +663,13 @@ std::tuple<Tensor, Tensor> gru_forward(const Tensor& gi_, const Tensor& h0_, con
     const T* bp = b.data_ptr<T>();
     T* hp = hs.data_ptr<T>();  // h_t at hp + t * plane
     T* gp = gates.data_ptr<T>();  // step t's gates at gp + 4 * t * plane
-    if (team.size == 1) {
-      Tensor gh = at::empty({batch, 3 * hidden}, gi.options());  // h_{t-1} W_hh^T
-      const T* ghp = gh.data_ptr<T>();
-      for (int64_t t = 0; t < steps; ++t) {
-        at::mm_out(gh, hs[t], w.t());
-        over_rows(batch, H, [&](int64_t b0, int64_t b1) {
-          for (int64_t row = b0; row < b1; ++row) {
-            const int64_t o = row * H;
-            gru_units_forward(gip + 3 * (t * plane + o), H, ghp + 3 * o, H, bp, H,
-                              hp + t * plane + o, gp + 4 * (t * plane + o), H,
-                              hp + (t + 1) * plane + o, H);
-          }
-        });
-      }
-      return;
-    }
-    using Packed = PackedRight<T>;
-    constexpr int64_t GP = kGroupPanels, NR = Packed::kNR, U = GP * NR;  // U units a group
-    const T* wp = w.data_ptr<T>();
-    // a slice's rows of W_hh, transposed, in groups of U units: the panels of r, z, n of units
-    // u0 .. u0+U-1, then of the next U units, ... (zeros past the slice's last unit)
-    std::vector<Packed> w_t(team.size);
-    std::vector<std::vector<T>> gh(team.size);  // one group's h_{t-1} W_hh^T: (batch, 3 U)
-    run_team(team, steps, [&](int64_t k, int64_t t) {
-      const int64_t u0 = team.u0(k), n = team.units(k), groups = (n + U - 1) / U;
-      if (t == 0) {
-        w_t[k].pack(H, 3 * U * groups, [&](int64_t kk, int64_t c) {
-          const int64_t gate = c / U % 3, unit = c / (3 * U) * U + c % U;
-          return unit < n ? wp[(gate * H + u0 + unit) * H + kk] : T(0);
-        });
-        gh[k].resize(batch * 3 * U);
-      }
-      const T* ghp = gh[k].data();
-      for (int64_t q = 0; q < groups; ++q) {
-        w_t[k].multiply(batch, hp + t * plane, H, gh[k].data(), 3 * U, false, 3 * GP * q,
-                        3 * GP * (q + 1));
-        const int64_t u = u0 + q * U, m = std::min(U, n - q * U);
-        for (int64_t row = 0; row < batch; ++row) {
-          const int64_t o = row * H + u;
-          gru_units_forward(gip + 3 * (t * plane + row * H) + u, H, ghp + row * 3 * U, U,
-                            bp + u, H, hp + t * plane + o, gp + 4 * (t * plane + row * H) + u, H,
-                            hp + (t + 1) * plane + o, m);
-        }
-      }
-    });
+    forward_loop<T>(plan_team(batch, H), hs, w, 3,
+                    [&](int64_t t, int64_t row, int64_t u, const T* gh, int64_t s_gh, int64_t m) {
+                      const int64_t o = row * H;
+                      gru_units_forward(gip + 3 * (t * plane + o) + u, H, gh, s_gh, bp + u, H,
+                                        hp + t * plane + o + u, gp + 4 * (t * plane + o) + u, H,
+                                        hp + (t + 1) * plane + o + u, m);
+                    });
   });
   return {hs, gates};
 }
@@ -693,13 +693,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_backward(const Tensor& d_out_,
               "rnnlab native gru_backward: shapes do not match");
   const auto opt = hs.options();
   Tensor d_gi = at::empty({steps, batch, 3 * hidden}, opt);
+  // dL/d gh_t (gh with its bias): r's and z's are d_gi's, n's r_t times d_gi's; of every step for
+  // the all-steps weight gradient, of one step when stepwise
   const bool stepwise = batch >= kStepwiseGradBatch;
-  // dL/d gh_t of every step (for the all-steps weight gradient), or of one step (stepwise)
   Tensor d_gh = at::empty({stepwise ? 1 : steps, batch, 3 * hidden}, opt);
-  Tensor d_w = stepwise ? at::zeros({3 * hidden, hidden}, opt) : Tensor();
-  // dL/dh_t, from the output and from step t + 1, in turns: step t's gate pass reads one and
-  // starts dL/dh_{t-1} in the other, step t's product finishes it
-  Tensor dh[2] = {at::add(d_out[steps - 1], d_last_), at::empty({batch, hidden}, opt)};
+  Tensor dh[2], d_w;
+  start_dh(dh, d_out, d_last_);
   const Team team = plan_team(batch, hidden);
   // db sums over rows; alone on several threads, one partial sum per thread
   const bool row_threads = team.size == 1 && batch * hidden >= kParallelElements;
@@ -715,10 +714,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_backward(const Tensor& d_out_,
     T* dghp = d_gh.data_ptr<T>();  // step t's at dghp + 3 * t * plane (stepwise: at dghp)
     T* dbp = db.data_ptr<T>();
     T* dhp[2] = {dh[0].data_ptr<T>(), dh[1].data_ptr<T>()};
-    // step t's gate pass on rows b0 .. b1-1, units u .. u+m-1: dh_t from dh[i % 2], the direct
-    // part of dh_{t-1} to dh[(i + 1) % 2], i = steps - 1 - t; db: the partial sum `part`
-    auto gate_pass = [&](int64_t t, int64_t b0, int64_t b1, int64_t u, int64_t m, int64_t part) {
+    d_w = backward_loop<T>(team, hs, w, d_gh, dh,
+                           [&](int64_t t, int64_t b0, int64_t b1, int64_t u, int64_t m) {
       const int64_t i = steps - 1 - t;
+      const int64_t part = std::min<int64_t>(at::get_thread_num(), parts - 1);
       T* dght = dghp + (stepwise ? 0 : 3 * t * plane);
       for (int64_t row = b0; row < b1; ++row) {
         const int64_t o = row * H;
@@ -727,51 +726,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_backward(const Tensor& d_out_,
                            dgip + 3 * (t * plane + o) + u, dght + 3 * o + u,
                            dbp + part * 3 * H + u, dhp[(i + 1) % 2] + o + u, H, m);
       }
-    };
-    if (team.size == 1) {
-      for (int64_t t = steps - 1; t >= 0; --t) {
-        over_rows(batch, H, [&](int64_t b0, int64_t b1) {
-          gate_pass(t, b0, b1, 0, H, std::min<int64_t>(at::get_thread_num(), parts - 1));
-        });
-        const Tensor d_gh_t = d_gh[stepwise ? 0 : t];
-        if (stepwise) d_w.addmm_(d_gh_t.t(), hs[t]);
-        dh[(steps - t) % 2].addmm_(d_gh_t, w);  // dL/dh_{t-1} += dL/d gh_t W_hh
-      }
-      return;
-    }
-    using Packed = PackedRight<T>;
-    const T* wp = w.data_ptr<T>();
-    std::vector<Packed> w_cols(team.size);  // a slice's columns of W_hh: (3*hidden, n)
-    // iteration 0: the gate pass of the last step; iteration i > 0: step t = steps - i's
-    // product and, kNR units at a time, step t-1's gate pass of those units
-    run_team(team, steps + 1, [&](int64_t k, int64_t i) {
-      const int64_t u0 = team.u0(k), n = team.units(k);
-      if (i == 0) {
-        w_cols[k].pack(3 * H, n, [&](int64_t kk, int64_t j) { return wp[kk * H + u0 + j]; });
-        gate_pass(steps - 1, 0, batch, u0, n, 0);
-        return;
-      }
-      const int64_t t = steps - i, U = kGroupPanels * Packed::kNR;
-      for (int64_t p = 0; p < w_cols[k].panels(); p += kGroupPanels) {  // U units at a time
-        const int64_t u = u0 + p * Packed::kNR, m = std::min(U, n - p * Packed::kNR);
-        w_cols[k].multiply(batch, dghp + 3 * t * plane, 3 * H, dhp[i % 2] + u, H, true, p,
-                           std::min(p + kGroupPanels, w_cols[k].panels()));
-        if (t > 0) gate_pass(t - 1, 0, batch, u, m, 0);
-      }
     });
   });
-  if (!stepwise) {
-    d_w = at::mm(d_gh.view({steps * batch, 3 * hidden}).t(),
-                 hs.narrow(0, 0, steps).reshape({steps * batch, hidden}));
-  }
   return {d_gi, dh[steps % 2], d_w, parts == 1 ? db[0] : db.sum(0)};
 }
 
 // ---- LSTM ---------------------------------------------------------------------------------------
 // As the GRU, with two states: c_t's gradient stays with its unit (no product), so a team member
 // carries its units' dL/dc from step to step itself. Both biases are in gi (nn.LSTM adds them
-// both to the same pre-activation), so dL/d gi is also the product's operand for dL/dh_{t-1} and
-// for W_hh's gradient.
+// both to the same pre-activation), so dL/d gi is also dL/d gh.
 
 std::tuple<Tensor, Tensor, Tensor> lstm_forward(const Tensor& gi_, const Tensor& h0_,
                                                 const Tensor& c0_, const Tensor& w_hh_) {
@@ -793,7 +756,6 @@ std::tuple<Tensor, Tensor, Tensor> lstm_forward(const Tensor& gi_, const Tensor&
   hs[0].copy_(h0_);
   cs[0].copy_(c0_);
   Tensor gates = at::empty({steps, batch, 5 * hidden}, gi.options());
-  const Team team = plan_team(batch, hidden);
   AT_DISPATCH_FLOATING_TYPES(gi.scalar_type(), "rnnlab_lstm_forward", [&] {
     using T = scalar_t;
     const int64_t H = hidden, plane = batch * hidden;
@@ -801,51 +763,14 @@ std::tuple<Tensor, Tensor, Tensor> lstm_forward(const Tensor& gi_, const Tensor&
     T* hp = hs.data_ptr<T>();  // h_t at hp + t * plane
     T* cp = cs.data_ptr<T>();  // c_t at cp + t * plane
     T* gp = gates.data_ptr<T>();  // step t's gates at gp + 5 * t * plane
-    if (team.size == 1) {
-      Tensor gh = at::empty({batch, 4 * hidden}, gi.options());  // h_{t-1} W_hh^T
-      const T* ghp = gh.data_ptr<T>();
-      for (int64_t t = 0; t < steps; ++t) {
-        at::mm_out(gh, hs[t], w.t());
-        over_rows(batch, H, [&](int64_t b0, int64_t b1) {
-          for (int64_t row = b0; row < b1; ++row) {
-            const int64_t o = row * H;
-            lstm_units_forward(gip + 4 * (t * plane + o), H, ghp + 4 * o, H, cp + t * plane + o,
-                               gp + 5 * (t * plane + o), H, cp + (t + 1) * plane + o,
-                               hp + (t + 1) * plane + o, H);
-          }
-        });
-      }
-      return;
-    }
-    using Packed = PackedRight<T>;
-    constexpr int64_t GP = kGroupPanels, NR = Packed::kNR, U = GP * NR;  // U units a group
-    const T* wp = w.data_ptr<T>();
-    // a slice's rows of W_hh, transposed, in groups of U units: the panels of i, f, g, o of
-    // units u0 .. u0+U-1, then of the next U units, ... (zeros past the slice's last unit)
-    std::vector<Packed> w_t(team.size);
-    std::vector<std::vector<T>> gh(team.size);  // one group's h_{t-1} W_hh^T: (batch, 4 U)
-    run_team(team, steps, [&](int64_t k, int64_t t) {
-      const int64_t u0 = team.u0(k), n = team.units(k), groups = (n + U - 1) / U;
-      if (t == 0) {
-        w_t[k].pack(H, 4 * U * groups, [&](int64_t kk, int64_t c) {
-          const int64_t gate = c / U % 4, unit = c / (4 * U) * U + c % U;
-          return unit < n ? wp[(gate * H + u0 + unit) * H + kk] : T(0);
-        });
-        gh[k].resize(batch * 4 * U);
-      }
-      const T* ghp = gh[k].data();
-      for (int64_t q = 0; q < groups; ++q) {
-        w_t[k].multiply(batch, hp + t * plane, H, gh[k].data(), 4 * U, false, 4 * GP * q,
-                        4 * GP * (q + 1));
-        const int64_t u = u0 + q * U, m = std::min(U, n - q * U);
-        for (int64_t row = 0; row < batch; ++row) {
-          const int64_t o = row * H + u;
-          lstm_units_forward(gip + 4 * (t * plane + row * H) + u, H, ghp + row * 4 * U, U,
-                             cp + t * plane + o, gp + 5 * (t * plane + row * H) + u, H,
-                             cp + (t + 1) * plane + o, hp + (t + 1) * plane + o, m);
-        }
-      }
-    });
+    forward_loop<T>(plan_team(batch, H), hs, w, 4,
+                    [&](int64_t t, int64_t row, int64_t u, const T* gh, int64_t s_gh, int64_t m) {
+                      const int64_t o = row * H;
+                      lstm_units_forward(gip + 4 * (t * plane + o) + u, H, gh, s_gh,
+                                         cp + t * plane + o + u, gp + 5 * (t * plane + o) + u, H,
+                                         cp + (t + 1) * plane + o + u,
+                                         hp + (t + 1) * plane + o + u, m);
+                    });
   });
   return {hs, cs, gates};
 }
@@ -870,15 +795,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_backward(
                   d_last_c_.sizes() == at::IntArrayRef({batch, hidden}) &&
                   w.sizes() == at::IntArrayRef({4 * hidden, hidden}),
               "rnnlab native lstm_backward: shapes do not match");
-  const auto opt = hs.options();
-  Tensor d_a = at::empty({steps, batch, 4 * hidden}, opt);  // dL/d(pre-activations) = dL/d gi
-  const bool stepwise = batch >= kStepwiseGradBatch;
-  Tensor d_w = stepwise ? at::zeros({4 * hidden, hidden}, opt) : Tensor();
-  // dL/dh_t, from the output and from step t + 1, in turns: step t's gate pass reads one and
-  // starts dL/dh_{t-1} in the other, step t's product finishes it
-  Tensor dh[2] = {at::add(d_out[steps - 1], d_last_h_), at::empty({batch, hidden}, opt)};
+  Tensor d_a = at::empty({steps, batch, 4 * hidden}, hs.options());  // dL/d gi_t = dL/d gh_t
   Tensor dc = d_last_c_.contiguous().clone();  // dL/dc_t, each step's gate pass moves it to t-1
-  const Team team = plan_team(batch, hidden);
+  Tensor dh[2], d_w;
+  start_dh(dh, d_out, d_last_h_);
   AT_DISPATCH_FLOATING_TYPES(hs.scalar_type(), "rnnlab_lstm_backward", [&] {
     using T = scalar_t;
     const int64_t H = hidden, plane = batch * hidden;
@@ -888,51 +808,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_backward(
     T* dap = d_a.data_ptr<T>();  // step t's at dap + 4 * t * plane
     T* dcp = dc.data_ptr<T>();
     T* dhp[2] = {dh[0].data_ptr<T>(), dh[1].data_ptr<T>()};
-    // step t's gate pass on rows b0 .. b1-1, units u .. u+m-1: dh_t from dh[i % 2], the direct
-    // part of dh_{t-1} to dh[(i + 1) % 2], i = steps - 1 - t
-    auto gate_pass = [&](int64_t t, int64_t b0, int64_t b1, int64_t u, int64_t m) {
+    d_w = backward_loop<T>(plan_team(batch, H), hs, w, d_a, dh,
+                           [&](int64_t t, int64_t b0, int64_t b1, int64_t u, int64_t m) {
       const int64_t i = steps - 1 - t;
       for (int64_t row = b0; row < b1; ++row) {
-        const int64_t o = row * H;
-        lstm_units_backward(dhp[i % 2] + o + u, dcp + o + u, gp + 5 * (t * plane + o) + u,
-                            cp + t * plane + o + u, t ? dop + (t - 1) * plane + o + u : nullptr,
-                            dap + 4 * (t * plane + o) + u, dhp[(i + 1) % 2] + o + u, H, m);
-      }
-    };
-    if (team.size == 1) {
-      for (int64_t t = steps - 1; t >= 0; --t) {
-        over_rows(batch, H, [&](int64_t b0, int64_t b1) { gate_pass(t, b0, b1, 0, H); });
-        const Tensor d_a_t = d_a[t];
-        if (stepwise) d_w.addmm_(d_a_t.t(), hs[t]);
-        dh[(steps - t) % 2].addmm_(d_a_t, w);  // dL/dh_{t-1} += dL/d a_t W_hh
-      }
-      return;
-    }
-    using Packed = PackedRight<T>;
-    const T* wp = w.data_ptr<T>();
-    std::vector<Packed> w_cols(team.size);  // a slice's columns of W_hh: (4*hidden, n)
-    // iteration 0: the gate pass of the last step; iteration i > 0: step t = steps - i's
-    // product and, kGroupPanels panels of units at a time, step t-1's gate pass of those units
-    run_team(team, steps + 1, [&](int64_t k, int64_t i) {
-      const int64_t u0 = team.u0(k), n = team.units(k);
-      if (i == 0) {
-        w_cols[k].pack(4 * H, n, [&](int64_t kk, int64_t j) { return wp[kk * H + u0 + j]; });
-        gate_pass(steps - 1, 0, batch, u0, n);
-        return;
-      }
-      const int64_t t = steps - i, U = kGroupPanels * Packed::kNR;
-      for (int64_t p = 0; p < w_cols[k].panels(); p += kGroupPanels) {  // U units at a time
-        const int64_t u = u0 + p * Packed::kNR, m = std::min(U, n - p * Packed::kNR);
-        w_cols[k].multiply(batch, dap + 4 * t * plane, 4 * H, dhp[i % 2] + u, H, true, p,
-                           std::min(p + kGroupPanels, w_cols[k].panels()));
-        if (t > 0) gate_pass(t - 1, 0, batch, u, m);
+        const int64_t o = row * H + u;
+        lstm_units_backward(dhp[i % 2] + o, dcp + o, gp + 5 * (t * plane + row * H) + u,
+                            cp + t * plane + o, t ? dop + (t - 1) * plane + o : nullptr,
+                            dap + 4 * (t * plane + row * H) + u, dhp[(i + 1) % 2] + o, H, m);
       }
     });
   });
-  if (!stepwise) {
-    d_w = at::mm(d_a.view({steps * batch, 4 * hidden}).t(),
-                 hs.narrow(0, 0, steps).reshape({steps * batch, hidden}));
-  }
   return {d_a, dh[steps % 2], dc, d_w};
 }
 
