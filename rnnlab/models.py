@@ -288,7 +288,11 @@ def training_paths(cell: str) -> list[str]:
 
 def recurrence_of(cell: str, path: str):
     """The autograd Function that runs a `cell` layer's time loop on `path` (fused | native)."""
-    return native.RECURRENCES[cell] if path == "native" else RECURRENCES[cell]
+    if path == "native":
+        if not native.load():  # training_paths offers native only where it loaded
+            raise RuntimeError(f"rnnlab native: {native.why_not()}")
+        return native.RECURRENCES[cell]
+    return RECURRENCES[cell]
 
 
 def training_path(stack: nn.Module, x: torch.Tensor, state: State) -> str:
