@@ -19,7 +19,7 @@ export DVC_NO_ANALYTICS := 1
 # CPU index: PyPI's Linux torch is the CUDA build, several GB. pip's own config still applies (here:
 # a local CPU wheel, taken after the index, unreachable from here, is given up: ~10 s).
 # Override: make setup TORCH_PIP_ARGS=   (PyPI's torch)
-# Last, the compiled time loop of rnn and gru (rnnlab/native.py) is built with the system's C++
+# Last, the compiled time loop of rnn and gru (rnnlab/kernels/native.py) is built with the system's C++
 # compiler into ~/.cache/rnnlab; without a compiler it says why and the pure-PyTorch path runs.
 LOCK           := requirements.lock
 CPU_ONLY_LINUX := $(and $(filter Linux,$(shell uname -s)),$(if $(shell command -v nvidia-smi),,yes))
@@ -33,7 +33,7 @@ $(VENV)/.installed: pyproject.toml $(LOCK)
 	$(BIN)/pip install -q $(TORCH_PIP_ARGS) $$(grep -o '"torch==[^"]*' pyproject.toml | tr -d '"')
 	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
 	$(BIN)/pip check
-	$(BIN)/python -m rnnlab.native build
+	$(BIN)/python -m rnnlab.kernels.native build
 	touch $@
 
 setup: $(VENV)/.installed             ## create .venv from requirements.lock (hashes checked) and torch's pin
@@ -59,7 +59,7 @@ clean:                                ## remove pipeline outputs (not the venv, 
 	rm -rf data/raw data/tokens models checkpoints metrics/variants metrics/curves metrics/samples metrics/plots metrics/report.md
 
 preset: setup                         ## run presets/$(NAME).yaml as the DVC experiment $(NAME); extra: ARGS="-S key=value"
-	$(BIN)/python -m rnnlab.presets $(NAME) $(ARGS)
+	$(BIN)/python -m rnnlab.cli.presets $(NAME) $(ARGS)
 
 sweep: setup                          ## a parallel sweep: ARGS="-S train.lr=0.001,0.002" JOBS=2 (README: Sweeps)
 	$(BIN)/dvc repro tokenize

@@ -18,11 +18,12 @@ import json
 
 import torch
 
-from bench.benchmark import ROOT, time_machine
-from rnnlab import kernels
+from bench.clone import ROOT
+from bench.streams import time_machine
 from rnnlab.config import load_params, variant_train
-from rnnlab.models import new_model
-from rnnlab.training import bf16_hardware, new_state, run_epochs
+from rnnlab.kernels import choice
+from rnnlab.models.lm import new_model
+from rnnlab.training.loop import bf16_hardware, new_state, run_epochs
 
 
 def train_once(params, name: str, bf16: bool, train_ids, val_ids, vocab_size: int) -> dict:
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     params = load_params(ROOT / "params.yaml")
     train_ids, val_ids, vocab = time_machine(params.tokenize)
-    print(f"{kernels.cpu_model()}: bfloat16 in hardware: {bf16_hardware(torch.device('cpu'))}; "
+    print(f"{choice.cpu_model()}: bfloat16 in hardware: {bf16_hardware(torch.device('cpu'))}; "
           f"{args.threads} thread(s)")
     rows = {}
     for name in args.variants or list(params.variants):

@@ -3,7 +3,7 @@
     python -m bench.dvc_overhead                     # epochs 2, hidden 640, 1 thread
     python -m bench.dvc_overhead --epochs 1 --hidden-size 512
 
-In a clone of HEAD (as bench.benchmark.noop_repro_seconds makes one), with params that make
+In a clone of HEAD (as bench.extras.noop_repro_seconds makes one), with params that make
 `train@rnn` alone run for some tens of seconds, runs `dvc repro tokenize` (not measured), then
 `dvc repro train@rnn`, and every `interval` seconds reads with psutil the cumulative CPU time
 (user + system) of the dvc process, of each of its threads, of the stage (the descendant whose

@@ -19,7 +19,7 @@ own gradient is a scatter-add of rows, not a product: not counted.)
 
 from __future__ import annotations
 
-from rnnlab.models import ModelConfig
+from rnnlab.models.lm import ModelConfig
 
 GATES = {"rnn": 1, "gru": 3, "lstm": 4}  # matrices per layer: nn.RNN 1, nn.GRU 3, nn.LSTM 4
 TRAIN_FACTOR = 3  # forward + backward (input gradient + weight gradient)

@@ -3,7 +3,7 @@
     python -m bench.preset_speed zaremba-medium wlm-tied --ptb /path/to/ptb.zip
 
 For each preset: its params (params.yaml with presets/<name>.yaml on top, validated), Penn
-Treebank read and tokenized by the pipeline's own code (rnnlab/download.py, rnnlab/corpus.py),
+Treebank read and tokenized by the pipeline's own code (rnnlab/data/download.py, rnnlab/data/corpus.py),
 its model built and initialised as the train stage does, then `--steps` minibatches of its real
 training step (rnnlab.training.train_step, after `--warmup` untimed ones) and the validation
 perplexity of `--val-tokens` tokens (rnnlab.training.perplexity, the protocol of every epoch).
@@ -27,13 +27,14 @@ os.environ.setdefault("DO_NOT_TRACK", "true")
 
 import torch  # noqa: E402
 
-from rnnlab.batches import num_batches, sequential_batches  # noqa: E402
+from rnnlab.cli.presets import PRESETS, load_preset, merged  # noqa: E402
 from rnnlab.config import read_yaml, validate_params, variant_train  # noqa: E402
-from rnnlab.corpus import read_raw, tokenize_corpus  # noqa: E402
-from rnnlab.download import prepare_raw  # noqa: E402
-from rnnlab.models import detach_state, new_model  # noqa: E402
-from rnnlab.presets import PRESETS, load_preset, merged  # noqa: E402
-from rnnlab.training import make_optimizer, perplexity, train_step  # noqa: E402
+from rnnlab.data.batches import num_batches, sequential_batches  # noqa: E402
+from rnnlab.data.corpus import read_raw, tokenize_corpus  # noqa: E402
+from rnnlab.data.download import prepare_raw  # noqa: E402
+from rnnlab.models.dispatch import detach_state
+from rnnlab.models.lm import new_model  # noqa: E402
+from rnnlab.training.loop import make_optimizer, perplexity, train_step  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import yaml
 
-from rnnlab.threads import usable_cpus
+from rnnlab.training.threads import usable_cpus
 
 ROOT = Path(__file__).resolve().parents[1]
 # dvc.yaml's commands run `python`: this one's, as `make` arranges with PATH

@@ -19,8 +19,11 @@ import sys
 import threading
 
 from moto.moto_api._internal.recorder.models import Recorder
-from moto.moto_server.werkzeug_app import (DomainDispatcherApplication, MotoRequestHandler,
-                                           create_backend_app)
+from moto.moto_server.werkzeug_app import (
+    DomainDispatcherApplication,
+    MotoRequestHandler,
+    create_backend_app,
+)
 from werkzeug.serving import run_simple
 
 _turn = threading.Lock()

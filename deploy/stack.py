@@ -27,175 +27,35 @@ shell can `eval`; progress goes to stderr.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import secrets
 import shlex
-import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import requests
 
+from deploy.mlflow_auth import add_user, grant, health, start_mlflow
+from deploy.postgres import start_postgres, stop_postgres
+from deploy.processes import alive, claim_port, spawn, stop, wait_for
+from deploy.settings import (
+    ARTIFACT_BUCKET,
+    DVC_BUCKET,
+    QUIET,
+    REMOTE,
+    Paths,
+    Stack,
+    load_stack,
+    port_answers,
+    say,
+    team_dir,
+    write_private,
+)
 from rnnlab.errors import UserError, run_main
 
-ARTIFACT_BUCKET = "mlflow-artifacts"
-DVC_BUCKET = "dvc-remote"
-REMOTE = "team"                 # the DVC remote's name
-ADMIN = "admin"
-DEFAULT_PORTS = {"postgres": 15432, "s3": 19000, "mlflow": 5050}
-START_SECONDS = 60              # give up on a service that does not answer by then
-QUIET = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", "DVC_NO_ANALYTICS": "1"}
-
-
-def say(msg: str) -> None:
-    print(f"team: {msg}", file=sys.stderr, flush=True)
-
-
-@dataclass
-class Stack:
-    """The stack's settings, made once by the first `up` and kept in `.team/stack.json`."""
-
-    postgres_port: int
-    s3_port: int
-    mlflow_port: int
-    user: str                   # the member whose credentials `up` prints
-    user_password: str
-    admin_password: str
-    db_password: str            # role `mlflow` of PostgreSQL
-    s3_key: str
-    s3_secret: str
-    flask_secret: str           # signs the auth app's CSRF tokens
-
-    @property
-    def tracking_uri(self) -> str:
-        return f"http://127.0.0.1:{self.mlflow_port}"
-
-    @property
-    def s3_endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.s3_port}"
-
-    @property
-    def remote_url(self) -> str:
-        return f"s3://{DVC_BUCKET}/rnnlab"
-
-    def db_uri(self, database: str) -> str:
-        """No password in the URI (it would show in `ps` and in logs): libpq reads it from
-        PGPASSFILE (`.team/pgpass`)."""
-        return f"postgresql+psycopg://mlflow@127.0.0.1:{self.postgres_port}/{database}"
-
-
-class Paths:
-    def __init__(self, root: Path):
-        self.root = root
-        self.pg = root / "postgres"             # the database cluster
-        self.run = root / "run"                 # pid files and PostgreSQL's socket
-        self.s3 = root / "s3"
-        self.recording = self.s3 / "recording.jsonl"
-        self.logs = root / "logs"
-        self.config = root / "stack.json"
-        self.pgpass = root / "pgpass"
-        self.auth_ini = root / "basic_auth.ini"
-        self.env = root / "env"
-
-    def pid(self, name: str) -> Path:
-        return self.run / f"{name}.pid"
-
-    def log(self, name: str) -> Path:
-        return self.logs / f"{name}.log"
-
-
-PROJECT = Path(__file__).resolve().parents[1]
-
-
-def team_dir() -> Path:
-    """TEAM_DIR, else `.team/` in this checkout."""
-    return Path(os.environ.get("TEAM_DIR") or PROJECT / ".team").resolve()
-
-
-def write_private(path: Path, text: str) -> None:
-    """A file only its owner can read (it holds secrets), written whole or not at all."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def free_port() -> int:
-    """A port of 127.0.0.1 that nothing listens on now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def pick_port(name: str, default: int) -> int:
-    """The default port, or a free one if another program holds it (kept in stack.json)."""
-    if not port_answers(default):
-        return default
-    port = free_port()
-    say(f"port {default} is taken; {name} gets port {port}")
-    return port
-
-
-def load_stack(paths: Paths, user: str | None = None) -> Stack:
-    """The stack's settings: read, or made with fresh secrets and free ports on first use."""
-    if paths.config.exists():
-        return Stack(**json.loads(paths.config.read_text()))
-    ports = {k: int(os.environ.get(f"TEAM_{k.upper()}_PORT") or pick_port(k, v))
-             for k, v in DEFAULT_PORTS.items()}
-    stack = Stack(postgres_port=ports["postgres"], s3_port=ports["s3"], mlflow_port=ports["mlflow"],
-                  user=user or "researcher", user_password=secrets.token_urlsafe(18),
-                  admin_password=secrets.token_urlsafe(18), db_password=secrets.token_urlsafe(18),
-                  s3_key="team" + secrets.token_hex(8), s3_secret=secrets.token_urlsafe(30),
-                  flask_secret=secrets.token_hex(32))
-    paths.root.mkdir(parents=True, exist_ok=True)
-    write_private(paths.config, json.dumps(asdict(stack), indent=2) + "\n")
-    return stack
-
-
 # --- the programs and their flags (deploy/docker-compose.yml runs the same) ---------------------
-
-def mlflow_server_args(stack: Stack) -> list[str]:
-    """`mlflow server`'s arguments. The compose file's `mlflow` service passes the same flags."""
-    return ["server", "--app-name", "basic-auth",
-            "--backend-store-uri", stack.db_uri("mlflow"),
-            "--artifacts-destination", f"s3://{ARTIFACT_BUCKET}",
-            "--serve-artifacts",
-            "--host", "127.0.0.1", "--port", str(stack.mlflow_port), "--workers", "1"]
-
-
-def auth_ini(stack: Stack) -> str:
-    """MLflow's basic-auth configuration (MLFLOW_AUTH_CONFIG_PATH): users and permissions in
-    PostgreSQL; anyone logged in may read, only an experiment's creator (or a grant) may change it."""
-    return "\n".join([
-        "[mlflow]",
-        "default_permission = READ",
-        f"database_uri = {stack.db_uri('mlflow_auth')}",
-        f"admin_username = {ADMIN}",
-        f"admin_password = {stack.admin_password}",
-        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth",
-        # A password check (a slow hash, on purpose) per request made each call take ~0.5 s on
-        # 2 CPUs; a checked login is trusted for 60 s (a change through the API applies at once).
-        "auth_cache_ttl_seconds = 60",
-        "",
-    ])
-
-
-def server_env(stack: Stack, paths: Paths) -> dict[str, str]:
-    return {**os.environ, **QUIET,
-            "MLFLOW_AUTH_CONFIG_PATH": str(paths.auth_ini),
-            "MLFLOW_FLASK_SERVER_SECRET_KEY": stack.flask_secret,
-            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
-            "MLFLOW_S3_ENDPOINT_URL": stack.s3_endpoint,
-            "AWS_ACCESS_KEY_ID": stack.s3_key, "AWS_SECRET_ACCESS_KEY": stack.s3_secret,
-            "AWS_DEFAULT_REGION": "us-east-1",
-            "PGPASSFILE": str(paths.pgpass)}
 
 
 def client_env(stack: Stack, user: str, password: str) -> dict[str, str]:
@@ -214,186 +74,8 @@ def export_lines(env: dict[str, str]) -> str:
 
 # --- processes ---------------------------------------------------------------------------------
 
-def alive(pidfile: Path) -> int | None:
-    try:
-        pid = int(pidfile.read_text().split()[0])
-        os.kill(pid, 0)
-        return pid
-    except (FileNotFoundError, ValueError, ProcessLookupError, IndexError):
-        return None
-    except PermissionError:  # alive, but another user's (PostgreSQL run as `postgres`)
-        return pid
-
-
-def port_answers(port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.5)
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-def claim_port(name: str, port: int, ours: bool) -> bool:
-    """Whether our `name` already runs on `port` (True) or it is free (False); a port held by
-    another program is an error naming the setting that moves ours."""
-    if not port_answers(port):
-        return False
-    if ours:
-        return True
-    raise UserError(f"port {port} (for {name}) is in use by another program, perhaps the team "
-                    f"stack of another clone; stop it, or give this stack other ports: delete "
-                    f"{team_dir() / 'stack.json'} and run again with TEAM_{name.upper()}_PORT=<port> "
-                    "(TEAM_POSTGRES_PORT, TEAM_S3_PORT, TEAM_MLFLOW_PORT)")
-
-
-def wait_for(what: str, ready, log: Path, pidfile: Path | None = None,
-             seconds: float = START_SECONDS) -> None:
-    """Wait until `ready()`; a server that exits or takes longer than `seconds` is an error
-    quoting the end of its log."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if ready():
-            return
-        if pidfile and not alive(pidfile):
-            problem = "exited"
-            break
-        time.sleep(0.2)
-    else:
-        problem = f"did not answer within {seconds} s"
-    tail = log.read_text(errors="replace").splitlines()[-12:] if log.exists() else []
-    raise UserError("\n".join([f"{what} {problem}; the end of {log}:",
-                               *("  " + line for line in tail)]))
-
-
-def spawn(name: str, cmd: list[str], env: dict[str, str], paths: Paths) -> None:
-    """Start a server in its own session, output to .team/logs/<name>.log, pid in .team/run."""
-    with open(paths.log(name), "ab") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=env, start_new_session=True, cwd=paths.root)
-    paths.pid(name).write_text(f"{proc.pid}\n")
-
-
-def stop(name: str, paths: Paths, seconds: float = 15) -> bool:
-    """SIGTERM the server's process group, then SIGKILL what is left after `seconds`."""
-    pid = alive(paths.pid(name))
-    if pid is None:
-        paths.pid(name).unlink(missing_ok=True)
-        return False
-    try:
-        os.killpg(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        pass
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline and alive(paths.pid(name)):
-        time.sleep(0.1)
-    if alive(paths.pid(name)):
-        os.killpg(pid, signal.SIGKILL)
-    paths.pid(name).unlink(missing_ok=True)
-    return True
-
 
 # --- PostgreSQL --------------------------------------------------------------------------------
-
-def pg_bin() -> Path:
-    """The folder of PostgreSQL's server programs: TEAM_PG_BIN, else Debian's newest, else PATH."""
-    if os.environ.get("TEAM_PG_BIN"):
-        return Path(os.environ["TEAM_PG_BIN"])
-    debian = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"),
-                    key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit() else 0)
-    if debian:
-        return debian[-1].parent
-    found = shutil.which("initdb") or shutil.which("pg_ctl")
-    if found:
-        return Path(found).parent
-    raise UserError("PostgreSQL's server programs (initdb, pg_ctl) were not found: install them "
-                    "(Debian: apt-get install postgresql) or set TEAM_PG_BIN to their folder")
-
-
-def as_db_owner(cmd: list[str]) -> list[str]:
-    """PostgreSQL refuses to run as root: as root, run it as the `postgres` user."""
-    if os.geteuid() != 0:
-        return cmd
-    return ["runuser", "-u", "postgres", "--", *cmd]
-
-
-def pg_owner_ids() -> tuple[int, int] | None:
-    if os.geteuid() != 0:
-        return None
-    import pwd
-
-    try:
-        entry = pwd.getpwnam("postgres")
-    except KeyError:
-        raise UserError("running as root, and there is no `postgres` user to run PostgreSQL as; "
-                        "run `make team-up` as an ordinary user") from None
-    return entry.pw_uid, entry.pw_gid
-
-
-def start_postgres(stack: Stack, paths: Paths) -> None:
-    bindir = pg_bin()
-    owner = pg_owner_ids()
-    for folder in (paths.pg, paths.run):
-        folder.mkdir(parents=True, exist_ok=True)
-        if owner:
-            os.chown(folder, *owner)
-    paths.pg.chmod(0o700)
-    quiet = {**os.environ, "LC_ALL": "C.UTF-8"}
-    if not (paths.pg / "PG_VERSION").exists():
-        say(f"creating a PostgreSQL cluster in {paths.pg}")
-        pwfile = paths.run / "initdb.pw"   # the superuser's password, for initdb only
-        write_private(pwfile, stack.db_password + "\n")
-        if owner:
-            os.chown(pwfile, *owner)
-        try:
-            subprocess.run(as_db_owner([str(bindir / "initdb"), "-D", str(paths.pg), "-U", "postgres",
-                                        "--auth-local=peer" if owner else "--auth-local=trust",
-                                        "--auth-host=scram-sha-256", f"--pwfile={pwfile}",
-                                        "-E", "UTF8"]),
-                           check=True, capture_output=True, env=quiet)
-        except subprocess.CalledProcessError as err:
-            raise UserError(f"initdb failed: {err.stderr.decode(errors='replace').strip()}") from None
-        finally:
-            pwfile.unlink(missing_ok=True)
-    if not claim_port("postgres", stack.postgres_port, (paths.pg / "postmaster.pid").exists()):
-        options = f"-p {stack.postgres_port} -k {paths.run} -c listen_addresses=127.0.0.1"
-        log = paths.log("postgres")
-        log.touch()
-        if owner:
-            os.chown(log, *owner)
-        result = subprocess.run(as_db_owner([str(bindir / "pg_ctl"), "-D", str(paths.pg), "-l", str(log),
-                                             "-o", options, "-w", "-t", str(START_SECONDS), "start"]),
-                                capture_output=True, env=quiet)
-        if result.returncode != 0:
-            tail = log.read_text(errors="replace").splitlines()[-10:]
-            raise UserError("\n".join([f"PostgreSQL did not start on port {stack.postgres_port}:",
-                                       *("  " + line for line in tail)]))
-    write_private(paths.pgpass, f"127.0.0.1:{stack.postgres_port}:*:mlflow:{stack.db_password}\n")
-    ensure_databases(stack, paths, bindir)
-
-
-def psql(stack: Stack, paths: Paths, bindir: Path, sql: str, database: str = "postgres") -> str:
-    cmd = [str(bindir / "psql"), "-h", str(paths.run), "-p", str(stack.postgres_port), "-U", "postgres",
-           "-d", database, "-tAc", sql]
-    env = {**os.environ, "PGPASSWORD": stack.db_password}
-    result = subprocess.run(as_db_owner(cmd), capture_output=True, text=True, env=env)
-    if result.returncode != 0:
-        raise UserError(f"PostgreSQL: {result.stderr.strip()}")
-    return result.stdout.strip()
-
-
-def ensure_databases(stack: Stack, paths: Paths, bindir: Path) -> None:
-    """Role `mlflow` (password from stack.json) owning databases `mlflow` and `mlflow_auth`."""
-    if not psql(stack, paths, bindir, "SELECT 1 FROM pg_roles WHERE rolname = 'mlflow'"):
-        psql(stack, paths, bindir, f"CREATE ROLE mlflow LOGIN PASSWORD '{stack.db_password}'")
-    for db in ("mlflow", "mlflow_auth"):
-        if not psql(stack, paths, bindir, f"SELECT 1 FROM pg_database WHERE datname = '{db}'"):
-            psql(stack, paths, bindir, f"CREATE DATABASE {db} OWNER mlflow")
-
-
-def stop_postgres(paths: Paths) -> bool:
-    if not (paths.pg / "postmaster.pid").exists():
-        return False
-    subprocess.run(as_db_owner([str(pg_bin() / "pg_ctl"), "-D", str(paths.pg), "-m", "fast", "-w",
-                                "stop"]), capture_output=True)
-    return True
 
 
 # --- S3 ------------------------------------------------------------------------------------------
@@ -429,62 +111,6 @@ def start_s3(stack: Stack, paths: Paths) -> None:
 
 
 # --- MLflow --------------------------------------------------------------------------------------
-
-def health(stack: Stack) -> bool:
-    try:
-        return requests.get(f"{stack.tracking_uri}/health", timeout=2).ok
-    except requests.RequestException:
-        return False
-
-
-def start_mlflow(stack: Stack, paths: Paths) -> None:
-    write_private(paths.auth_ini, auth_ini(stack))
-    if claim_port("mlflow", stack.mlflow_port, alive(paths.pid("mlflow")) is not None):
-        return
-    mlflow = Path(sys.executable).with_name("mlflow")
-    spawn("mlflow", [str(mlflow), *mlflow_server_args(stack)], server_env(stack, paths), paths)
-    wait_for(f"the MLflow server (port {stack.mlflow_port})", lambda: health(stack), paths.log("mlflow"),
-             paths.pid("mlflow"), seconds=120)
-
-
-def api(stack: Stack, method: str, path: str, auth: tuple[str, str], version: str = "2.0",
-        **kw) -> requests.Response:
-    return requests.request(method, f"{stack.tracking_uri}/api/{version}/mlflow/{path}", auth=auth,
-                            timeout=30, **kw)
-
-
-def add_user(stack: Stack, name: str, password: str) -> bool:
-    """Create user `name` unless it exists; True when created."""
-    admin = (ADMIN, stack.admin_password)
-    if api(stack, "GET", "users/get", admin, params={"username": name}).ok:
-        return False
-    r = api(stack, "POST", "users/create", admin, json={"username": name, "password": password})
-    if not r.ok:
-        raise UserError(f"could not create MLflow user {name!r}: {r.status_code} {r.text[:200]}")
-    return True
-
-
-def grant(stack: Stack, name: str, experiment: str, permission: str) -> None:
-    """Give user `name` PERMISSION on EXPERIMENT (created, owned by the admin, if it is new)."""
-    admin = (ADMIN, stack.admin_password)
-    r = api(stack, "GET", "experiments/get-by-name", admin, params={"experiment_name": experiment})
-    if r.status_code == 404:
-        r = api(stack, "POST", "experiments/create", admin, json={"name": experiment})
-        r.raise_for_status()
-        exp_id = r.json()["experiment_id"]
-    else:
-        r.raise_for_status()
-        exp_id = r.json()["experiment"]["experiment_id"]
-    body = {"username": name, "resource_type": "experiment", "resource_id": exp_id,
-            "permission": permission}
-    r = api(stack, "POST", "users/permissions/grant", admin, version="3.0", json=body)
-    if r.status_code == 400 and "RESOURCE_ALREADY_EXISTS" in r.text:  # another: replace it
-        api(stack, "POST", "users/permissions/revoke", admin, version="3.0",
-            json={k: v for k, v in body.items() if k != "permission"})
-        r = api(stack, "POST", "users/permissions/grant", admin, version="3.0", json=body)
-    if not r.ok:
-        raise UserError(f"could not grant {permission} on {experiment!r} to {name!r}: "
-                        f"{r.status_code} {r.text[:200]}")
 
 
 # --- DVC -----------------------------------------------------------------------------------------

@@ -19,8 +19,18 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError,
-                      ValidationInfo, WrapValidator, create_model, field_validator, model_validator)
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    WrapValidator,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 from rnnlab.corpora import BUILTIN
 from rnnlab.errors import UserError
@@ -89,7 +99,7 @@ class Tokenize(Section):
     @field_validator("join_lines")
     @classmethod
     def _line_ends_of_the_token(cls, v: str, info: ValidationInfo) -> str:
-        """A line end the tokens cannot hold is a mistake, not a silent no-op (rnnlab/text.py)."""
+        """A line end the tokens cannot hold is a mistake, not a silent no-op (rnnlab/data/text.py)."""
         token = info.data.get("token")
         if v == "eos" and token == "char":
             raise ValueError("<eos> is a word token; with token: char a line end is a '\\n' "
@@ -120,7 +130,7 @@ def _bf16_in_one_line(value: Any, handler: Any) -> Any:
                          "true or false") from None
 
 
-# auto: where the device multiplies bfloat16 in hardware (rnnlab/training.py: use_bf16) | bool
+# auto: where the device multiplies bfloat16 in hardware (rnnlab/training/loop.py: use_bf16) | bool
 Bf16 = Annotated[Literal["auto"] | bool, WrapValidator(_bf16_in_one_line)]
 
 

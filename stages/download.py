@@ -3,7 +3,7 @@
     python -m stages.download --out data/raw [--params params.yaml]
 
 Writes out/corpus.txt (or out/train.txt, val.txt, test.txt) and out/source.json; see
-rnnlab/download.py for where the text comes from and how it is checked.
+rnnlab/data/download.py for where the text comes from and how it is checked.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import argparse
 from pathlib import Path
 
 from rnnlab.config import load_params
-from rnnlab.download import prepare_raw
+from rnnlab.data.download import prepare_raw
 from rnnlab.errors import run_main
 
 

@@ -11,16 +11,17 @@ from pathlib import Path
 
 import torch
 
-from rnnlab.checkpoint import load_checkpoint
 from rnnlab.config import flatten, load_params, variant_train
-from rnnlab.corpus import SPLITS, load_tokens
+from rnnlab.data.corpus import SPLITS, load_tokens
 from rnnlab.errors import UserError, run_main
 from rnnlab.fileio import read_json, write_text
-from rnnlab.models import ModelConfig, model_config
-from rnnlab.records import record_summary, run_params
-from rnnlab.sampling import continue_text, prefix_tokens
-from rnnlab.tracking import dvc_tags, folder_sha1, git_tags, tracked_run
-from rnnlab.training import perplexity, prepare_torch, use_bf16
+from rnnlab.models.lm import ModelConfig, model_config
+from rnnlab.tracking.records import record_summary, run_params
+from rnnlab.tracking.runs import tracked_run
+from rnnlab.tracking.tags import dvc_tags, folder_sha1, git_tags
+from rnnlab.training.checkpoint import load_checkpoint
+from rnnlab.training.loop import perplexity, prepare_torch, use_bf16
+from rnnlab.training.sampling import continue_text, prefix_tokens
 
 
 def samples_markdown(name: str, samples: dict[str, dict], temperature: float, seed: int) -> str:

@@ -15,7 +15,7 @@ from matplotlib.ticker import FormatStrFormatter  # noqa: E402
 from rnnlab.config import Params, load_params  # noqa: E402
 from rnnlab.errors import UserError, run_main  # noqa: E402
 from rnnlab.fileio import atomic_path, read_json, write_text  # noqa: E402
-from rnnlab.table import VARIANT, by_test_ppl, comparison, row  # noqa: E402
+from rnnlab.tracking.table import VARIANT, by_test_ppl, comparison, row  # noqa: E402
 
 
 def read_curves(path: Path) -> list[dict]:
@@ -27,7 +27,7 @@ MODEL = ("model.cell", "model.impl", "model.num_layers", "train.hidden_size")  #
 
 
 def report_table(params: Params, metrics: dict[str, dict]) -> str:
-    """The comparison table (rnnlab/table.py) of every variant, best test perplexity first: the
+    """The comparison table (rnnlab/tracking/table.py) of every variant, best test perplexity first: the
     model columns, then each setting in which the variants differ (a variant's train overrides)."""
     rows = sorted((row("workspace", name, m, params) for name, m in metrics.items()), key=by_test_ppl)
     uniform = next(iter(metrics.values()))["uniform_ppl"]

@@ -1,11 +1,11 @@
-"""DVC stage `tokenize`: raw text -> token ids per split + vocabulary (see rnnlab/corpus.py)."""
+"""DVC stage `tokenize`: raw text -> token ids per split + vocabulary (see rnnlab/data/corpus.py)."""
 
 from __future__ import annotations
 
 import argparse
 
 from rnnlab.config import load_params
-from rnnlab.corpus import read_raw, save_tokens, summary_line, tokenize_corpus
+from rnnlab.data.corpus import read_raw, save_tokens, summary_line, tokenize_corpus
 from rnnlab.errors import run_main
 
 

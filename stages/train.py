@@ -1,6 +1,6 @@
 """DVC stage `train@<variant>`: train one variant, keep the checkpoint with the best validation
 perplexity, record per-epoch curves (DVC plots + MLflow). Killed part-way, it resumes from the
-last completed epoch when run again with the same settings, data and code (rnnlab/resume.py)."""
+last completed epoch when run again with the same settings, data and code (rnnlab/training/resume.py)."""
 
 from __future__ import annotations
 
@@ -11,16 +11,33 @@ from pathlib import Path
 
 import torch
 
-from rnnlab import kernels
 from rnnlab.config import load_params, variant_train
-from rnnlab.corpus import load_tokens
+from rnnlab.data.corpus import load_tokens
 from rnnlab.errors import run_main
 from rnnlab.fileio import atomic_path
-from rnnlab.models import new_model
-from rnnlab.records import record_curves, record_curves_png, record_summary, run_params
-from rnnlab.resume import checkpointed_epochs, fingerprint, finished, load_resumable
-from rnnlab.tracking import dvc_tags, folder_sha1, git_tags, tracked_run
-from rnnlab.training import EpochResult, check_fits, new_state, prepare_torch, use_bf16
+from rnnlab.kernels import choice
+from rnnlab.models.lm import new_model
+from rnnlab.tracking.records import (
+    record_curves,
+    record_curves_png,
+    record_summary,
+    run_params,
+)
+from rnnlab.tracking.runs import tracked_run
+from rnnlab.tracking.tags import dvc_tags, folder_sha1, git_tags
+from rnnlab.training.loop import (
+    EpochResult,
+    check_fits,
+    new_state,
+    prepare_torch,
+    use_bf16,
+)
+from rnnlab.training.resume import (
+    checkpointed_epochs,
+    fingerprint,
+    finished,
+    load_resumable,
+)
 
 
 def epoch_line(r: EpochResult, epochs: int) -> str:
@@ -30,9 +47,9 @@ def epoch_line(r: EpochResult, epochs: int) -> str:
 
 
 def kernel_tags() -> dict[str, str]:
-    """The code this run trains with, as measured fastest here (rnnlab/kernels.py)."""
-    return {"rnnlab.kernels": kernels.summary(), "rnnlab.kernel_choices": "\n".join(kernels.report()),
-            "rnnlab.cpu": kernels.machine()}
+    """The code this run trains with, as measured fastest here (rnnlab/kernels/choice.py)."""
+    return {"rnnlab.kernels": choice.summary(), "rnnlab.kernel_choices": "\n".join(choice.report()),
+            "rnnlab.cpu": choice.machine()}
 
 
 def model_example(tokens) -> str:
@@ -61,7 +78,7 @@ def main() -> None:
     model = new_model(params.variants[name], cfg, len(tokens.vocab)).to(device)
     state = new_state(model, cfg)
     data_sha1 = folder_sha1(args.data)
-    fp = fingerprint(model.config, cfg, data_sha1)
+    fp = fingerprint(model.config, cfg, data_sha1, code_root=Path(__file__).resolve().parents[1])
     resume = load_resumable(work, fp)
     if resume.snapshot:
         state.restore(resume.snapshot)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from rnnlab.cli.presets import merged
 from rnnlab.config import Params, read_yaml
-from rnnlab.presets import merged
 
 # Both tools phone home unless told not to.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -19,7 +19,7 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
 @pytest.fixture(scope="session", autouse=True)
 def kernel_cache(tmp_path_factory):
-    """Kernel choices (rnnlab/kernels.py) and compiled code (rnnlab/native.py) cached for this test
+    """Kernel choices (rnnlab/kernels/choice.py) and compiled code (rnnlab/kernels/native.py) cached for this test
     session only, shared by its processes (stages that DVC starts inherit it): never the user's."""
     previous = os.environ.get("RNNLAB_CACHE_DIR")
     os.environ["RNNLAB_CACHE_DIR"] = str(tmp_path_factory.mktemp("rnnlab-cache"))

@@ -9,8 +9,22 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from rnnlab.config import (Data, Evaluate, Params, Split, Tokenize, Tracking, Train, TrainOverrides,
-                           Variant, deep_merge, flatten, load_params, resolve_train, validate_params)
+from rnnlab.config import (
+    Data,
+    Evaluate,
+    Params,
+    Split,
+    Tokenize,
+    Tracking,
+    Train,
+    TrainOverrides,
+    Variant,
+    deep_merge,
+    flatten,
+    load_params,
+    resolve_train,
+    validate_params,
+)
 from rnnlab.errors import UserError
 from tests.conftest import shipped_params
 

@@ -1,0 +1,182 @@
+"""Timing: both sides of a row interleaved in one process (the ratio is the median of the repeats'
+ratios), the machine's matmul rates, and generation and evaluation speed."""
+
+from __future__ import annotations
+
+import ctypes
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+
+from bench.baselines import book_step
+from bench.flops import train_flops
+from bench.machine import onednn_available
+from bench.sides import BOOK, WORD, StepFn, baseline_for, ours_step
+from bench.streams import minibatches, word_minibatches
+from bench.wlm import WordLM, wlm_step
+from rnnlab.models.lm import ModelConfig, build_model
+from rnnlab.training import loop as training
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the GPU's queued work: a timer read before it would time only the queueing."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc to keep freed memory in the process instead of handing it back to the system.
+
+    Both sides run in one process, one after the other. With glibc's defaults every switch from
+    one side's allocation pattern to the other's trims the heap, and the next minibatches fault
+    the pages in again (thousands of page faults per minibatch in a VM), which a training process
+    running one model reaches a steady state without. Blocks above 32 MiB stay mmap'ed, as in
+    training. True if glibc took the settings."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # malloc.h
+    return bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
+                and libc.mallopt(M_MMAP_THRESHOLD, 32 << 20))
+
+
+def _seconds_per_call(fn: Callable[[], object], min_seconds: float,
+                      device: torch.device = torch.device("cpu")) -> float:
+    """Median seconds of one call over 5 rounds of at least `min_seconds / 5` each."""
+    fn()
+    synchronize(device)
+    t0 = time.perf_counter()
+    fn()
+    synchronize(device)
+    once = max(time.perf_counter() - t0, 1e-7)
+    n = max(1, int(min_seconds / 5 / once))
+    rounds = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        synchronize(device)
+        rounds.append((time.perf_counter() - t0) / n)
+    return statistics.median(rounds)
+
+
+def matmul_rates(shapes: list[tuple[int, int, int]], min_seconds: float,
+                 device: torch.device = torch.device("cpu")) -> list[dict]:
+    """float32 GFLOP/s of (m x k) @ (k x n) through torch.mm (MKL on the CPU) and, on the CPU,
+    through oneDNN."""
+    rows = []
+    for m, k, n in shapes:
+        a, b = torch.randn(m, k, device=device), torch.randn(k, n, device=device)
+        flops = 2 * m * k * n
+        row = {"m": m, "k": k, "n": n,
+               "mkl": flops / _seconds_per_call(lambda: torch.mm(a, b), min_seconds, device) / 1e9}
+        if device.type == "cpu" and onednn_available():
+            w, lin = b.t().contiguous(), torch.ops.mkldnn._linear_pointwise
+            row["onednn"] = flops / _seconds_per_call(
+                lambda: lin(a, w, None, "none", [], ""), min_seconds) / 1e9
+        row["best"] = max(row["mkl"], row.get("onednn", 0.0))
+        rows.append(row)
+    return rows
+
+
+@dataclass
+class Pair:
+    """One variant at one batch size: both sides' tokens/s per repeat."""
+
+    variant: str
+    batch: int
+    config: dict
+    baseline: str  # the baseline's name in the table
+    flops_per_token: int  # the model's (no one-hot product), training: forward + backward
+    book: list[float] = field(default_factory=list)  # the baseline: the book's code, or wlm's
+    ours: list[float] = field(default_factory=list)
+
+    @property
+    def ratio(self) -> float:
+        """Median of the repeats' ratios: each repeat's two timings saw the same machine."""
+        return statistics.median(o / b for o, b in zip(self.ours, self.book))
+
+
+def interleave(pair: Pair, sides: dict[str, tuple[StepFn, list]], tokens_per_batch: int,
+               steps: int, repeats: int, warmup: int,
+               device: torch.device = torch.device("cpu")) -> None:
+    """Warm both sides up, then alternate `steps` minibatches of each, `repeats` times, the order
+    swapped every repeat; tokens/s into `pair`. `sides`: "book" and "ours", each its step and its
+    `warmup + steps * repeats` minibatches."""
+    for step, batches in sides.values():
+        for x, y in batches[:warmup]:
+            step(x, y)
+    synchronize(device)
+    for r in range(repeats):
+        for side in (("book", "ours") if r % 2 == 0 else ("ours", "book")):
+            step, batches = sides[side]
+            t0 = time.perf_counter()
+            for x, y in batches[warmup + r * steps : warmup + (r + 1) * steps]:
+                step(x, y)
+            synchronize(device)
+            getattr(pair, side).append(steps * tokens_per_batch / (time.perf_counter() - t0))
+
+
+def time_pair(pair: Pair, cfg: ModelConfig, ids: torch.Tensor, steps: int, repeats: int,
+              warmup: int, device: torch.device = torch.device("cpu")) -> None:
+    """The book's step against ours on the same minibatches; tokens/s into `pair`."""
+    batches = minibatches(ids, pair.batch, BOOK["num_steps"], warmup + steps * repeats, device)
+    torch.manual_seed(0)
+    book_net = baseline_for(cfg, device)
+    torch.manual_seed(0)
+    sides = {"book": (book_step(book_net, BOOK["lr"], BOOK["clip_theta"]), batches),
+             "ours": (ours_step(build_model(cfg).to(device), BOOK["lr"], BOOK["clip_theta"]),
+                      batches)}
+    interleave(pair, sides, pair.batch * BOOK["num_steps"], steps, repeats, warmup, device)
+
+
+def time_bf16(cfg: ModelConfig, ids: torch.Tensor, batch: int, steps: int, repeats: int,
+              warmup: int) -> dict:
+    """Our step in float32 against itself under bfloat16 autocast (train.bf16), same batches."""
+    pair = Pair(cfg.cell, batch, asdict(cfg), "float32", train_flops(cfg))
+    batches = minibatches(ids, batch, BOOK["num_steps"], warmup + steps * repeats)
+    sides = {}
+    for side, bf16 in (("book", False), ("ours", True)):
+        torch.manual_seed(0)
+        sides[side] = (ours_step(build_model(cfg), BOOK["lr"], BOOK["clip_theta"], bf16), batches)
+    interleave(pair, sides, batch * BOOK["num_steps"], steps, repeats, warmup)
+    return {"variant": pair.variant, "batch": batch, "float32": statistics.median(pair.book),
+            "bfloat16": statistics.median(pair.ours), "ratio": pair.ratio}
+
+
+def time_word_pair(pair: Pair, cfg: ModelConfig, ids: torch.Tensor, steps: int, repeats: int,
+                   warmup: int, device: torch.device = torch.device("cpu")) -> None:
+    """wlm's step against ours on the same tokens, each in its own layout; tokens/s into `pair`."""
+    wlm_batches, our_batches = word_minibatches(ids, pair.batch, WORD["num_steps"],
+                                                warmup + steps * repeats, device)
+    lr, clip = WORD["lr"], WORD["clip_theta"]
+    torch.manual_seed(0)
+    wlm = WordLM(cfg.vocab_size, cfg.embed_size, cfg.hidden_size, cfg.num_layers, dropout=0.0)
+    torch.manual_seed(0)
+    sides = {"book": (wlm_step(wlm.to(device), lr, clip), wlm_batches),
+             "ours": (ours_step(build_model(cfg).to(device), lr, clip), our_batches)}
+    interleave(pair, sides, pair.batch * WORD["num_steps"], steps, repeats, warmup, device)
+
+
+def inference_speeds(cfg: ModelConfig, val_ids: torch.Tensor, vocab, num_chars: int,
+                     min_seconds: float, device: torch.device = torch.device("cpu")) -> dict:
+    """Characters/s of greedy and sampled continuation; tokens/s of `perplexity`."""
+    from rnnlab.training.sampling import continue_text
+
+    torch.manual_seed(0)
+    model = build_model(cfg).to(device)
+    gen = torch.Generator().manual_seed(0)
+    greedy = _seconds_per_call(lambda: continue_text(model, vocab, "time traveller", num_chars),
+                               min_seconds, device)
+    sampled = _seconds_per_call(
+        lambda: continue_text(model, vocab, "time traveller", num_chars, temperature=0.8, gen=gen),
+        min_seconds, device)
+    evaluate = _seconds_per_call(lambda: training.perplexity(model, val_ids, device), min_seconds,
+                                 device)
+    return {"greedy_chars_per_sec": num_chars / greedy,
+            "sampled_chars_per_sec": num_chars / sampled,
+            "eval_tokens_per_sec": (len(val_ids) - 1) / evaluate}

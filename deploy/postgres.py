@@ -1,0 +1,117 @@
+"""PostgreSQL for the stack: its own cluster under the stack's folder, run as an unprivileged
+owner, with the databases MLflow needs (its store and its users and permissions)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+from deploy.processes import claim_port
+from deploy.settings import START_SECONDS, Paths, Stack, say, write_private
+from rnnlab.errors import UserError
+
+
+def pg_bin() -> Path:
+    """The folder of PostgreSQL's server programs: TEAM_PG_BIN, else Debian's newest, else PATH."""
+    if os.environ.get("TEAM_PG_BIN"):
+        return Path(os.environ["TEAM_PG_BIN"])
+    debian = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"),
+                    key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit() else 0)
+    if debian:
+        return debian[-1].parent
+    found = shutil.which("initdb") or shutil.which("pg_ctl")
+    if found:
+        return Path(found).parent
+    raise UserError("PostgreSQL's server programs (initdb, pg_ctl) were not found: install them "
+                    "(Debian: apt-get install postgresql) or set TEAM_PG_BIN to their folder")
+
+
+def as_db_owner(cmd: list[str]) -> list[str]:
+    """PostgreSQL refuses to run as root: as root, run it as the `postgres` user."""
+    if os.geteuid() != 0:
+        return cmd
+    return ["runuser", "-u", "postgres", "--", *cmd]
+
+
+def pg_owner_ids() -> tuple[int, int] | None:
+    if os.geteuid() != 0:
+        return None
+    import pwd
+
+    try:
+        entry = pwd.getpwnam("postgres")
+    except KeyError:
+        raise UserError("running as root, and there is no `postgres` user to run PostgreSQL as; "
+                        "run `make team-up` as an ordinary user") from None
+    return entry.pw_uid, entry.pw_gid
+
+
+def start_postgres(stack: Stack, paths: Paths) -> None:
+    bindir = pg_bin()
+    owner = pg_owner_ids()
+    for folder in (paths.pg, paths.run):
+        folder.mkdir(parents=True, exist_ok=True)
+        if owner:
+            os.chown(folder, *owner)
+    paths.pg.chmod(0o700)
+    quiet = {**os.environ, "LC_ALL": "C.UTF-8"}
+    if not (paths.pg / "PG_VERSION").exists():
+        say(f"creating a PostgreSQL cluster in {paths.pg}")
+        pwfile = paths.run / "initdb.pw"   # the superuser's password, for initdb only
+        write_private(pwfile, stack.db_password + "\n")
+        if owner:
+            os.chown(pwfile, *owner)
+        try:
+            subprocess.run(as_db_owner([str(bindir / "initdb"), "-D", str(paths.pg), "-U", "postgres",
+                                        "--auth-local=peer" if owner else "--auth-local=trust",
+                                        "--auth-host=scram-sha-256", f"--pwfile={pwfile}",
+                                        "-E", "UTF8"]),
+                           check=True, capture_output=True, env=quiet)
+        except subprocess.CalledProcessError as err:
+            raise UserError(f"initdb failed: {err.stderr.decode(errors='replace').strip()}") from None
+        finally:
+            pwfile.unlink(missing_ok=True)
+    if not claim_port("postgres", stack.postgres_port, (paths.pg / "postmaster.pid").exists()):
+        options = f"-p {stack.postgres_port} -k {paths.run} -c listen_addresses=127.0.0.1"
+        log = paths.log("postgres")
+        log.touch()
+        if owner:
+            os.chown(log, *owner)
+        result = subprocess.run(as_db_owner([str(bindir / "pg_ctl"), "-D", str(paths.pg), "-l", str(log),
+                                             "-o", options, "-w", "-t", str(START_SECONDS), "start"]),
+                                capture_output=True, env=quiet)
+        if result.returncode != 0:
+            tail = log.read_text(errors="replace").splitlines()[-10:]
+            raise UserError("\n".join([f"PostgreSQL did not start on port {stack.postgres_port}:",
+                                       *("  " + line for line in tail)]))
+    write_private(paths.pgpass, f"127.0.0.1:{stack.postgres_port}:*:mlflow:{stack.db_password}\n")
+    ensure_databases(stack, paths, bindir)
+
+
+def psql(stack: Stack, paths: Paths, bindir: Path, sql: str, database: str = "postgres") -> str:
+    cmd = [str(bindir / "psql"), "-h", str(paths.run), "-p", str(stack.postgres_port), "-U", "postgres",
+           "-d", database, "-tAc", sql]
+    env = {**os.environ, "PGPASSWORD": stack.db_password}
+    result = subprocess.run(as_db_owner(cmd), capture_output=True, text=True, env=env)
+    if result.returncode != 0:
+        raise UserError(f"PostgreSQL: {result.stderr.strip()}")
+    return result.stdout.strip()
+
+
+def ensure_databases(stack: Stack, paths: Paths, bindir: Path) -> None:
+    """Role `mlflow` (password from stack.json) owning databases `mlflow` and `mlflow_auth`."""
+    if not psql(stack, paths, bindir, "SELECT 1 FROM pg_roles WHERE rolname = 'mlflow'"):
+        psql(stack, paths, bindir, f"CREATE ROLE mlflow LOGIN PASSWORD '{stack.db_password}'")
+    for db in ("mlflow", "mlflow_auth"):
+        if not psql(stack, paths, bindir, f"SELECT 1 FROM pg_database WHERE datname = '{db}'"):
+            psql(stack, paths, bindir, f"CREATE DATABASE {db} OWNER mlflow")
+
+
+def stop_postgres(paths: Paths) -> bool:
+    if not (paths.pg / "postmaster.pid").exists():
+        return False
+    subprocess.run(as_db_owner([str(pg_bin() / "pg_ctl"), "-D", str(paths.pg), "-m", "fast", "-w",
+                                "stop"]), capture_output=True)
+    return True

@@ -1,0 +1,26 @@
+"""rnnlab: text from trained models, tables of experiments and runs, this machine's kernels.
+
+Each subcommand lives in its own module (rnnlab/cli/generate.py, rnnlab/cli/compare.py,
+rnnlab/kernels/choice.py) and adds its
+parser here (`add_parser`), which sets the function that runs it (`run`)."""
+
+from __future__ import annotations
+
+import argparse
+
+from rnnlab.cli import compare, generate, kernels
+from rnnlab.errors import run_main
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="rnnlab", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    generate.add_parser(sub)
+    compare.add_parser(sub)
+    kernels.add_parser(sub)
+    args = parser.parse_args(argv)
+    run_main(lambda: args.run(args))
+
+
+if __name__ == "__main__":
+    main()

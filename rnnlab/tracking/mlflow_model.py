@@ -1,0 +1,133 @@
+"""A trained model as an MLflow Model: `mlflow.pyfunc.load_model("runs:/<run id>/model")`.
+
+The model is the checkpoint itself (`best.pt`: weights, model config, vocabulary with its
+normalisation; plain tensors, numbers and strings) beside an MLmodel file that names this module
+as its loader (`loader_module`), so nothing is pickled, and loading needs the rnnlab package
+installed (`pip install -e <clone>`), as its requirements say.
+
+`predict` takes prefixes (a table with a `prefix` column, or a list of strings) and returns a
+table of the prefix as the model read it (normalised as its corpus) and its continuation. The
+params of `rnnlab.sampling.Options` (num_tokens, temperature, top_k, seed) are the signature's
+params, with the same defaults as `rnnlab generate`:
+
+    model.predict(["time traveller"], params={"temperature": 0.8, "seed": 1})
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import logging
+import time
+import typing
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+from unittest import mock
+
+import torch
+
+from rnnlab import __version__
+from rnnlab.errors import UserError
+from rnnlab.training.checkpoint import load_checkpoint
+from rnnlab.training.sampling import Options, continuation
+
+NAME = "model"            # the model's name in its run: runs:/<run id>/model
+CHECKPOINT = "best.pt"    # the checkpoint file inside the model's data folder
+_PARAM_TYPES = {int: "long", float: "double", bool | None: "boolean"}  # Options' field types
+
+
+class RNNLMPredictor:
+    """What `mlflow.pyfunc.load_model` returns the `predict` of (via `_load_pyfunc`)."""
+
+    def __init__(self, checkpoint: str | Path):
+        self.model, self.vocab, self.meta = load_checkpoint(checkpoint)
+        self.model.eval()
+
+    def predict(self, model_input, params: dict | None = None):
+        import pandas as pd
+
+        prefixes = _prefixes(model_input)
+        opts = Options(**{k: v for k, v in (params or {}).items() if v is not None})
+        gen = torch.Generator().manual_seed(opts.seed)
+        rows = [continuation(self.model, self.vocab, p, opts.num_tokens, opts.temperature or None,
+                             gen, opts.top_k, exclude_unk=opts.exclude_unk) for p in prefixes]
+        return pd.DataFrame(rows, columns=["prefix", "continuation"])
+
+
+def _load_pyfunc(data_path: str) -> RNNLMPredictor:
+    """MLflow's entry point for a `loader_module`: `data_path` is the model's data folder."""
+    path = Path(data_path)
+    return RNNLMPredictor(path / CHECKPOINT if path.is_dir() else path)
+
+
+def _prefixes(model_input) -> list[str]:
+    """Prefixes from a list of strings, a string, or a table (its `prefix` column, else its first)."""
+    if isinstance(model_input, str):
+        return [model_input]
+    if hasattr(model_input, "columns"):  # a pandas DataFrame
+        column = "prefix" if "prefix" in model_input.columns else model_input.columns[0]
+        return [str(v) for v in model_input[column]]
+    if isinstance(model_input, (list, tuple)) and all(isinstance(v, str) for v in model_input):
+        return list(model_input)
+    raise UserError(f"predict takes prefixes: a list of strings or a table with a 'prefix' "
+                    f"column, not {type(model_input).__name__}")
+
+
+def signature():
+    """Input: one string column (the prefixes: a list of strings is one); output: `prefix` and
+    `continuation`; params: the fields of Options, with their defaults."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    types = typing.get_type_hints(Options)
+    params = [ParamSpec(f.name, _PARAM_TYPES[types[f.name]], f.default)
+              for f in dataclasses.fields(Options)]
+    return ModelSignature(inputs=Schema([ColSpec("string")]),
+                          outputs=Schema([ColSpec("string", "prefix"), ColSpec("string", "continuation")]),
+                          params=ParamSchema(params))
+
+
+def requirements() -> list[str]:
+    """What loading it needs: this package and the versions it was trained with."""
+    import mlflow
+    import pandas
+
+    return [f"rnnlab=={__version__}", f"torch=={torch.__version__.split('+')[0]}",
+            f"mlflow=={mlflow.__version__}", f"pandas=={pandas.__version__}"]
+
+
+def log_model(checkpoint: str | Path, example: str) -> float:
+    """Log `checkpoint` as the active run's MLflow Model `model`, with `example` as its input
+    example; returns the seconds it took.
+
+    Two of MLflow's steps are made cheap, as a stage pays for them in training time: it checks
+    its input example by predicting, here 1 token (the example's params); and it checks that
+    this Python satisfies the requirements, by scanning every installed package's files (2.4 s
+    on a 2-core machine), which cannot fail here: they are read from this very Python."""
+    start = time.perf_counter()  # imports included: the stage pays for them too
+    import pandas as pd
+
+    pyfunc = importlib.import_module("mlflow.pyfunc")  # the module: mlflow.pyfunc is a lazy proxy
+    environment = importlib.import_module("mlflow.utils.environment")
+    example_input = (pd.DataFrame({"prefix": [example]}), {"num_tokens": 1})
+    no_check = lambda reqs: None  # noqa: E731
+    quiet = logging.getLogger("mlflow.pyfunc")  # its INFO "Validating input example ..."
+    with mock.patch.object(environment, "warn_dependency_requirement_mismatches", no_check), \
+            mock.patch.object(pyfunc, "warn_dependency_requirement_mismatches", no_check), \
+            quieted(quiet, logging.WARNING):
+        pyfunc.log_model(
+            name=NAME, loader_module=__name__, data_path=str(checkpoint),
+            signature=signature(), input_example=example_input, pip_requirements=requirements(),
+        )
+    return time.perf_counter() - start
+
+
+@contextmanager
+def quieted(logger: logging.Logger, level: int) -> Iterator[None]:
+    before = logger.level
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(before)

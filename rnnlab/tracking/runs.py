@@ -1,0 +1,192 @@
+"""MLflow: each stage execution records its numbers in a run of the experiment that executed it.
+
+Which run (docs/tracking.md, "Runs and DVC experiments"): `train@<v>` starts a new run, or
+continues its own resumed one; `evaluate@<v>` adds to the training run when that run was made by
+the same DVC experiment and has no evaluation yet, and otherwise (a training restored from DVC's
+cache, or evaluated before) gets a run of its own, linked by the tag `rnnlab.train_run_id`. No
+stage ever writes into a run of another experiment (`rnnlab.dvc_exp`).
+
+Where runs go comes from the environment: MLFLOW_TRACKING_URI, else a SQLite store `mlflow.db`
+at the repository root: DVC_ROOT, which DVC sets for every stage and points at the parent
+repository under `dvc exp run --temp` and queued experiments, else the working directory. A SQLite
+store keeps its artifacts beside it, in `mlruns/`. Parallel stages (`dvc queue start -j N`) take
+turns at a SQLite store under a file lock beside it (`mlflow.db.lock`): its creation and every
+write, so there is no schema race and no "database is locked". A tracking server that does not
+answer, or that refuses the login (MLFLOW_TRACKING_USERNAME / _PASSWORD), is reported before any
+training starts. A run that raises is ended FAILED; one stopped by Ctrl-C or SIGTERM is ended
+KILLED; none is left RUNNING.
+
+A server that stops answering during a run (restarted, say) loses nothing: the run's writes wait
+in order and are sent when it answers again, for up to `tracking.patience` seconds at the end of
+the stage; after that the stage fails with one error, and its resumable state lets `dvc repro`
+send what the run lacks (docs/team.md, "Faults").
+"""
+
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+from contextlib import AbstractContextManager, contextmanager
+from typing import Any, Iterator
+
+import requests
+
+from rnnlab.config import Tracking
+from rnnlab.errors import UserError
+from rnnlab.tracking.store import (
+    artifact_location,
+    check_reachable,
+    first_line,
+    is_refusal,
+    public_uri,
+    refusal_error,
+    server_gone,
+    store_lock,
+    tracking_uri,
+)
+from rnnlab.tracking.tracker import Tracker
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised so the run is closed as KILLED like Ctrl-C."""
+
+
+@contextmanager
+def tracked_run(cfg: Tracking, experiment: str, run_name: str, tags: dict[str, Any],
+                continue_run: str | None = None, evaluation: bool = False) -> Iterator[Tracker]:
+    """The MLflow run of one stage execution, for the block.
+
+    continue_run: a run this stage may add to (a resumed training's own run; for an evaluation,
+    the training run of its checkpoint). It is reopened only if `may_continue` allows; otherwise
+    a new run is started. `tags` are set on the run either way.
+
+    The run ends FINISHED when the block completes, FAILED when it raises, KILLED on Ctrl-C or
+    SIGTERM (SIGTERM then exits with status 143). A tracking server lost during the block is
+    reported as a UserError naming it.
+    """
+    if not cfg.enabled:
+        print("tracking: off (tracking.enabled: false in params.yaml); nothing goes to MLflow")
+        yield Tracker(None)
+        return
+    uri = tracking_uri()
+    check_reachable(uri)
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    mlflow.set_tracking_uri(uri)
+    name = cfg.experiment or experiment
+    tags = {k: str(v) for k, v in tags.items()}  # a server takes strings only (SQLite, anything)
+    lock = store_lock(uri)
+    try:
+        with lock:  # a new store is created here, by one stage at a time
+            run_id = continue_run if continue_run and may_continue(continue_run, evaluation) else None
+            run = mlflow.start_run(run_id=run_id,
+                                   experiment_id=None if run_id else _experiment_id(name, uri),
+                                   run_name=None if run_id else run_name, tags=tags)
+    except MlflowException as err:
+        if is_refusal(err):
+            raise refusal_error(err, uri, f"to add a run to experiment {name!r}", name) from None
+        raise
+    print(f"tracking: MLflow run {run.info.run_id} ({'reopened' if run_id else 'new'}) in "
+          f"experiment '{name}' at {public_uri(uri)}", flush=True)
+    on_main_thread = threading.current_thread() is threading.main_thread()  # signals: main only
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if on_main_thread else None
+    previous = previous if previous is not None else signal.SIG_DFL  # None: not set from Python
+    end = lambda status: _end_run(status, on_main_thread, previous, lock)  # noqa: E731
+    tracker = Tracker(run.info.run_id, reopened=bool(run_id), lock=lock, uri=uri)
+    try:
+        yield tracker
+        if not tracker.flush_patiently(cfg.patience):
+            raise UserError(
+                f"lost the MLflow tracking server at {public_uri(uri)}: it did not answer for "
+                f"{cfg.patience:g} s (tracking.patience), and run {run.info.run_id} lacks "
+                f"{', '.join(tracker.pending)}; this stage's work is kept (resumable state, "
+                "checkpoints): when the server is back, `dvc repro` sends what the run lacks")
+    except Terminated:
+        end("KILLED")
+        print(f"terminated (SIGTERM); MLflow run {run.info.run_id} ended KILLED", file=sys.stderr)
+        raise SystemExit(128 + signal.SIGTERM) from None
+    except KeyboardInterrupt:
+        end("KILLED")
+        raise
+    except BaseException as err:
+        end("FAILED")
+        if is_refusal(err):
+            raise refusal_error(err, uri, f"to write to run {run.info.run_id} of experiment "
+                                f"{name!r}", name) from None
+        if server_gone(err, uri):
+            raise UserError(f"lost the MLflow tracking server at {public_uri(uri)} during run "
+                            f"{run.info.run_id}: {first_line(err)}") from None
+        raise
+    else:
+        end("FINISHED")
+
+
+def may_continue(run_id: str, evaluation: bool = False) -> bool:
+    """Whether this stage execution may add to the run `run_id`: it exists, it belongs to the
+    DVC experiment now running (tag `rnnlab.dvc_exp`; none = the workspace's `dvc repro`), and,
+    for an evaluation, it holds no evaluation yet. Anything else gets a run of its own, so no
+    stage ever rewrites another experiment's record."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = mlflow.get_run(run_id)
+    except MlflowException:
+        return False  # the store was reset or changed
+    if run.info.lifecycle_stage == "deleted":
+        return False
+    tags = run.data.tags
+    if tags.get("rnnlab.dvc_exp") != os.environ.get("DVC_EXP_NAME"):
+        return False
+    return not (evaluation and tags.get("rnnlab.evaluated") == "true")
+
+
+def _end_run(status: str, on_main_thread: bool, previous, lock: AbstractContextManager) -> None:
+    """End the active run with `status`, deaf to a second SIGTERM meanwhile. Called while an
+    exception is on its way up, a store that cannot be reached is reported, not raised, so the
+    original error is the one shown."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    if on_main_thread:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        with lock:
+            mlflow.end_run(status)
+    except (MlflowException, requests.RequestException) as err:
+        if status == "FINISHED":
+            raise
+        print(f"tracking: could not mark the run {status} ({str(err).splitlines()[0]}); "
+              "it stays RUNNING in the store", file=sys.stderr)
+    finally:
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
+def _experiment_id(name: str, uri: str) -> str:
+    """The experiment's id, creating it (artifacts beside a SQLite store) if it is new."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        try:
+            return client.create_experiment(name, artifact_location=artifact_location(uri, name))
+        except MlflowException:
+            exp = client.get_experiment_by_name(name)  # created meanwhile by a parallel stage
+            if exp is None:
+                raise
+    if exp.lifecycle_stage == "deleted":
+        raise UserError(f"the MLflow experiment '{name}' at {uri} is deleted; restore it "
+                        f"(mlflow experiments restore --experiment-id {exp.experiment_id}) or "
+                        "set tracking.experiment in params.yaml to another name")
+    return exp.experiment_id

@@ -1,0 +1,280 @@
+"""The epoch loop: truncated BPTT, gradient clipping by global norm, perplexity.
+
+`run_epochs` is a generator: it trains one epoch at a time and yields its numbers, so the caller
+(stages/train.py) decides what to record and save between epochs. All the state that a resumed
+run needs lives in a `TrainState`, whose `snapshot()` is what a resumable checkpoint stores.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Iterator
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from rnnlab.config import Train
+from rnnlab.data.batches import SAMPLERS, min_tokens, num_batches
+from rnnlab.errors import UserError
+from rnnlab.fileio import repo_root
+from rnnlab.models.dispatch import detach_state
+from rnnlab.models.lm import RNNLM
+from rnnlab.training.threads import auto_threads
+
+MAX_LOSS = 700.0  # exp(700) is near float64's limit: a mean loss beyond it means divergence
+EVAL_CHUNK = 2048  # tokens per forward pass of `perplexity`: bounds memory, not the result
+
+
+@dataclass(frozen=True)
+class EpochResult:
+    epoch: int
+    train_ppl: float
+    val_ppl: float
+    tokens_per_sec: float  # training tokens per second of training (validation excluded)
+    grad_norm: float       # mean global gradient norm before clipping
+    clipped_frac: float    # fraction of steps whose gradient was clipped
+    lr: float              # learning rate at the end of the epoch
+    seconds: float         # wall time of the epoch, validation included
+    is_best: bool          # best validation perplexity so far
+
+
+@dataclass
+class TrainState:
+    model: RNNLM
+    optimizer: torch.optim.Optimizer
+    gen: torch.Generator                 # minibatch order and offsets
+    epoch: int = 0                       # epochs completed
+    history: list[dict] = field(default_factory=list)
+    best_val_ppl: float = math.inf
+    best_epoch: int = 0
+    lr_scale: float = 1.0                # lr_schedule plateau: the product of its decays so far
+
+    def snapshot(self) -> dict:
+        """Everything needed to continue after the last completed epoch, bit for bit."""
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "gen": self.gen.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "epoch": self.epoch,
+            "history": self.history,
+            "best_val_ppl": self.best_val_ppl,
+            "best_epoch": self.best_epoch,
+            "lr_scale": self.lr_scale,
+        }
+
+    def restore(self, snap: dict) -> None:
+        self.model.load_state_dict(snap["model"])
+        self.optimizer.load_state_dict(snap["optimizer"])
+        self.gen.set_state(snap["gen"])
+        torch.set_rng_state(snap["torch_rng"])
+        self.epoch = snap["epoch"]
+        self.history = list(snap["history"])
+        self.best_val_ppl = snap["best_val_ppl"]
+        self.best_epoch = snap["best_epoch"]
+        self.lr_scale = snap["lr_scale"]
+
+
+def prepare_torch(cfg: Train) -> torch.device:
+    """Apply the thread setting and pick the device. `auto` shares the cores among the trainings
+    that run at once (rnnlab/training/threads.py); it is chosen here, once, and kept for the whole run."""
+    if cfg.threads == "auto":
+        threads, why = auto_threads(repo_root())
+        torch.set_num_threads(threads)
+        print(f"threads: {threads} ({why})")
+    elif cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    return resolve_device(cfg.device)
+
+
+def resolve_device(name: str) -> torch.device:
+    """auto: CUDA when present, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("train.device = 'cuda' but no CUDA device is available; use auto or cpu")
+    return torch.device(name)
+
+
+def bf16_hardware(device: torch.device) -> bool:
+    """Whether `device` multiplies bfloat16 in hardware: a CUDA GPU that supports it, a CPU with
+    AMX or AVX512-BF16. Elsewhere oneDNN emulates it: 10x slower than float32 for rnn and gru on
+    an AMD EPYC with AVX2 (docs/benchmark.md), so `auto` leaves it off there."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+    return False
+
+
+def use_bf16(setting: bool | str, device: torch.device) -> bool:
+    """train.bf16 on `device`: true, false, or auto (where the hardware has it)."""
+    return bf16_hardware(device) if setting == "auto" else bool(setting)
+
+
+def make_optimizer(model: nn.Module, cfg: Train) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def new_state(model: RNNLM, cfg: Train) -> TrainState:
+    return TrainState(model, make_optimizer(model, cfg), torch.Generator().manual_seed(cfg.seed))
+
+
+def lr_at(cfg: Train, progress: float, epoch: int, scale: float = 1.0) -> float:
+    """Learning rate after `progress` (0..1) of the whole run, in `epoch` (from 1).
+
+    cosine  decays smoothly to 0 over the run, step by step
+    step    lr * lr_decay ** (epochs past lr_decay_after): Zaremba et al.'s "decay 0.5 after 4"
+    plateau lr * `scale`, the product of the decays after epochs that did not improve
+    """
+    if cfg.lr_schedule == "cosine":
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
+    if cfg.lr_schedule == "step":
+        return cfg.lr * cfg.lr_decay ** max(0, epoch - cfg.lr_decay_after)
+    if cfg.lr_schedule == "plateau":
+        return cfg.lr * scale
+    return cfg.lr
+
+
+def check_fits(n_tokens: int, cfg: Train) -> None:
+    """A training split too short for one minibatch is a settings mistake; say which."""
+    need = min_tokens(cfg.batch_size, cfg.num_steps)
+    if n_tokens < need:
+        raise UserError(
+            f"train.batch_size = {cfg.batch_size} with train.num_steps = {cfg.num_steps} needs at "
+            f"least {need:,} training tokens, but the training split has {n_tokens:,}; lower "
+            "batch_size or num_steps, or enlarge the split (tokenize.split.train, data.max_tokens)"
+        )
+
+
+def train_step(model: RNNLM, x: torch.Tensor, y: torch.Tensor, h, opt: torch.optim.Optimizer,
+               clip_theta: float, bf16: bool = False):
+    """One minibatch from state h (detached, or None): forward, loss, backward, clip, step.
+
+    Returns (new state, loss, gradient norm before clipping), all tensors: no host sync.
+    The benchmark (bench/benchmark.py) times exactly this function.
+    """
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        total, h = model.loss(x, y, h)  # summed over the batch's tokens
+        loss = total / y.numel()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    norm = nn.utils.clip_grad_norm_(model.parameters(), clip_theta)  # global L2 norm
+    opt.step()
+    return h, loss.detach(), norm
+
+
+def run_epochs(state: TrainState, train_ids: torch.Tensor, val_ids: torch.Tensor, cfg: Train,
+               device: torch.device) -> Iterator[EpochResult]:
+    """Train from `state.epoch + 1` to `cfg.epochs`, yielding each epoch's numbers."""
+    check_fits(len(train_ids), cfg)
+    model, opt = state.model, state.optimizer
+    train_ids, val_ids = train_ids.to(device), val_ids.to(device)
+    sampler = SAMPLERS[cfg.sampling]
+    per_epoch = num_batches(len(train_ids), cfg.batch_size, cfg.num_steps)
+    bf16 = use_bf16(cfg.bf16, device)
+
+    for epoch in range(state.epoch + 1, cfg.epochs + 1):
+        start = time.perf_counter()
+        model.train()
+        window, norms = [], []  # per-step tensors, looked at every 25 steps: few host syncs
+        loss_sum = torch.zeros((), device=device)
+        n_tokens, lr, h = 0, cfg.lr, None
+        batches = sampler(train_ids, cfg.batch_size, cfg.num_steps, state.gen)
+        for step, (x, y) in enumerate(tqdm(batches, total=per_epoch, leave=False, disable=None,
+                                           desc=f"epoch {epoch}", unit="batch"), start=1):
+            lr = lr_at(cfg, (epoch - 1 + step / per_epoch) / cfg.epochs, epoch, state.lr_scale)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            # sequential: carry the state across minibatches, detached to truncate BPTT;
+            # random: rows are unrelated to the previous minibatch's, so start from zeros.
+            h = detach_state(h) if (cfg.sampling == "sequential" and h is not None) else None
+            h, loss, norm = train_step(model, x, y, h, opt, cfg.clip_theta, bf16)
+            norms.append(norm)
+            window.append(loss)
+            n_tokens += y.numel()
+            if step % 25 == 0:
+                loss_sum += _checked_sum(window, epoch, step - len(window) + 1)
+                window = []
+        loss_sum += _checked_sum(window, epoch, len(norms) - len(window) + 1)
+        train_seconds = time.perf_counter() - start
+
+        norms_t = torch.stack(norms)
+        train_loss = float(loss_sum) / len(norms)  # every minibatch has the same size
+        val_ppl = perplexity(model, val_ids, device, bf16)
+        if not math.isfinite(val_ppl) or train_loss > MAX_LOSS:
+            raise UserError(
+                f"training diverged: after epoch {epoch} the training loss is {train_loss:.4g} and "
+                f"the validation perplexity {val_ppl:.4g}; lower train.lr or train.clip_theta and "
+                "run again (nothing of this epoch was saved)"
+            )
+        is_best = val_ppl < state.best_val_ppl
+        if is_best:
+            state.best_val_ppl, state.best_epoch = val_ppl, epoch
+        elif cfg.lr_schedule == "plateau":  # PyTorch's word_language_model: anneal when stuck
+            state.lr_scale *= cfg.lr_decay
+        result = EpochResult(
+            epoch=epoch,
+            train_ppl=math.exp(train_loss),
+            val_ppl=val_ppl,
+            tokens_per_sec=n_tokens / train_seconds,
+            grad_norm=float(norms_t.mean()),
+            clipped_frac=float((norms_t > cfg.clip_theta).float().mean()),
+            lr=lr,
+            seconds=time.perf_counter() - start,
+            is_best=is_best,
+        )
+        state.epoch = epoch
+        state.history.append(asdict(result))
+        yield result
+
+
+def _checked_sum(losses: list[torch.Tensor], epoch: int, first_step: int) -> torch.Tensor | float:
+    """Sum of the steps' losses; stop at once on a NaN or infinite one, naming where it was."""
+    if not losses:
+        return 0.0
+    stacked = torch.stack(losses)
+    bad = (~torch.isfinite(stacked)).nonzero()
+    if len(bad):
+        i = int(bad[0, 0])
+        raise UserError(
+            f"training diverged: the loss became {float(stacked[i]):g} at epoch {epoch}, step "
+            f"{first_step + i}; lower train.lr or train.clip_theta and run again "
+            "(nothing of this epoch was saved)"
+        )
+    return stacked.sum()
+
+
+@torch.no_grad()
+def perplexity(model: RNNLM, ids: torch.Tensor, device: torch.device | None = None,
+               bf16: bool = False, chunk: int = EVAL_CHUNK) -> float:
+    """exp(mean next-token cross-entropy) over `ids`: the held-out protocol (docs/evaluation.md).
+
+    The whole split is read as ONE sequence (batch 1) from a zero state, left to right with the
+    state carried, so every token after the first is predicted once, from all the text before it.
+    Nothing depends on the training settings (batch size, steps), so every variant is scored on
+    the same predictions. `chunk` bounds memory only: the state carried from chunk to chunk
+    makes the result the same for any chunk length (up to float rounding).
+    """
+    was_training = model.training
+    model.eval()
+    device = device or next(model.parameters()).device
+    ids = ids.to(device)
+    n = len(ids) - 1  # predictions: every token after the first
+    if n < 1:
+        raise ValueError(f"perplexity needs at least 2 tokens (one input, one target), got {len(ids)}")
+    total, h = torch.zeros((), dtype=torch.float64, device=device), None
+    for i in range(0, n, chunk):
+        j = min(i + chunk, n)
+        x, y = ids[i:j][None], ids[i + 1 : j + 1][None]  # (1, steps): inputs, their next tokens
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss, h = model.loss(x, y, h)  # h carried: chunking changes nothing
+        total += loss.double()  # bf16 logits are scored in float32, float64 models in float64
+    model.train(was_training)
+    mean = float(total) / n
+    return math.exp(mean) if mean <= MAX_LOSS else math.inf

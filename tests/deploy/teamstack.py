@@ -1,0 +1,101 @@
+"""A real team stack for tests: `python -m deploy.stack up` in a temporary TEAM_DIR on free ports.
+
+    with team_stack(tmp_path / "team") as team:
+        team.env        # the `export` lines `up` printed, as a dict (the member user's login)
+        team.stack      # deploy.settings.Stack: ports, admin password, ...
+        team.cli("user", "bob")   # any deploy.stack command, output parsed when it exports
+
+PostgreSQL, moto's S3 server and `mlflow server --app-name basic-auth` run as the real programs;
+`down` runs at the end whatever happens.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from deploy.settings import Paths, Stack, free_port, load_stack
+
+PROJECT = Path(__file__).resolve().parents[2]
+QUIET = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", "DVC_NO_ANALYTICS": "1"}
+
+
+def parse_exports(text: str) -> dict[str, str]:
+    """`export NAME=value` lines (shell-quoted) as a dict; comments and other lines ignored."""
+    env = {}
+    for line in text.splitlines():
+        if line.startswith("export "):
+            name, _, value = line.removeprefix("export ").partition("=")
+            env[name] = shlex.split(value)[0] if value else ""
+    return env
+
+
+@dataclass
+class TeamStack:
+    root: Path
+    base_env: dict[str, str]
+    env: dict[str, str]
+    up_output: subprocess.CompletedProcess
+
+    @property
+    def paths(self) -> Paths:
+        return Paths(self.root)
+
+    @property
+    def stack(self) -> Stack:
+        return load_stack(self.paths)
+
+    def cli(self, *args: str, cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:
+        """Run `python -m deploy.stack ARGS` against this stack (from its own folder, which is no
+        DVC repository, so `up` adds no remote anywhere)."""
+        result = subprocess.run([sys.executable, "-m", "deploy.stack", *args], cwd=cwd or self.root,
+                                env=self.base_env, capture_output=True, text=True, timeout=300)
+        if check and result.returncode != 0:
+            raise AssertionError(f"deploy.stack {' '.join(args)} failed:\n{result.stderr}")
+        return result
+
+    def user_env(self, name: str) -> dict[str, str]:
+        """A new user's environment (what `deploy.stack user NAME` prints)."""
+        return parse_exports(self.cli("user", name).stdout)
+
+
+
+def shell_env(login: dict[str, str], **extra: str) -> dict[str, str]:
+    """A user's shell: this process's environment without its MLflow, DVC or AWS settings, then
+    `login` (a stack's exports) and `extra` on top."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_", "AWS_"))}
+    return {**env, **QUIET, **login, **extra}
+
+
+def stack_env(root: Path) -> dict[str, str]:
+    env = {**os.environ, **QUIET, "TEAM_DIR": str(root)}
+    for name in ("POSTGRES", "S3", "MLFLOW"):
+        env[f"TEAM_{name}_PORT"] = str(free_port())
+    # PYTHONPATH: `python -m deploy.stack` from any working directory
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT), env.get("PYTHONPATH")]))
+    return env
+
+
+@contextmanager
+def team_stack(root: Path, cwd: Path | None = None) -> Iterator[TeamStack]:
+    """Start the stack under `root` (made readable for PostgreSQL's user) and stop it after."""
+    root.parent.mkdir(parents=True, exist_ok=True)
+    for parent in [root.parent, *root.parent.parents]:  # let `postgres` reach its data folder
+        if parent.stat().st_uid == os.geteuid() and str(parent).startswith(("/tmp", "/var/tmp")):
+            parent.chmod(parent.stat().st_mode | 0o011)
+    env = stack_env(root)
+    up = subprocess.run([sys.executable, "-m", "deploy.stack", "up"], cwd=cwd or root.parent,
+                        env=env, capture_output=True, text=True, timeout=300)
+    try:
+        if up.returncode != 0:
+            raise AssertionError(f"deploy.stack up failed:\n{up.stderr}")
+        yield TeamStack(root, env, parse_exports(up.stdout), up)
+    finally:
+        subprocess.run([sys.executable, "-m", "deploy.stack", "down"], env=env,
+                       capture_output=True, timeout=120)

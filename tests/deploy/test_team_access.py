@@ -1,0 +1,427 @@
+"""Who may do what on the team's MLflow server, proved against the real stack.
+
+One `python -m deploy.stack up` (PostgreSQL, moto's S3 server, `mlflow server --app-name
+basic-auth` with default_permission READ; tests/teamstack.py) is shared by every slow test here,
+on free ports in a temporary folder. They show that:
+
+1. the server refuses a request without credentials, or with a wrong password, with 401;
+2. a second user (bob) can read the member's experiment but cannot rename or delete it, nor tag,
+   log to, update or delete its runs (403 each); once an admin grants him EDIT he can write to the
+   runs (MLflow's EDIT also lets him rename the experiment), but deleting a run or the experiment
+   still takes MANAGE;
+3. a pipeline stage (`python -m stages.train`) that is refused prints exactly one `error:` line,
+   no traceback, and exits 2: a wrong password (or none) names 401, the server and
+   MLFLOW_TRACKING_PASSWORD; bob writing into the member's experiment names 403, the experiment
+   and the `deploy.stack grant` command that fixes it;
+4. no password leaks: after the member's real training run (its MLFLOW_TRACKING_URI even carries
+   the password as userinfo), neither the member's, bob's nor the admin's password is in any file
+   of the small project (params, outputs, the stage's captured output), in the run's params, tags,
+   inputs or artifacts, in the files git tracks, or in the stack's server logs; the printed URIs
+   (ours and MLflow's "View run at") carry no login.
+
+A fast unit test checks `rnnlab.tracking.public_uri` and `refusal_error` without a server.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+from deploy.postgres import pg_bin
+from rnnlab.errors import UserError
+from rnnlab.tracking.store import public_uri, refusal_error
+from tests.conftest import shipped_params
+from tests.deploy.teamstack import TeamStack, shell_env, team_stack
+
+ROOT = Path(__file__).resolve().parents[2]
+EXPERIMENT = "team-access"          # the member's training runs go here (tracking.experiment)
+VARIANT = "rnn"
+WRONG = "not-the-password"
+
+
+def postgres_missing() -> bool:
+    try:
+        pg_bin()
+        return False
+    except UserError:
+        return True
+
+
+needs_stack = pytest.mark.skipif(postgres_missing(),
+                                 reason="PostgreSQL's server programs are not installed")
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def api(team: TeamStack, method: str, path: str, auth: tuple[str, str] | None,
+        **kw) -> requests.Response:
+    """One REST call to the tracking server, as `auth` (user, password) or anonymously."""
+    return requests.request(method, f"{team.env['MLFLOW_TRACKING_URI']}/api/2.0/mlflow/{path}",
+                            auth=auth, timeout=30, **kw)
+
+
+def login(env: dict[str, str]) -> tuple[str, str]:
+    return env["MLFLOW_TRACKING_USERNAME"], env["MLFLOW_TRACKING_PASSWORD"]
+
+
+def admin(team: TeamStack) -> tuple[str, str]:
+    return "admin", team.stack.admin_password
+
+
+def member_experiment(team: TeamStack, name: str) -> tuple[str, str]:
+    """An experiment the member creates, with one run in it: (experiment id, run id)."""
+    member = login(team.env)
+    r = api(team, "POST", "experiments/create", member, json={"name": name})
+    assert r.ok, r.text
+    exp_id = r.json()["experiment_id"]
+    r = api(team, "POST", "runs/create", member,
+            json={"experiment_id": exp_id, "start_time": int(time.time() * 1000)})
+    assert r.ok, r.text
+    return exp_id, r.json()["run"]["info"]["run_id"]
+
+
+def changes(exp_id: str, run_id: str, name: str) -> dict[str, tuple[str, dict]]:
+    """Every way of changing an experiment or its runs that the tests try, as REST calls."""
+    return {
+        "rename experiment": ("experiments/update", {"experiment_id": exp_id, "new_name": name + "-x"}),
+        "delete experiment": ("experiments/delete", {"experiment_id": exp_id}),
+        "set tag": ("runs/set-tag", {"run_id": run_id, "key": "by", "value": "bob"}),
+        "log metric": ("runs/log-metric", {"run_id": run_id, "key": "loss", "value": 1.5,
+                                           "timestamp": int(time.time() * 1000), "step": 0}),
+        "update run": ("runs/update", {"run_id": run_id, "status": "FINISHED"}),
+        "delete run": ("runs/delete", {"run_id": run_id}),
+    }
+
+
+def get_run(team: TeamStack, run_id: str) -> dict:
+    r = api(team, "GET", "runs/get", admin(team), params={"run_id": run_id})
+    assert r.ok, r.text
+    return r.json()["run"]
+
+
+def get_experiment(team: TeamStack, exp_id: str) -> dict:
+    r = api(team, "GET", "experiments/get", admin(team), params={"experiment_id": exp_id})
+    assert r.ok, r.text
+    return r.json()["experiment"]
+
+
+def stage_env(project: Path, tracking: dict[str, str]) -> dict[str, str]:
+    """A stage's environment: no inherited MLflow, DVC or AWS settings; `tracking`'s on top."""
+    return shell_env({}, PYTHONUNBUFFERED="1", DVC_ROOT=str(project),
+                     PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+                     **tracking)
+
+
+def run_stage(project: Path, module: str, *args, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """`python -m stages.MODULE ARGS` in the small project's folder."""
+    return subprocess.run([sys.executable, "-m", f"stages.{module}", *map(str, args)], cwd=project,
+                          env=env, capture_output=True, text=True, timeout=300)
+
+
+def train(project: Path, out: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """The real train stage on the project's tokens, writing under project/OUT; its output is
+    kept in project/OUT/stdout.txt and stderr.txt (files the leak test reads too)."""
+    folder = project / out
+    proc = run_stage(project, "train", "--params", "params.yaml", "--variant", VARIANT,
+                     "--data", "tokens", "--out", folder / "model", "--curves", folder / "curves.csv",
+                     "--work", folder / "work", env=env)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "stdout.txt").write_text(proc.stdout)
+    (folder / "stderr.txt").write_text(proc.stderr)
+    return proc
+
+
+def ok(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+def the_error(proc: subprocess.CompletedProcess) -> str:
+    """The one `error:` line of a refused stage, checked: exit 2, no traceback, one line."""
+    assert proc.returncode == 2, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, proc.stderr
+    return errors[0]
+
+
+def leaks(data: bytes | str, secrets: dict[str, str]) -> list[str]:
+    """The names of the secrets that occur in `data`."""
+    blob = data.encode() if isinstance(data, str) else data
+    return [name for name, value in secrets.items() if value.encode() in blob]
+
+
+def leaks_in_files(files, secrets: dict[str, str]) -> dict[str, list[str]]:
+    found = {}
+    for path in files:
+        if path.is_file() and (names := leaks(path.read_bytes(), secrets)):
+            found[str(path)] = names
+    return found
+
+
+# ---------------------------------------------------------------------------------------------
+# fixtures: one stack, one user bob, one small project, one tracked training of the member
+
+
+@pytest.fixture(scope="module")
+def team(tmp_path_factory) -> TeamStack:
+    with team_stack(tmp_path_factory.mktemp("team") / "stack") as stack:
+        yield stack
+
+
+@pytest.fixture(scope="module")
+def bob(team) -> dict[str, str]:
+    """A second user's environment; default_permission READ is all he has."""
+    return team.user_env("bob")
+
+
+@pytest.fixture(scope="module")
+def secrets(team, bob) -> dict[str, str]:
+    return {"the member's password": team.env["MLFLOW_TRACKING_PASSWORD"],
+            "the admin's password": team.stack.admin_password,
+            "bob's password": bob["MLFLOW_TRACKING_PASSWORD"]}
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    """A small project: params.yaml for a training of seconds (2000 characters, 8 hidden units,
+    1 epoch, 1 thread, runs into experiment EXPERIMENT) and its tokens, made by the real download
+    and tokenize stages."""
+    folder = tmp_path_factory.mktemp("project")
+    params = shipped_params({
+        "data": {"corpus": "timemachine", "max_tokens": 2000},
+        "tokenize": {"token": "char"},
+        "train": {"num_steps": 8, "hidden_size": 8, "batch_size": 4, "epochs": 1, "device": "cpu",
+                  "threads": 1},
+        "variants": {VARIANT: {"cell": "rnn"}},
+        "tracking": {"enabled": True, "experiment": EXPERIMENT, "patience": 0, "register": None},
+    })
+    (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = stage_env(folder, {})
+    ok(run_stage(folder, "download", "--out", "raw", env=env))
+    ok(run_stage(folder, "tokenize", "--raw", "raw", "--out", "tokens", env=env))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def member_run(team, project) -> tuple[subprocess.CompletedProcess, str]:
+    """The member's training, tracked to the server: (the stage's result, the MLflow run id).
+    MLFLOW_TRACKING_URI carries the login as userinfo as well, as some people set it."""
+    user, password = login(team.env)
+    uri = team.env["MLFLOW_TRACKING_URI"].replace("http://", f"http://{user}:{password}@")
+    proc = train(project, "member", stage_env(project, {**team.env, "MLFLOW_TRACKING_URI": uri}))
+    found = re.search(r"tracking: MLflow run (\w+) \(new\)", ok(proc))
+    assert found, proc.stdout
+    return proc, found.group(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. authentication
+
+
+@needs_stack
+@pytest.mark.slow
+@pytest.mark.parametrize("who", ["no credentials", "a wrong password", "an unknown user"])
+def test_a_request_without_a_valid_login_is_refused_with_401(team, who):
+    auth = {"no credentials": None,
+            "a wrong password": (team.env["MLFLOW_TRACKING_USERNAME"], WRONG),
+            "an unknown user": ("mallory", WRONG)}[who]
+    r = api(team, "GET", "experiments/search", auth, params={"max_results": 1})
+    assert r.status_code == 401, r.text
+    assert api(team, "GET", "experiments/search", login(team.env),
+               params={"max_results": 1}).status_code == 200  # the same request with the login
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. authorization: bob and the member's experiment
+
+
+@needs_stack
+@pytest.mark.slow
+def test_another_user_can_read_but_not_change_the_members_experiment_or_runs(team, bob):
+    name = "member-notes"
+    exp_id, run_id = member_experiment(team, name)
+    assert api(team, "GET", "runs/get", login(bob), params={"run_id": run_id}).status_code == 200
+
+    refused = {what: api(team, "POST", path, login(bob), json=body).status_code
+               for what, (path, body) in changes(exp_id, run_id, name).items()}
+    assert refused == dict.fromkeys(refused, 403)
+    new_run = api(team, "POST", "runs/create", login(bob), json={"experiment_id": exp_id})
+    assert new_run.status_code == 403
+
+    experiment, run = get_experiment(team, exp_id), get_run(team, run_id)  # and nothing changed
+    assert (experiment["name"], experiment["lifecycle_stage"]) == (name, "active")
+    assert (run["info"]["status"], run["info"]["lifecycle_stage"]) == ("RUNNING", "active")
+    assert "by" not in {t["key"] for t in run["data"].get("tags", [])}
+    assert not run["data"].get("metrics")
+
+
+@needs_stack
+@pytest.mark.slow
+def test_edit_lets_another_user_write_to_the_runs_and_only_manage_lets_him_delete(team, bob):
+    name = "member-shared"
+    exp_id, run_id = member_experiment(team, name)
+    team.cli("grant", "bob", name, "EDIT")
+    calls = changes(exp_id, run_id, name)
+
+    def as_bob(what: str) -> int:
+        path, body = calls[what]
+        return api(team, "POST", path, login(bob), json=body).status_code
+
+    assert [as_bob(w) for w in ("set tag", "log metric", "update run")] == [200, 200, 200]
+    assert api(team, "POST", "runs/create", login(bob), json={"experiment_id": exp_id}).ok
+    run = get_run(team, run_id)
+    assert {"key": "by", "value": "bob"} in run["data"]["tags"]
+    assert [m["key"] for m in run["data"]["metrics"]] == ["loss"]
+    assert run["info"]["status"] == "FINISHED"
+    # MLflow's EDIT is can_update on the experiment itself too: bob may rename it (renamed back).
+    assert as_bob("rename experiment") == 200
+    assert api(team, "POST", "experiments/update", login(bob),
+               json={"experiment_id": exp_id, "new_name": name}).ok
+    # Deleting takes can_delete, which only MANAGE has.
+    assert (as_bob("delete run"), as_bob("delete experiment")) == (403, 403)
+    assert get_run(team, run_id)["info"]["lifecycle_stage"] == "active"
+
+    team.cli("grant", "bob", name, "MANAGE")  # bob has EDIT already: the grant changes it
+    assert as_bob("delete run") == 200
+    assert get_run(team, run_id)["info"]["lifecycle_stage"] == "deleted"
+    assert as_bob("delete experiment") == 200
+    assert get_experiment(team, exp_id)["lifecycle_stage"] == "deleted"
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. a refused stage: one line, no traceback, exit 2
+
+
+@needs_stack
+@pytest.mark.slow
+@pytest.mark.parametrize("password", [WRONG, None], ids=["wrong password", "no credentials"])
+def test_a_stage_refused_its_login_says_401_and_what_to_set(team, project, password):
+    env = {**team.env, "MLFLOW_TRACKING_PASSWORD": password}
+    if password is None:  # no login at all
+        del env["MLFLOW_TRACKING_USERNAME"], env["MLFLOW_TRACKING_PASSWORD"]
+    out = "refused-401-" + ("password" if password else "anonymous")
+    error = the_error(train(project, out, stage_env(project, env)))
+    assert "401" in error and team.env["MLFLOW_TRACKING_URI"] in error
+    assert "MLFLOW_TRACKING_USERNAME" in error and "MLFLOW_TRACKING_PASSWORD" in error
+    if password:
+        assert f"user {team.env['MLFLOW_TRACKING_USERNAME']!r}" in error and WRONG not in error
+    assert not (project / out / "model").exists()  # refused before training
+
+
+@needs_stack
+@pytest.mark.slow
+def test_a_stage_writing_into_another_members_experiment_says_403_and_how_to_get_access(
+        team, project, bob, member_run):
+    error = the_error(train(project, "refused-403", stage_env(project, bob)))
+    assert "403" in error and team.env["MLFLOW_TRACKING_URI"] in error
+    assert f"experiment {EXPERIMENT!r}" in error and "user 'bob'" in error
+    assert f"python -m deploy.stack grant bob {EXPERIMENT} EDIT" in error
+    assert "tracking.experiment" in error
+    # bob left no run behind in the member's experiment
+    exp = api(team, "GET", "experiments/get-by-name", admin(team),
+              params={"experiment_name": EXPERIMENT}).json()["experiment"]
+    runs = api(team, "POST", "runs/search", admin(team),
+               json={"experiment_ids": [exp["experiment_id"]]}).json().get("runs", [])
+    assert [r["info"]["run_id"] for r in runs] == [member_run[1]]
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. no credential leaks
+
+
+@needs_stack
+@pytest.mark.slow
+def test_a_login_in_the_uri_is_taken_out_of_everything_printed(team, member_run):
+    """The stage moves the URI's userinfo to MLFLOW_TRACKING_USERNAME / _PASSWORD, so neither its
+    own line nor MLflow's "View run at ..." links carry it."""
+    proc, run_id = member_run
+    user, port = team.env["MLFLOW_TRACKING_USERNAME"], team.stack.mlflow_port
+    assert f"run {run_id} (new) in experiment '{EXPERIMENT}' at http://127.0.0.1:{port}" in proc.stdout
+    assert f"{user}:" not in proc.stdout + proc.stderr
+    assert team.env["MLFLOW_TRACKING_PASSWORD"] not in proc.stdout + proc.stderr
+
+
+@needs_stack
+@pytest.mark.slow
+def test_no_password_in_the_projects_files(project, member_run, secrets):
+    files = sorted(project.rglob("*"))
+    assert project / "member" / "model" / "best.pt" in files  # the training's outputs are there
+    assert (project / "member" / "stdout.txt").read_text()   # and what it printed
+    assert leaks_in_files(files, secrets) == {}
+
+
+@needs_stack
+@pytest.mark.slow
+def test_no_password_in_the_runs_params_tags_inputs_or_artifacts(team, member_run, secrets,
+                                                                 tmp_path, monkeypatch):
+    import mlflow
+
+    for name, value in team.env.items():
+        monkeypatch.setenv(name, value)
+    client = mlflow.MlflowClient(team.env["MLFLOW_TRACKING_URI"])
+    run = client.get_run(member_run[1])
+    assert run.data.params and run.data.tags and run.inputs.dataset_inputs  # there is something to read
+    record = {"params": run.data.params, "tags": run.data.tags, "run_name": run.info.run_name,
+              "artifact_uri": run.info.artifact_uri,
+              "inputs": [(d.dataset.name, d.dataset.source, d.dataset.profile, d.dataset.schema)
+                         for d in run.inputs.dataset_inputs]}
+    assert leaks(json.dumps(record), secrets) == []
+    artifacts = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, dst_path=str(tmp_path),
+                                                         tracking_uri=team.env["MLFLOW_TRACKING_URI"]))
+    files = [p for p in artifacts.rglob("*") if p.is_file()]
+    assert files
+    assert leaks_in_files(files, secrets) == {}
+
+
+@needs_stack
+@pytest.mark.slow
+def test_no_password_in_the_repositorys_files_or_the_stacks_logs(team, member_run, secrets):
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                            cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    files = [ROOT / name for name in listed.split("\0") if name]
+    assert ROOT / "deploy" / "stack.py" in files
+    assert leaks_in_files(files, secrets) == {}
+    logs = sorted(team.paths.logs.glob("*.log"))
+    assert team.paths.log("mlflow") in logs
+    assert leaks_in_files(logs, secrets) == {}
+
+
+# ---------------------------------------------------------------------------------------------
+# fast: what a refusal or a URI shows, without a server
+
+
+@pytest.mark.parametrize("uri, shown", [
+    ("http://ann:s3cret@127.0.0.1:5050", "http://ann:***@127.0.0.1:5050"),
+    ("https://ann:s3cret@mlflow.example.org/base/?x=1", "https://ann:***@mlflow.example.org/base/?x=1"),
+    ("http://ann@127.0.0.1:5050", "http://ann@127.0.0.1:5050"),
+    ("http://127.0.0.1:5050", "http://127.0.0.1:5050"),
+    ("http://ann:s3cret@[::1]:5050/x", "http://ann:***@[::1]:5050/x"),
+    ("sqlite:////tmp/mlflow.db", "sqlite:////tmp/mlflow.db"),
+])
+def test_public_uri_hides_only_the_password(uri, shown):
+    assert public_uri(uri) == shown
+
+
+@pytest.mark.parametrize("code, status", [("UNAUTHENTICATED", "401"), ("PERMISSION_DENIED", "403")])
+def test_a_refusal_names_the_server_but_not_the_password_in_its_uri(monkeypatch, code, status):
+    class Refused(Exception):
+        error_code = code
+
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "ann")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "s3cret")
+    message = str(refusal_error(Refused(), "http://ann:s3cret@127.0.0.1:5050", "to add a run",
+                                "shared"))
+    assert "http://ann:***@127.0.0.1:5050" in message and status in message
+    assert "s3cret" not in message and len(message.splitlines()) == 1

@@ -1,0 +1,272 @@
+"""The training loop: clipping, determinism, divergence, checkpoints, sampling.
+(The perplexity protocol itself: tests/test_evaluation.py.)"""
+
+import copy
+from itertools import islice
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rnnlab.config import Train
+from rnnlab.data.vocab import Vocab, build_vocab
+from rnnlab.errors import UserError
+from rnnlab.models.lm import ModelConfig, build_model
+from rnnlab.training.checkpoint import load_checkpoint, save_checkpoint
+from rnnlab.training.loop import new_state, perplexity, run_epochs, train_step, use_bf16
+from rnnlab.training.sampling import continue_text, prefix_tokens
+from tests.conftest import shipped
+
+VOCAB = build_vocab(list("the time traveller was expounding a recondite matter to us "))
+IDS = torch.as_tensor(VOCAB.encode(list("the time traveller was expounding a recondite matter to us " * 30)))
+
+
+def tiny(cell="rnn", impl="torch", seed=0, **kw):
+    torch.manual_seed(seed)
+    return build_model(ModelConfig(vocab_size=len(VOCAB), cell=cell, impl=impl, hidden_size=16, **kw))
+
+
+def cfg(**kw):
+    """params.yaml's train section with tiny settings; the constant lr these tests were written for."""
+    base = dict(lr=0.01, clip_theta=1.0, num_steps=8, batch_size=4, epochs=2, optimizer="adam",
+                lr_schedule="constant", device="cpu", threads=1)
+    return shipped(Train, **{**base, **kw})
+
+
+def train(model, c):
+    state = new_state(model, c)
+    return list(run_epochs(state, IDS, IDS[:200], c, torch.device("cpu"))), state
+
+
+@pytest.mark.parametrize("theta, clipped", [(0.05, True), (1e6, False)])
+def test_train_step_moves_the_weights_by_lr_times_the_clipped_gradient(theta, clipped):
+    """Our training step: the update (SGD) is lr x the gradient scaled to norm theta when its
+    global norm is larger, the gradient itself otherwise; it returns the norm before clipping."""
+    model = tiny(cell="gru")
+    x, y = IDS[:32].view(4, 8), IDS[1:33].view(4, 8)
+    reference = copy.deepcopy(model)  # the same loss and gradient, by hand
+    loss = F.cross_entropy(reference(x)[0].flatten(0, 1), y.flatten())
+    grads = torch.autograd.grad(loss, list(reference.parameters()))
+    norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads))
+    scale = theta / float(norm) if clipped else 1.0
+    assert (float(norm) > theta) == clipped
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    _, step_loss, step_norm = train_step(model, x, y, None, opt, theta)
+    assert float(step_loss) == pytest.approx(loss.item(), rel=1e-6)
+    assert float(step_norm) == pytest.approx(float(norm), rel=1e-5)
+    for p, p0, g in zip(model.parameters(), before, grads):
+        torch.testing.assert_close(p0 - p.detach(), 0.1 * scale * g, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("sampling", ["sequential", "random"])
+@pytest.mark.parametrize("cell,impl", [("rnn", "scratch"), ("gru", "torch"), ("lstm", "torch")])
+def test_training_lowers_perplexity_and_reruns_identically(cell, impl, sampling):
+    c = cfg(sampling=sampling, epochs=3)
+    results, _ = train(tiny(cell, impl), c)
+    again, _ = train(tiny(cell, impl), c)
+    assert results[-1].val_ppl < results[0].val_ppl < len(VOCAB)
+    for a, b in zip(results, again):
+        assert (a.train_ppl, a.val_ppl, a.grad_norm) == (b.train_ppl, b.val_ppl, b.grad_norm)
+    assert all(0 <= r.clipped_frac <= 1 for r in results)
+
+
+def test_each_epochs_val_ppl_is_the_evaluation_protocols():
+    """run_epochs scores validation as evaluate does (batch 1, whole split), whatever the
+    training batches: the best epoch's val_ppl is what evaluate reports for its checkpoint."""
+    for batch_size, num_steps in [(4, 8), (8, 5)]:
+        results, state = train(tiny(), cfg(epochs=1, batch_size=batch_size, num_steps=num_steps))
+        assert results[-1].val_ppl == perplexity(state.model, IDS[:200])
+
+
+def test_resume_from_snapshot_matches_an_uninterrupted_run():
+    c = cfg(epochs=4, dropout=0.1, lr_schedule="cosine")
+    full, _ = train(tiny(), c)
+    state = new_state(tiny(), c)
+    first = list(islice(run_epochs(state, IDS, IDS[:200], c, torch.device("cpu")), 2))
+    snap = state.snapshot()
+    later = new_state(tiny(seed=99), c)       # different weights, restored from the snapshot
+    later.restore(snap)
+    rest = list(run_epochs(later, IDS, IDS[:200], c, torch.device("cpu")))
+    assert [r.val_ppl for r in first + rest] == [r.val_ppl for r in full]
+
+
+def test_divergence_stops_with_epoch_and_step():
+    model = tiny()
+    with torch.no_grad():
+        next(model.parameters()).fill_(float("nan"))
+    with pytest.raises(UserError, match=r"diverged.*epoch 1, step 1.*lower train.lr"):
+        train(model, cfg())
+
+
+def test_batch_too_large_for_the_split_is_named():
+    with pytest.raises(UserError, match=r"train.batch_size = 500.*needs at least"):
+        train(tiny(), cfg(batch_size=500))
+
+
+def test_checkpoint_round_trip_and_mismatches(tmp_path):
+    model = tiny("lstm", num_layers=2)
+    save_checkpoint(tmp_path / "best.pt", model, VOCAB, epoch=3)
+    back, vocab, meta = load_checkpoint(tmp_path / "best.pt", VOCAB)
+    assert meta["epoch"] == 3 and vocab == VOCAB
+    x = IDS[:20][None]
+    assert torch.equal(back(x)[0], model(x)[0])
+    # another vocabulary
+    other = build_vocab(list("abc"))
+    with pytest.raises(UserError, match="another vocabulary"):
+        load_checkpoint(tmp_path / "best.pt", other)
+    # truncated file
+    data = (tmp_path / "best.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError, match="truncated or corrupt"):
+        load_checkpoint(tmp_path / "cut.pt")
+    # weights of another variant under this config
+    payload = torch.load(tmp_path / "best.pt", weights_only=True)
+    payload["state_dict"] = tiny("gru").state_dict()
+    torch.save(payload, tmp_path / "mixed.pt")
+    with pytest.raises(UserError, match="do not fit the model config"):
+        load_checkpoint(tmp_path / "mixed.pt")
+    with pytest.raises(UserError, match="not found"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_greedy_prediction_is_deterministic_and_unknowns_warn(capsys):
+    model = tiny()
+    a = continue_text(model, VOCAB, "time", 10)
+    assert a.startswith("time") and len(a) == 14 and a == continue_text(model, VOCAB, "time", 10)
+    sampled = continue_text(model, VOCAB, "time", 10, 0.8, torch.Generator().manual_seed(0))
+    assert sampled == continue_text(model, VOCAB, "time", 10, 0.8, torch.Generator().manual_seed(0))
+    capsys.readouterr()
+    tokens = prefix_tokens(VOCAB, "TIME")  # VOCAB: plain text, nothing is lower-cased
+    assert "'T', 'I', 'M', 'E' not in the vocabulary" in capsys.readouterr().err
+    assert VOCAB.encode(tokens).tolist() == [0, 0, 0, 0]
+    assert continue_text(model, VOCAB, "TIME", 3, warn=False).startswith("TIME")  # as given
+
+
+BOOK = Vocab(VOCAB.tokens, VOCAB.freqs, "char", normalize="book", join_lines="space")
+BOOK_WORDS = build_vocab("the time traveller was here".split(), token_type="word", normalize="book")
+
+
+@pytest.mark.parametrize("vocab,prefix,tokens", [
+    (BOOK, "Time Traveller!", list("time traveller")),
+    (BOOK, "  THE\nTime  ", list("the time")),  # lines joined with a space, as the corpus's
+    (BOOK_WORDS, "Time-Traveller!", ["time", "traveller"]),
+    (VOCAB, " time\n", list("time")),           # plain: only the line joining (ends stripped)
+])
+def test_prefixes_become_tokens_as_the_corpus_did(vocab, prefix, tokens):
+    assert prefix_tokens(vocab, prefix) == tokens
+
+
+def test_generated_text_starts_with_the_normalised_prefix():
+    text = continue_text(tiny(), BOOK, "Time Traveller!", 5)
+    assert text.startswith("time traveller") and len(text) == len("time traveller") + 5
+    model = build_model(ModelConfig(len(BOOK_WORDS), "rnn", "torch", hidden_size=8))
+    words = continue_text(model, BOOK_WORDS, "Time-Traveller!", 5).split(" ")
+    assert words[:2] == ["time", "traveller"] and len(words) == 2 + 5
+
+
+@pytest.mark.parametrize("vocab,prefix,normalize", [(BOOK, "!!!", "book"), (BOOK_WORDS, " 42 ", "book"),
+                                                    (VOCAB, "  \n ", "plain"), (VOCAB, "", "plain")])
+def test_a_prefix_empty_after_normalisation_is_a_user_error(vocab, prefix, normalize):
+    with pytest.raises(UserError) as err:
+        continue_text(tiny(), vocab, prefix, 5)
+    assert str(err.value) == (f"prefix {prefix!r} is empty after the corpus's normalisation "
+                              f"({normalize}): nothing to warm the model up on")
+
+
+def test_checkpoint_carries_how_text_becomes_tokens(tmp_path):
+    save_checkpoint(tmp_path / "best.pt", tiny(), BOOK)
+    _, vocab, _ = load_checkpoint(tmp_path / "best.pt", BOOK)
+    assert (vocab.token_type, vocab.normalize, vocab.join_lines) == ("char", "book", "space")
+    assert vocab == BOOK and prefix_tokens(vocab, "Time!") == list("time")
+    # a checkpoint from before these fields: plain text, lines joined with a space
+    payload = torch.load(tmp_path / "best.pt", weights_only=True)
+    del payload["vocab"]["normalize"], payload["vocab"]["join_lines"]
+    torch.save(payload, tmp_path / "old.pt")
+    _, old, _ = load_checkpoint(tmp_path / "old.pt", BOOK)  # same tokens: it still loads
+    assert (old.normalize, old.join_lines) == ("plain", "space")
+    assert prefix_tokens(old, "time!") == list("time!")
+    # an unknown normalisation is a damaged checkpoint, said so
+    payload["vocab"]["normalize"] = "auto"
+    torch.save(payload, tmp_path / "bad.pt")
+    with pytest.raises(UserError, match=r"vocabulary or weights are unreadable .*normalize = 'auto'"):
+        load_checkpoint(tmp_path / "bad.pt")
+
+
+def test_huge_but_finite_loss_is_divergence_not_a_crash():
+    model = tiny()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.shape[0] == len(VOCAB):
+                p.mul_(0).add_(torch.randn_like(p) * 1e4)  # enormous logits: loss ~1e4, finite
+    with pytest.raises(UserError, match=r"diverged: after epoch 1"):
+        train(model, cfg(optimizer="sgd", lr=1e-12))
+
+
+# --- the schedules of the word-level recipes ------------------------------------------------------
+
+
+def test_step_schedule_is_zarembas_decay_after_epoch_k():
+    from rnnlab.training.loop import lr_at
+
+    c = cfg(lr=1.0, epochs=13, lr_schedule="step", lr_decay=0.5, lr_decay_after=4)
+    assert [lr_at(c, 0.0, e) for e in range(1, 8)] == [1, 1, 1, 1, 0.5, 0.25, 0.125]
+
+
+def test_plateau_schedule_decays_after_an_epoch_that_did_not_improve(monkeypatch):
+    """PyTorch's word_language_model: the rate is divided when validation stops improving; the
+    decay is part of the resumable state."""
+    from rnnlab.training import loop as training
+
+    val = iter([5.0, 6.0, 4.0, 4.0])
+    monkeypatch.setattr(training, "perplexity", lambda *a, **k: next(val))
+    c = cfg(lr=1.0, epochs=4, optimizer="sgd", lr_schedule="plateau", lr_decay=0.25)
+    results, state = train(tiny(), c)
+    assert [r.lr for r in results] == [1.0, 1.0, 0.25, 0.25]  # 2 and 4 did not improve
+    assert state.lr_scale == 0.25 ** 2
+    later = new_state(tiny(), c)
+    later.restore(state.snapshot())
+    assert later.lr_scale == state.lr_scale
+
+
+def test_generation_leaves_out_unk_for_word_tokens_by_default():
+    from rnnlab.training.sampling import continuation
+
+    vocab = Vocab(["<unk>", "the", "cat", "<eos>"], [5, 3, 2, 1], token_type="word")
+    model = build_model(ModelConfig(vocab_size=4, cell="rnn", impl="torch", hidden_size=4, embed_size=4))
+    with torch.no_grad():
+        model.head.bias.copy_(torch.tensor([50.0, 0.0, 10.0, 0.0]))  # <unk> by far, then "cat"
+    assert continuation(model, vocab, "the", 3)[1] == " cat cat cat"
+    assert continuation(model, vocab, "the", 3, exclude_unk=False)[1] == " <unk> <unk> <unk>"
+    chars = Vocab(["<unk>", "a", "b", "c"], [0, 3, 2, 1], token_type="char")
+    assert continuation(model, chars, "a", 2)[1] == "<unk><unk>"  # chars: kept unless asked
+    assert continuation(model, chars, "a", 2, exclude_unk=True)[1] == "bb"
+    with torch.no_grad():
+        model.head.bias.copy_(torch.tensor([50.0, 0.0, 0.0, 10.0]))  # then <eos>: a line break
+    assert continuation(model, vocab, "the cat", 2)[1] == "\n\n"
+
+
+@pytest.mark.parametrize("amx, avx512_bf16, expected", [
+    (False, False, False), (True, False, True), (False, True, True)])
+def test_bf16_auto_is_on_where_the_cpu_multiplies_bfloat16(amx, avx512_bf16, expected, monkeypatch):
+    """train.bf16: auto follows the hardware (AMX or AVX512-BF16 on a CPU); true and false are
+    what they say, on any device."""
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    cpu = torch.device("cpu")
+    assert use_bf16("auto", cpu) is expected
+    assert use_bf16(True, cpu) is True and use_bf16(False, cpu) is False
+    assert use_bf16(cfg(bf16="auto").bf16, cpu) is expected  # the schema takes auto
+
+
+def test_bf16_trains_under_autocast_on_the_cpu(monkeypatch):
+    """train.bf16: true on the CPU runs the products in bfloat16 (the fused path steps aside: no
+    recurrence of rnnlab/kernels/fused.py runs), and still learns."""
+    from rnnlab.kernels import fused
+
+    monkeypatch.setattr(fused.TanhRecurrence, "apply", lambda *a: pytest.fail("fused under autocast"))
+    results, state = train(tiny("rnn"), cfg(bf16=True, epochs=2))
+    assert results[-1].val_ppl < results[0].val_ppl < len(VOCAB)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, _ = state.model(IDS[:8][None])
+    assert logits.dtype == torch.bfloat16

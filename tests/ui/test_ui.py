@@ -1,0 +1,100 @@
+"""The MLflow UI in a real browser (headless Chromium driven by playwright-core, tests/ui/): after
+a real `dvc repro`, each training run's Models column links its logged model, the model's page
+names its run, and the compare view shows the runs' params and metrics.
+
+Needs Node.js, Debian's `chromium` and `npm ci --prefix tests/ui`, which .ci/run installs; there
+RNNLAB_REQUIRE_UI=1 makes their absence a failure, elsewhere a skip that says what to install.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from deploy.settings import free_port
+from tests.repos import BIN, copy_repo, run
+
+ROOT = Path(__file__).resolve().parents[2]
+UI = ROOT / "tests" / "ui"
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+pytestmark = pytest.mark.slow
+
+
+def require_browser() -> None:
+    missing = [what for what, ok in (
+        ("Node.js (node)", shutil.which("node")),
+        (f"Chromium at {CHROMIUM} (apt-get install chromium)", Path(CHROMIUM).exists()),
+        ("playwright-core (npm ci --prefix tests/ui)", (UI / "node_modules" / "playwright-core").is_dir()),
+    ) if not ok]
+    if missing:
+        why = "the browser check needs " + ", ".join(missing)
+        if os.environ.get("RNNLAB_REQUIRE_UI"):
+            pytest.fail(why, pytrace=False)
+        pytest.skip(why)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A tiny real pipeline run, and `mlflow server` on its store."""
+    require_browser()
+    repo = copy_repo(tmp_path_factory.mktemp("ui") / "repo")
+    run([str(BIN / "dvc"), "repro"], repo)
+    port = free_port()
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    proc = subprocess.Popen(
+        [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{repo}/mlflow.db",
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if requests.get(f"{url}/health", timeout=2).ok:
+                    break
+            except requests.RequestException:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, "mlflow server did not start"
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_the_models_column_links_each_runs_model_and_compare_shows_the_runs(server, tmp_path):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(server)
+    experiment = client.get_experiment_by_name("timemachine-char")
+    runs = client.search_runs([experiment.experiment_id])
+    models = client.search_logged_models([experiment.experiment_id])
+    assert sorted(r.info.run_name for r in runs) == ["lstm", "rnn_scratch"]
+    assert sorted(m.source_run_id for m in models) == sorted(r.info.run_id for r in runs)
+
+    proc = subprocess.run(
+        ["node", str(UI / "check_models.mjs"), server, experiment.experiment_id,
+         ",".join(r.info.run_id for r in runs), ",".join(m.model_id for m in models), str(tmp_path)],
+        capture_output=True, text=True, timeout=300)
+    print(proc.stdout, proc.stderr, file=sys.stderr)
+    assert proc.stdout.strip(), f"the browser check printed nothing (exit {proc.returncode}):\n{proc.stderr}"
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert proc.returncode == 0 and result["failures"] == [], result
+    linked = {link["href"].rsplit("/", 1)[-1] for link in result["model_links"] if link["text"] == "model"}
+    assert linked == {m.model_id for m in models}
+    assert result["model_page_run"] == next(m.source_run_id for m in models
+                                            if m.model_id == models[0].model_id)
+    assert {"train.lr", "best_val_ppl", "test_ppl"} <= set(result["compare_has"])
+    for shot in ("runs-table.png", "model.png", "compare.png"):
+        data = (tmp_path / shot).read_bytes()
+        assert data[:4] == b"\x89PNG" and len(data) > 20_000, shot
