@@ -95,7 +95,7 @@ def test_the_model_folder_holds_weights_config_vocabulary_and_no_pickle(tmp_path
     assert "data/best.pt" in files and "MLmodel" in files and "input_example.json" in files
     assert not [f for f in files if f.endswith((".pkl", ".pickle", ".cloudpickle"))]
     mlmodel = yaml.safe_load((local / "MLmodel").read_text())
-    assert mlmodel["flavors"]["python_function"]["loader_module"] == "rnnlab.mlflow_model"
+    assert mlmodel["flavors"]["python_function"]["loader_module"] == "rnnlab.tracking.mlflow_model"
     assert mlmodel["run_id"] == run_id
     payload = torch.load(local / "data/best.pt", weights_only=True)  # tensors, numbers, strings only
     assert {"model_config", "state_dict", "vocab"} <= set(payload)
@@ -106,6 +106,32 @@ def test_the_model_folder_holds_weights_config_vocabulary_and_no_pickle(tmp_path
     experiment = mlflow.get_run(run_id).info.experiment_id
     models = mlflow.search_logged_models(experiment_ids=[experiment], output_format="list")
     assert [(m.name, m.source_run_id) for m in models] == [("model", run_id)]
+
+
+PREMOVE = Path(__file__).resolve().parents[1] / "fixtures" / "premove"
+
+
+def test_a_model_logged_before_the_package_layout_still_loads_and_continues_alike():
+    """tests/fixtures/premove/mlflow-model: an MLflow Model logged by the code of bcb6cf0, when the
+    loader was `rnnlab.mlflow_model` (a tiny untrained gru). Its sampled text is what that code's
+    own predict returned for it then."""
+    import mlflow
+    import yaml
+
+    mlmodel = yaml.safe_load((PREMOVE / "mlflow-model" / "MLmodel").read_text())
+    assert mlmodel["flavors"]["python_function"]["loader_module"] == "rnnlab.mlflow_model"
+    model = mlflow.pyfunc.load_model(str(PREMOVE / "mlflow-model"))
+    got = model.predict(["the time"], params={"num_tokens": 20, "temperature": 1.0, "seed": 3})
+    assert got.to_dict("records") == [{"prefix": "the time", "continuation": "uaclmvmxl nmsmcdbeuc"}]
+
+
+def test_a_checkpoint_written_before_the_package_layout_still_loads():
+    """tests/fixtures/premove/best.pt, saved by the code of bcb6cf0: the same text as above."""
+    model, vocab, meta = load_checkpoint(PREMOVE / "best.pt")
+    assert (model.config.cell, model.config.impl, model.config.hidden_size) == ("gru", "torch", 8)
+    assert meta["variant"] == "gru" and meta["epoch"] == 1
+    text = continuation(model, vocab, "the time", 20, 1.0, torch.Generator().manual_seed(3))
+    assert text == ("the time", "uaclmvmxl nmsmcdbeuc")
 
 
 def test_signature_params_are_the_generation_options_with_their_defaults():

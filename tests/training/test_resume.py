@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -74,3 +75,17 @@ def test_a_damaged_state_starts_over_saying_so(tmp_path, fp):
 def test_settings_fingerprint_follows_the_settings(fp):
     assert fingerprint(MODEL, shipped(Train, threads=1, lr=0.5), "d" * 40, ROOT).settings != fp.settings
     assert fingerprint(MODEL, shipped(Train, threads=1), "d" * 40, ROOT) == fp
+
+
+def test_a_resume_file_written_before_the_package_layout_starts_over_naming_the_code(tmp_path, fp):
+    """tests/fixtures/premove/resume.pt, saved by the code of bcb6cf0 (its files were rnnlab/*.py):
+    the same settings and data, but other code files, so not resumed, and the line says so."""
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.copy(ROOT / "tests/fixtures/premove/resume.pt", work / "resume.pt")
+    cfg = shipped(Train, hidden_size=8, threads=1)
+    model = ModelConfig(vocab_size=24, cell="gru", impl="torch", hidden_size=8)
+    found = load_resumable(work, fingerprint(model, cfg, "0" * 40, ROOT))
+    assert found.snapshot is None
+    assert found.why_not.startswith("the code (rnnlab/batches.py, ") and "\n" not in found.why_not
+    assert "rnnlab/models/lm.py" in found.why_not and "settings" not in found.why_not
