@@ -1,7 +1,7 @@
 """Named presets: small overlays of params.yaml that reproduce the book's experiments.
 
 A preset file (presets/<name>.yaml) holds only the settings that differ from params.yaml, and
-its `variants` replace params.yaml's. `python -m rnnlab.presets NAME` (or `make preset NAME=...`)
+its `variants` replace params.yaml's. `python -m rnnlab.cli.presets NAME` (or `make preset NAME=...`)
 runs it as the DVC experiment NAME in a temporary copy of the workspace
 (`dvc exp run --temp -n NAME -S ...`), so it shows up in `dvc exp show` and in MLflow under its
 name, and the user's params.yaml is never touched.

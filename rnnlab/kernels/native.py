@@ -26,7 +26,7 @@ A file lock keeps two processes from building at once; the library appears by an
 
 Fallback: `load()` is False when the build fails (no compiler, a compile error) or
 RNNLAB_NATIVE=0; `why_not()` says why in one line, and the fused path runs instead. Nothing here
-raises for want of a compiler. `python -m rnnlab.native build` builds ahead (make setup).
+raises for want of a compiler. `python -m rnnlab.kernels.native build` builds ahead (make setup).
 """
 
 from __future__ import annotations
@@ -267,11 +267,11 @@ RECURRENCES = {"rnn": NativeTanh, "gru": NativeGRU, "lstm": NativeLSTM}  # as fu
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m rnnlab.native build`: build (or find) the library, one line; exit 0 either way:
+    """`python -m rnnlab.kernels.native build`: build (or find) the library, one line; exit 0 either way:
     a machine without a compiler still sets up, and trains on the fused path."""
     args = sys.argv[1:] if argv is None else argv
     if args != ["build"]:
-        print("usage: python -m rnnlab.native build", file=sys.stderr)
+        print("usage: python -m rnnlab.kernels.native build", file=sys.stderr)
         return 2
     start = time.perf_counter()
     path = build(verbose=True)

@@ -1,5 +1,5 @@
 """The comparison table of trained variants, as Markdown or CSV: `rnnlab compare`, the `report`
-stage and `python -m rnnlab.presets --results` all print it.
+stage and `python -m rnnlab.cli.presets --results` all print it.
 
 A row is a dict: the results of one (experiment or run, variant), keyed as in the metrics JSON
 (`train_ppl`, `test_ppl`, `best_epoch`, ...; None where unknown), plus its `settings`, flat

@@ -65,8 +65,8 @@ def test_presets_run_as_named_experiments(tmp_path):
     lyrics.write_text("想要有直升机 想要和你飞到宇宙去\n" * 300 + "分开 不分开 我不能再想\n" * 100, encoding="utf-8")
     tiny = ["-S", "train.epochs=2", "-S", "evaluate.num_tokens=5"]
     before = (repo / "params.yaml").read_text()
-    run([sys.executable, "-m", "rnnlab.presets", "book-rnn-concise", *tiny], repo)
-    run([sys.executable, "-m", "rnnlab.presets", "jaychou-concise", *tiny, "-S", "data.corpus=custom",
+    run([sys.executable, "-m", "rnnlab.cli.presets", "book-rnn-concise", *tiny], repo)
+    run([sys.executable, "-m", "rnnlab.cli.presets", "jaychou-concise", *tiny, "-S", "data.corpus=custom",
          "-S", f"data.source={lyrics}"], repo)
     assert (repo / "params.yaml").read_text() == before  # the user's params are untouched
     show = run([str(Path(sys.executable).parent / "dvc"), "exp", "show", "--csv"], repo)
@@ -88,7 +88,7 @@ def test_the_word_level_preset_runs_end_to_end(tmp_path):
     for name, lines in (("train", 400), ("valid", 40), ("test", 40)):
         text = "".join(" " + " ".join(words[(i % 7):] + words[:(i % 7)]) + " \n" for i in range(lines))
         (corpus / f"{name}.txt").write_text(text, encoding="utf-8")
-    out = run([sys.executable, "-m", "rnnlab.presets", "zaremba-small", "-S", "data.corpus=custom",
+    out = run([sys.executable, "-m", "rnnlab.cli.presets", "zaremba-small", "-S", "data.corpus=custom",
                "-S", f"data.source={corpus}", "-S", "data.max_tokens=null",
                "-S", "train.epochs=2", "-S", "train.lr_decay_after=1",
                "-S", "variants.zaremba_small.hidden_size=8", "-S", "variants.zaremba_small.embed_size=8",
@@ -106,7 +106,7 @@ def test_the_word_level_preset_runs_end_to_end(tmp_path):
 
 
 def results_rows_of(repo: Path, name: str) -> list[dict]:
-    """The preset's rows as `python -m rnnlab.presets --results` reads them, in `repo`."""
+    """The preset's rows as `python -m rnnlab.cli.presets --results` reads them, in `repo`."""
     cwd = os.getcwd()
     os.chdir(repo)
     try:
