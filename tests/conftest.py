@@ -1,9 +1,20 @@
 """Shared test setup. Tests take every default from the repository's params.yaml, the one place
 a default is written (the schema in rnnlab/config.py has none): a test states only the settings
-it is about, and `shipped_params` / `shipped` fill in the rest."""
+it is about, and `shipped_params` / `shipped` fill in the rest.
+
+Before any test module is imported, the kernel choices (rnnlab/kernels/choice.py) and compiled
+code (rnnlab/kernels/native.py) get a cache of this test run's own (RNNLAB_CACHE_DIR), shared by
+its processes and by the stages they start: never the user's ~/.cache/rnnlab, whose contents
+would make results depend on what the machine measured before.
+
+RNNLAB_NO_SKIPS=1 (.ci/run sets it) makes every skip a failure that gives the skip's reason: in
+CI nothing is skipped (no compiler, no PostgreSQL, no browser is a failure there).
+"""
 
 import copy
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,18 +27,40 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
+_OWN_CACHE: list[str] = []  # the cache folder this run made (removed at the end), if any
 
-@pytest.fixture(scope="session", autouse=True)
-def kernel_cache(tmp_path_factory):
-    """Kernel choices (rnnlab/kernels/choice.py) and compiled code (rnnlab/kernels/native.py) cached for this test
-    session only, shared by its processes (stages that DVC starts inherit it): never the user's."""
-    previous = os.environ.get("RNNLAB_CACHE_DIR")
-    os.environ["RNNLAB_CACHE_DIR"] = str(tmp_path_factory.mktemp("rnnlab-cache"))
-    yield Path(os.environ["RNNLAB_CACHE_DIR"])
-    if previous is None:
-        os.environ.pop("RNNLAB_CACHE_DIR", None)
-    else:
-        os.environ["RNNLAB_CACHE_DIR"] = previous
+
+def pytest_configure(config):
+    """The test run's own kernel cache, before collection imports any test module (some copy
+    os.environ for their subprocesses). A worker of pytest-xdist inherits its controller's."""
+    if os.environ.get("RNNLAB_TEST_CACHE_DIR"):  # set by the controller: a worker shares it
+        os.environ["RNNLAB_CACHE_DIR"] = os.environ["RNNLAB_TEST_CACHE_DIR"]
+        return
+    folder = tempfile.mkdtemp(prefix="rnnlab-test-cache-")
+    _OWN_CACHE.append(folder)
+    os.environ["RNNLAB_CACHE_DIR"] = os.environ["RNNLAB_TEST_CACHE_DIR"] = folder
+
+
+def pytest_unconfigure(config):
+    for folder in _OWN_CACHE:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and os.environ.get("RNNLAB_NO_SKIPS") and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"skipped, and RNNLAB_NO_SKIPS forbids it: {reason}"
+
+
+@pytest.fixture(scope="session")
+def kernel_cache() -> Path:
+    """This test run's kernel and compiled-code cache (RNNLAB_CACHE_DIR)."""
+    return Path(os.environ["RNNLAB_CACHE_DIR"])
+
 
 SHIPPED = read_yaml(Path(__file__).resolve().parents[1] / "params.yaml")
 
@@ -53,6 +86,6 @@ def params_dict():
         "train": {"lr": 0.01, "clip_theta": 1.0, "num_steps": 8, "hidden_size": 16, "batch_size": 4,
                   "epochs": 2, "optimizer": "adam", "device": "cpu", "threads": 1},
         "variants": {"rnn": {"cell": "rnn"}, "lstm_scratch": {"cell": "lstm", "impl": "scratch"}},
-        "evaluate": {"prefixes": ["time"], "num_tokens": 5},
+        "evaluate": {"prefixes": ["time"], "num_tokens": 5, "num_samples": 1},
         "tracking": {"enabled": False},
     })

@@ -26,6 +26,7 @@ from rnnlab.cli.compare import RUN_ID, experiment_refs, find_run, git_show
 from rnnlab.config import read_yaml
 from rnnlab.errors import UserError
 from rnnlab.fileio import repo_root
+from rnnlab.kernels import choice
 from rnnlab.training.checkpoint import load_checkpoint
 from rnnlab.training.sampling import Options, continuation, prefix_tokens
 
@@ -66,11 +67,13 @@ def run(args: argparse.Namespace) -> None:
     print(f"model: {what}: {c.cell}/{c.impl} {c.num_layers}x{c.hidden_size}, vocabulary "
           f"{c.vocab_size} {vocab.token_type}s", file=sys.stderr)
     gen = torch.Generator().manual_seed(opts.seed)
-    for prefix in args.prefix:
-        for _ in range(args.samples):
-            read, cont = continuation(model, vocab, prefix, opts.num_tokens, opts.temperature or None,
-                                      gen, opts.top_k, exclude_unk=opts.exclude_unk)
-            print(read + cont, flush=True)
+    with choice.quiet():  # text was asked for, not how this machine's products measured
+        for prefix in args.prefix:
+            for _ in range(args.samples):
+                read, cont = continuation(model, vocab, prefix, opts.num_tokens,
+                                          opts.temperature or None, gen, opts.top_k,
+                                          exclude_unk=opts.exclude_unk)
+                print(read + cont, flush=True)
 
 
 def find_checkpoint(spec: str, tmp: Path, variant: str | None = None,

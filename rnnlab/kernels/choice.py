@@ -54,6 +54,7 @@ CACHE_VERSION = 1
 _decided: dict[str, dict] = {}  # this process's decisions, full key -> cache entry
 _cache_on = [True]  # off inside `afresh`
 _said: set[tuple[str, str, str]] = set()  # forced values this process found no candidate for
+_quiet = [0]  # > 0 inside `quiet`: decisions are made and kept, not printed
 
 
 def cache_dir() -> Path:
@@ -93,7 +94,7 @@ def forced(kind: str, key: str, allowed: list[str]) -> str | None:
     if value not in KNOWN[kind]:
         raise UserError(f"{name} = {value!r}: allowed: measure, {', '.join(KNOWN[kind])}")
     if value not in allowed:
-        if (kind, key, value) not in _said:
+        if (kind, key, value) not in _said and not _quiet[0]:
             _said.add((kind, key, value))
             print(f"kernels: {kind} {key}: no {value} here ({name}); {allowed[0]} runs",
                   file=sys.stderr, flush=True)
@@ -122,7 +123,8 @@ def choose(kind: str, key: str, candidates: dict[str, Callable[[], object]]) -> 
         entry = _store(full, entry)  # another process may have decided it first: theirs holds
     if full not in _decided:
         _decided[full] = entry
-        print(f"kernels: {line(entry)}", file=sys.stderr, flush=True)
+        if not _quiet[0]:
+            print(f"kernels: {line(entry)}", file=sys.stderr, flush=True)
     return entry["choice"]
 
 
@@ -176,6 +178,17 @@ def summary() -> str:
 def reference_over(seconds: dict[str, float], name: str) -> float:
     """How many times faster `name` ran than the reference (the first)."""
     return next(iter(seconds.values())) / seconds[name]
+
+
+@contextmanager
+def quiet() -> Iterator[None]:
+    """Inside: decisions made and kept as ever, but not printed (text generation: whoever asked
+    for text did not ask how the products were measured)."""
+    _quiet[0] += 1
+    try:
+        yield
+    finally:
+        _quiet[0] -= 1
 
 
 @contextmanager

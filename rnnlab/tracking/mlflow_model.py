@@ -29,6 +29,7 @@ import torch
 
 from rnnlab import __version__
 from rnnlab.errors import UserError
+from rnnlab.kernels import choice
 from rnnlab.training.checkpoint import load_checkpoint
 from rnnlab.training.sampling import Options, continuation
 
@@ -45,13 +46,23 @@ class RNNLMPredictor:
         self.model.eval()
 
     def predict(self, model_input, params: dict | None = None):
+        """A table of (prefix as read, continuation). A bad input or param is MLflow's own
+        INVALID_PARAMETER_VALUE error with the one-line reason, which a served model
+        (`mlflow models serve`) answers as a 400 that says it, not as an "unexpected error"."""
         import pandas as pd
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-        prefixes = _prefixes(model_input)
-        opts = Options(**{k: v for k, v in (params or {}).items() if v is not None})
-        gen = torch.Generator().manual_seed(opts.seed)
-        rows = [continuation(self.model, self.vocab, p, opts.num_tokens, opts.temperature or None,
-                             gen, opts.top_k, exclude_unk=opts.exclude_unk) for p in prefixes]
+        try:
+            prefixes = _prefixes(model_input)
+            opts = Options(**{k: v for k, v in (params or {}).items() if v is not None})
+            gen = torch.Generator().manual_seed(opts.seed)
+            with choice.quiet():  # whoever asked for text did not ask for kernel measurements
+                rows = [continuation(self.model, self.vocab, p, opts.num_tokens,
+                                     opts.temperature or None, gen, opts.top_k,
+                                     exclude_unk=opts.exclude_unk) for p in prefixes]
+        except UserError as err:
+            raise MlflowException(str(err), error_code=INVALID_PARAMETER_VALUE) from None
         return pd.DataFrame(rows, columns=["prefix", "continuation"])
 
 

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from mlflow.exceptions import MlflowException
 
 from rnnlab.data.vocab import build_vocab
-from rnnlab.errors import UserError
 from rnnlab.models.lm import ModelConfig, build_model
 from rnnlab.tracking.mlflow_model import RNNLMPredictor, requirements, signature
 from rnnlab.training.checkpoint import load_checkpoint, save_checkpoint
-from rnnlab.training.sampling import Options, continuation
+from rnnlab.training.sampling import continuation
 from tests.conftest import shipped
 
 TEXT = "the time traveller for so it will be convenient to speak of him was expounding"
@@ -108,7 +108,8 @@ def test_the_model_folder_holds_weights_config_vocabulary_and_no_pickle(tmp_path
     assert [(m.name, m.source_run_id) for m in models] == [("model", run_id)]
 
 
-PREMOVE = Path(__file__).resolve().parents[1] / "fixtures" / "premove"
+ROOT = Path(__file__).resolve().parents[2]
+PREMOVE = ROOT / "tests" / "fixtures" / "premove"
 
 
 def test_a_model_logged_before_the_package_layout_still_loads_and_continues_alike():
@@ -135,20 +136,23 @@ def test_a_checkpoint_written_before_the_package_layout_still_loads():
 
 
 def test_signature_params_are_the_generation_options_with_their_defaults():
+    """The defaults `rnnlab generate` documents (README, `rnnlab generate --help`): 50 tokens,
+    greedy, every token, seed 0, <unk> left out for word tokens only."""
     params = {p.name: (p.to_dict()["type"], p.default) for p in signature().params.params}
-    d = Options()
-    assert params == {"num_tokens": ("long", d.num_tokens), "temperature": ("double", d.temperature),
-                      "top_k": ("long", d.top_k), "seed": ("long", d.seed),
-                      "exclude_unk": ("boolean", None)}  # None: for word tokens only
+    assert params == {"num_tokens": ("long", 50), "temperature": ("double", 0.0), "top_k": ("long", 0),
+                      "seed": ("long", 0), "exclude_unk": ("boolean", None)}
     assert [c.name for c in signature().outputs.inputs] == ["prefix", "continuation"]
 
 
 def test_requirements_pin_what_trained_it():
-    import mlflow
+    """What loading needs: this package and the pins of pyproject.toml, which the venv was made
+    from (tests/test_lock.py holds the lock to them)."""
+    import tomllib
 
-    reqs = requirements()
-    assert f"mlflow=={mlflow.__version__}" in reqs
-    assert all("==" in r for r in reqs)
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    pins = dict(d.split("  #")[0].strip().split("==") for d in project["dependencies"])
+    assert requirements() == [f"rnnlab=={project['version']}", f"torch=={pins['torch']}",
+                              f"mlflow=={pins['mlflow']}", f"pandas=={pins['pandas']}"]
 
 
 def test_predict_takes_a_list_a_table_or_a_string_and_rejects_bad_params(tmp_path):
@@ -159,14 +163,13 @@ def test_predict_takes_a_list_a_table_or_a_string_and_rejects_bad_params(tmp_pat
     b = model.predict(pd.DataFrame({"prefix": ["the time"]}), {"num_tokens": 5})
     c = model.predict("the time", {"num_tokens": 5})
     assert a.equals(b) and a.equals(c) and len(a.loc[0, "continuation"]) == 5
-    with pytest.raises(UserError, match=r"temperature = -1\.0: a number >= 0"):
-        model.predict(["the"], {"temperature": -1.0})
-    with pytest.raises(UserError, match="num_tokens = 0"):
-        model.predict(["the"], {"num_tokens": 0})
-    with pytest.raises(UserError, match="empty after the corpus's normalisation"):
-        model.predict(["!!!"], {"num_tokens": 5})
-    with pytest.raises(UserError, match="predict takes prefixes"):
-        model.predict(42)
+    for inputs, params, reason in ((["the"], {"temperature": -1.0}, r"temperature = -1\.0: a number >= 0"),
+                                   (["the"], {"num_tokens": 0}, "num_tokens = 0"),
+                                   (["!!!"], {"num_tokens": 5}, "empty after the corpus's normalisation"),
+                                   (42, None, "predict takes prefixes")):
+        with pytest.raises(MlflowException, match=reason) as err:  # MLflow's own: a served model
+            model.predict(inputs, params)                          # answers 400 with the reason
+        assert err.value.error_code == "INVALID_PARAMETER_VALUE"
 
 
 def test_word_models_continue_with_words(tmp_path):
@@ -226,3 +229,42 @@ def test_the_champion_alias_moves_only_to_a_better_model_of_the_same_data(tmp_pa
     assert register_if_better("lm", tracker.run_id, 3.0, "d1") == \
         f"registry: lm version 3 (val ppl 3) is now {ALIAS} (was version 2)"
     assert len(client.search_model_versions("name = 'lm'")) == 3
+
+
+def test_a_served_model_answers_a_bad_request_with_the_reason_and_no_traceback(tmp_path):
+    """The REST app of `mlflow models serve` (mlflow.pyfunc.scoring_server) on a free port: a bad
+    param is a 400 whose message ends with the one-line reason; a good request is answered."""
+    import socket
+    import threading
+    import time
+
+    import mlflow
+    import requests
+    import uvicorn
+    from mlflow.pyfunc import scoring_server
+
+    app = scoring_server.init(mlflow.pyfunc.load_model(str(PREMOVE / "mlflow-model")))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not server.started:  # uvicorn's own signal that it listens
+            assert thread.is_alive() and time.monotonic() < deadline, "the scoring server did not start"
+            time.sleep(0.02)
+        url = f"http://127.0.0.1:{port}/invocations"
+        bad = requests.post(url, json={"inputs": ["the time"], "params": {"temperature": -1.0}}, timeout=30)
+        assert bad.status_code == 400, bad.text
+        body = bad.json()
+        assert body["error_code"] == "INVALID_PARAMETER_VALUE"
+        assert body["message"].endswith("Error: temperature = -1.0: a number >= 0 (0: greedy)")
+        assert "Traceback" not in bad.text and "unexpected error" not in bad.text
+        good = requests.post(url, json={"inputs": ["the time"], "params": {"num_tokens": 5}}, timeout=30)
+        assert good.status_code == 200 and good.json() == {
+            "predictions": [{"prefix": "the time", "continuation": "kaaaa"}]}
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
