@@ -12,15 +12,18 @@ CI nothing is skipped (no compiler, no PostgreSQL, no browser is a failure there
 """
 
 import copy
+import functools
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 from rnnlab.cli.presets import merged
 from rnnlab.config import Params, read_yaml
+from tests.repos import Built, build_experiments, build_once, build_pipeline, store_copy
 
 # Both tools phone home unless told not to.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -60,6 +63,113 @@ def pytest_runtest_makereport(item, call):
 def kernel_cache() -> Path:
     """This test run's kernel and compiled-code cache (RNNLAB_CACHE_DIR)."""
     return Path(os.environ["RNNLAB_CACHE_DIR"])
+
+
+@pytest.fixture(scope="session")
+def shared_tmp(tmp_path_factory) -> Path:
+    """A folder every process of this test run shares (the workers of pytest-xdist too)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+@pytest.fixture(scope="session")
+def pipeline(shared_tmp) -> Built:
+    """The project's pipeline run once: `dvc repro` on a tiny copy (tests/repos.py). Read only."""
+    return build_once(shared_tmp / "pipeline", build_pipeline)
+
+
+@pytest.fixture(scope="session")
+def experiments(shared_tmp, pipeline) -> Built:
+    """A copy of `pipeline` with two DVC experiments run in it: exp-a (train.lr=0.01), then
+    exp-b (train.lr=0.05), which the workspace holds. Read only."""
+    return build_once(shared_tmp / "experiments", build_experiments(pipeline))
+
+
+@pytest.fixture(scope="session")
+def empty_store(shared_tmp) -> Path:
+    """An MLflow SQLite store with its tables made (seconds of migrations, paid once), to copy."""
+    folder = shared_tmp / "empty-store"
+    folder.mkdir(exist_ok=True)
+    with FileLock(str(folder / "lock")):
+        if not (folder / "mlflow.db").exists():
+            from mlflow import MlflowClient
+
+            MlflowClient(f"sqlite:///{folder / 'tmp.db'}").search_experiments()
+            (folder / "tmp.db").rename(folder / "mlflow.db")
+    return folder / "mlflow.db"
+
+
+@pytest.fixture
+def new_store(empty_store):
+    """new_store(folder) -> the URI of a fresh MLflow store at folder/mlflow.db (tests/repos.py)."""
+    return functools.partial(store_copy, empty_store)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokens(shared_tmp) -> Path:
+    """data/tokens of the first 40,000 characters of The Time Machine (4,000 training tokens),
+    tokenized as tests/stagerun.py's TINY params say. Read only."""
+    from rnnlab.config import validate_params
+    from rnnlab.corpora import BUILTIN
+    from rnnlab.data.corpus import save_tokens, tokenize_corpus
+    from tests.stagerun import TINY
+
+    folder = shared_tmp / "tiny-tokens"
+    with FileLock(str(shared_tmp / "tiny-tokens.lock")):
+        if not (folder / "vocab.json").exists():
+            params = validate_params(TINY)
+            raw = BUILTIN["timemachine"].bundled_path().read_text(encoding="utf-8")[:40_000]
+            save_tokens(tokenize_corpus(raw, params.data, params.tokenize), folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_trained(shared_tmp, tiny_tokens) -> Path:
+    """A folder with TINY's params.yaml and models/rnn and models/lstm trained on tiny_tokens by
+    the train stage (tracking off). Read only."""
+    from tests.stagerun import TINY, in_process, train_args, write_params
+
+    folder = shared_tmp / "tiny-trained"
+    with FileLock(str(shared_tmp / "tiny-trained.lock")):
+        if not (folder / "models" / "lstm" / "best.pt").exists():
+            folder.mkdir(exist_ok=True)
+            write_params(folder, TINY)
+            for variant in ("rnn", "lstm"):
+                in_process("train", *train_args(folder, tiny_tokens, variant), cwd=folder, check=True)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def team():
+    """The team stack (tests/deploy/teamstack.py: PostgreSQL, moto's S3, MLflow with basic-auth),
+    started once for the whole test run in a folder of its own (PostgreSQL's user must reach it:
+    not under pytest's temporary root, whose mode every new pytest run resets). Every test that
+    uses it runs on one pytest-xdist worker (`pytest_collection_modifyitems`)."""
+    from deploy.postgres import pg_bin
+    from rnnlab.errors import UserError
+    from tests.deploy.teamstack import team_stack
+
+    try:
+        pg_bin()
+    except UserError as err:
+        pytest.skip(f"the team stack needs PostgreSQL's server programs: {err}")
+    folder = Path(tempfile.mkdtemp(prefix="rnnlab-team-"))
+    try:
+        with team_stack(folder / "team") as stack:
+            yield stack
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+SERVER_FIXTURES = {"team": "team-stack"}  # fixture -> the xdist group of the tests that use it
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests that share a server run on the same pytest-xdist worker (--dist loadgroup)."""
+    for item in items:
+        for fixture, group in SERVER_FIXTURES.items():
+            if fixture in getattr(item, "fixturenames", ()):
+                item.add_marker(pytest.mark.xdist_group(group))
 
 
 SHIPPED = read_yaml(Path(__file__).resolve().parents[1] / "params.yaml")

@@ -10,7 +10,8 @@ TORCH_WHEELS: a folder (default: /opt/wheels where it holds one) or a page of li
 PyTorch's https://download.pytorch.org/whl/cpu/torch/).
 
 uv resolves (seconds; pip-compile took over 7 minutes here) at the version below, installed
-into a throwaway venv. The lock also pins uv itself, with hashes: `make setup` installs with it.
+into a throwaway venv, keeping every version of the current lock that still fits: adding or
+changing a pin moves only what that pin needs. The lock also pins uv itself, with hashes: `make setup` installs with it.
 """
 
 from __future__ import annotations
@@ -73,6 +74,8 @@ def main() -> int:
         extra = Path(tmp, "extra.txt")
         extra.write_text("\n".join([*project["build-system"]["requires"], UV]) + "\n")
         out = Path(tmp, "lock.txt")
+        if LOCK.exists():  # uv keeps the versions of its output file where they still fit:
+            out.write_text(LOCK.read_text())  # a new pin changes what it needs, nothing else
         subprocess.run(
             [f"{tmp}/bin/uv", "pip", "compile", "pyproject.toml", str(extra),
              *[f"--extra={e}" for e in EXTRAS],

@@ -105,10 +105,12 @@ def test_a_waiting_parent_costs_nothing_while_its_child_burns_cpu():
                         is_stage=lambda cmdline: "burner" in cmdline)
     finally:
         popen.wait(timeout=30)
-    r = shares(samples)
-    assert 0.25 < r["stage_cpu_seconds"] <= 0.6  # the window misses the child's first moments
+    r = shares(samples)  # the window: from the first sample that saw the child to the last
+    # what the window saw of the child, never more than the 0.5 s of CPU it burns (how much of
+    # its start the sampling missed depends on the machine's load: no lower bound but "some")
+    assert 0 < r["stage_cpu_seconds"] <= 0.5 + 0.1
+    # the parent sits in waitpid meanwhile: CPU seconds, not wall time, so load cannot inflate it
     assert r["dvc_parent_cpu_seconds"] < 0.05
-    assert r["dvc_parent_share_of_a_core"] < 0.1
     assert r["helper_processes"] == 0
 
 

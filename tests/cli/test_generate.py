@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from rnnlab.cli.main import main
+from rnnlab.kernels import choice
 from rnnlab.training.checkpoint import load_checkpoint
 from rnnlab.training.sampling import continuation
 from tests.tracking.test_mlflow_model import tiny_checkpoint
@@ -43,12 +44,14 @@ def workspace(tmp_path, monkeypatch):
 def test_a_checkpoint_file_a_folder_and_a_variant_give_the_same_greedy_text(workspace, capsys):
     model, vocab, _ = load_checkpoint(workspace / "models/gru/best.pt")
     expect = "".join(continuation(model, vocab, "The Time!", 15))
+    choice.forget()  # the products are decided (measured or read) again, and must say nothing
+    capsys.readouterr()
     for spec in ("models/gru/best.pt", "models/gru", "gru"):
         code, out, err = generate(capsys, spec, "The Time!", "-n", 15)
         assert code == 0, err
         assert out == expect + "\n"
         assert out.startswith("the time")  # normalised as the corpus (book)
-        assert "gru/torch 1x24" in err
+        assert "gru/torch 1x24" in err and "kernels:" not in err
     code, out, err = generate(capsys, "gru", "the", "time", "-n", 3)
     assert code == 0 and len(out.splitlines()) == 2  # one line per prefix
 
@@ -114,16 +117,14 @@ def test_an_mlflow_run_id_and_its_evaluation_run(workspace, capsys, monkeypatch)
     assert code == 2 and f"no MLflow run {'0' * 32} at sqlite:///" in err
 
 
-@pytest.mark.slow  # two tiny `dvc exp run`s: about a minute
-def test_a_dvc_experiment_by_name_and_its_mlflow_run(tmp_path):
+@pytest.mark.slow  # a copy of the session's two DVC experiments (tests/repos.py)
+def test_a_dvc_experiment_by_name_and_its_mlflow_run(experiments, tmp_path):
     import os
     import subprocess
 
-    from tests.repos import BIN, copy_repo, run
+    from tests.repos import BIN, dvc
 
-    repo = copy_repo(tmp_path / "repo")
-    for name, lr in (("exp-a", "0.01"), ("exp-b", "0.05")):
-        run([str(BIN / "dvc"), "exp", "run", "-n", name, "-S", f"train.lr={lr}"], repo)
+    repo = experiments.copy(tmp_path / "repo")  # exp-a (lr 0.01), then exp-b (lr 0.05)
 
     def gen(*args) -> tuple[str, str]:
         env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{repo}/mlflow.db"}
@@ -136,8 +137,9 @@ def test_a_dvc_experiment_by_name_and_its_mlflow_run(tmp_path):
 
     from_a, how = gen("exp-a", "--variant", "lstm")
     assert "model: DVC experiment exp-a, variant lstm" in how
+    assert "kernels:" not in how  # text was asked for, not this machine's kernel measurements
     assert from_a != gen("exp-b", "--variant", "lstm")[0]  # the workspace holds exp-b's model
-    run([str(BIN / "dvc"), "exp", "apply", "exp-a"], repo)
+    dvc("exp", "apply", "exp-a", cwd=repo)
     assert gen("lstm")[0] == from_a  # exp-a's model came from DVC's cache, byte for byte
 
     scores = {v: json.loads((repo / f"metrics/variants/{v}.json").read_text())["val_ppl"]

@@ -6,8 +6,9 @@
   again, and finds both MLflow runs FINISHED with DVC's numbers to the digit and their artifacts
   downloadable through the server;
 - faults: the MLflow server restarted while a training runs (nothing lost, the run ends FINISHED);
-  the server gone for good (one error; `dvc repro` finishes the job later); the object store down
-  at `dvc exp push` (DVC's error, nothing lost, a retry succeeds).
+  the server gone for good (one error; `dvc repro` finishes the job later); the stack down and up
+  again keeps every run, user and object. (A push while the object store is down is DVC's own
+  error and retry: DVC's to test.)
 """
 
 from __future__ import annotations
@@ -18,14 +19,13 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
 
 from deploy.processes import stop
 from deploy.stack import remote_commands
-from tests.deploy.teamstack import shell_env, team_stack
+from tests.deploy.teamstack import shell_env
 from tests.repos import copy_repo
 
 pytestmark = pytest.mark.slow
@@ -80,12 +80,6 @@ def environment_restored():
     yield
     os.environ.clear()
     os.environ.update(saved)
-
-
-@pytest.fixture(scope="module")
-def team(tmp_path_factory):
-    with team_stack(tmp_path_factory.mktemp("stack") / "team") as team:
-        yield team
 
 
 @pytest.fixture(scope="module")
@@ -228,8 +222,8 @@ def test_a_server_restart_during_training_loses_nothing(team, origin, tmp_path):
     seen: list[str] = []
     read_until(proc, "epoch   2/", seen)
     assert stop("mlflow", team.paths)  # the server goes away mid-training ...
-    time.sleep(3)
-    team.cli("up")                     # ... and comes back (about 8 s later)
+    read_until(proc, "does not answer", seen)  # ... the training notices at its next write ...
+    team.cli("up")                     # ... and it comes back (about 8 s later)
     seen += proc.stdout.readlines()
     assert proc.wait(timeout=600) == 0, "".join(seen)
     out = "".join(seen)
@@ -269,32 +263,6 @@ def test_a_server_gone_for_good_is_one_error_and_repro_finishes_later(team, orig
     (run,) = runs_of(team, repo)
     assert run.info.status == "FINISHED"
     assert epochs_logged(team, run.info.run_id) == list(range(1, FAULT_EPOCHS + 1))  # each once
-
-
-def test_the_object_store_down_at_push_is_an_error_and_a_retry_succeeds(team, origin, tmp_path):
-    env = clean_env(team.env)
-    repo = machine(origin, tmp_path / "push", env, team.stack)
-    sh(str(BIN / "dvc"), "exp", "run", "-n", "exp-push", "-S", "tracking.enabled=false", "train@rnn",
-       cwd=repo, env=env)
-    cache = sorted(p.relative_to(repo) for p in (repo / ".dvc/cache").rglob("*") if p.is_file())
-    assert stop("s3", team.paths)
-    try:
-        failed = sh(str(BIN / "dvc"), "exp", "push", "origin", "exp-push", cwd=repo, env=env,
-                    check=False, timeout=300)
-    finally:
-        team.cli("up")  # the store comes back, with every object it held
-    assert failed.returncode != 0
-    message = failed.stdout + failed.stderr
-    assert "ERROR" in message and "Traceback" not in message, message
-    assert "127.0.0.1" in message or "connect" in message.lower(), message  # it names the cause
-    assert sorted(p.relative_to(repo) for p in (repo / ".dvc/cache").rglob("*") if p.is_file()) == cache
-
-    pushed = sh(str(BIN / "dvc"), "exp", "push", "origin", "exp-push", cwd=repo, env=env)
-    assert "exp-push" in pushed.stdout
-    other = machine(origin, tmp_path / "other", env, team.stack)
-    sh(str(BIN / "dvc"), "exp", "pull", "origin", "exp-push", cwd=other, env=env)
-    sh(str(BIN / "dvc"), "exp", "apply", "exp-push", cwd=other, env=env)
-    assert md5(other / "models/rnn/best.pt") == md5(repo / "models/rnn/best.pt")
 
 
 def test_down_then_up_keeps_every_run_user_and_object(team, tmp_path):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 import torch
@@ -22,16 +21,31 @@ def own_cache(tmp_path, monkeypatch):
     choice.forget()
 
 
-def sleeper(seconds):
-    return lambda: time.sleep(seconds)
+class Clock:
+    """A perf_counter that only candidates move: each call of a candidate costs its seconds, so
+    the measurement is exact whatever else the machine does."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def costing(self, seconds: float):
+        def candidate():
+            self.now += seconds
+        return candidate
 
 
-def test_the_fastest_candidate_is_chosen_and_cached(own_cache):
-    picked = choice.choose("layer", "shape A", {"reference": sleeper(0.004), "fused": sleeper(0.001)})
+def test_the_fastest_candidate_is_chosen_and_cached(own_cache, monkeypatch):
+    clock = Clock()
+    monkeypatch.setattr(choice.time, "perf_counter", clock)
+    picked = choice.choose("layer", "shape A", {"reference": clock.costing(0.004),
+                                                "fused": clock.costing(0.001)})
     assert picked == "fused"
     entry, = json.loads((own_cache / "kernels.json").read_text())["entries"].values()
     assert entry["choice"] == "fused" and entry["key"] == "shape A"
-    assert entry["seconds"]["reference"] > entry["seconds"]["fused"]
+    assert entry["seconds"] == pytest.approx({"reference": 0.004, "fused": 0.001})
     assert choice.report() == [
         f"layer shape A: fused (against reference: fused "
         f"{entry['seconds']['reference'] / entry['seconds']['fused']:.2f}x)"]

@@ -29,7 +29,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rnnlab.config import Data, Params, Train, load_params, validate_params
-from rnnlab.corpora import BUILTIN
 from rnnlab.data.corpus import load_tokens, save_tokens, tokenize_corpus
 from rnnlab.data.download import prepare_raw
 from rnnlab.data.vocab import build_vocab
@@ -39,92 +38,20 @@ from rnnlab.models.lm import ModelConfig, build_model
 from rnnlab.tracking.records import record_curves
 from rnnlab.tracking.tracker import Tracker
 from rnnlab.training.checkpoint import load_checkpoint, save_checkpoint, save_resume
-from tests.conftest import shipped, shipped_params
+from tests.conftest import shipped
+from tests.stagerun import (
+    TINY,
+    eval_args,
+    in_process,
+    one_error,
+    stage_env,
+    tiny_params,
+    train_args,
+    write_params,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-ENV = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_DISABLE_TELEMETRY": "true",
-       "DO_NOT_TRACK": "true", "DVC_NO_ANALYTICS": "1"}
-ENV.pop("MLFLOW_TRACKING_URI", None)
-ENV.pop("DVC_EXP_NAME", None)
-
-# Tiny settings (the rest from params.yaml): a 12-unit model on 4,000 training tokens trains an
-# epoch in a fraction of a second.
-TINY = shipped_params({
-    "data": {"corpus": "timemachine", "max_tokens": 4000},
-    "tokenize": {"token": "char"},
-    "train": {"lr": 0.01, "clip_theta": 1.0, "num_steps": 8, "hidden_size": 12, "batch_size": 4,
-              "epochs": 2, "optimizer": "adam", "lr_schedule": "cosine", "device": "cpu",
-              "threads": 1},
-    "variants": {"rnn": {"cell": "rnn"}, "lstm": {"cell": "lstm"}},
-    "evaluate": {"prefixes": ["time traveller"], "num_tokens": 8, "num_samples": 1},
-    "tracking": {"enabled": False},
-})
-
-
-def tiny_params(**sections) -> dict:
-    """TINY with some settings changed: tiny_params(train={"lr": 5.0}) merges into `train`."""
-    p = copy.deepcopy(TINY)
-    for section, values in sections.items():
-        p[section] = {**p[section], **values} if isinstance(values, dict) else values
-    return p
-
-
-def write_params(folder: Path, params: dict) -> Path:
-    path = folder / "params.yaml"
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
-    return path
-
-
-def stage(name: str, *args: str, cwd: Path, env: dict | None = None, check: bool = False):
-    """`python -m stages.<name> ...` as DVC would run it; returns the CompletedProcess."""
-    proc = subprocess.run([sys.executable, "-m", f"stages.{name}", *map(str, args)], cwd=cwd,
-                          env=env or ENV, capture_output=True, text=True, timeout=300)
-    if check:
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc
-
-
-def one_error(proc) -> str:
-    """A user mistake: exit 2, exactly one `error:` line, no traceback. Returns that line."""
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert "Traceback" not in proc.stderr, proc.stderr
-    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
-    assert len(lines) == 1, proc.stderr
-    return lines[0]
-
-
-def train_args(folder: Path, data: Path, variant: str = "rnn", params: Path | None = None) -> list:
-    return ["--params", params or folder / "params.yaml", "--variant", variant, "--data", data,
-            "--out", folder / "models" / variant, "--curves", folder / "curves" / f"{variant}.csv",
-            "--work", folder / "checkpoints" / variant]
-
-
-def eval_args(folder: Path, data: Path, model: Path, variant: str = "rnn", out: Path | None = None) -> list:
-    out = out or folder
-    return ["--params", folder / "params.yaml", "--variant", variant, "--data", data,
-            "--model", model, "--metrics", out / "metrics" / f"{variant}.json",
-            "--samples", out / "samples" / f"{variant}.md"]
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    """data/tokens of the first 40,000 characters of The Time Machine (4,000 training tokens)."""
-    folder = tmp_path_factory.mktemp("tokens")
-    params = validate_params(TINY)
-    raw = BUILTIN["timemachine"].bundled_path().read_text(encoding="utf-8")[:40_000]
-    save_tokens(tokenize_corpus(raw, params.data, params.tokenize), folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, data) -> Path:
-    """A folder with params.yaml and trained models/rnn and models/lstm (tracking off)."""
-    folder = tmp_path_factory.mktemp("trained")
-    write_params(folder, TINY)
-    for variant in ("rnn", "lstm"):
-        stage("train", *train_args(folder, data, variant), cwd=folder, check=True)
-    return folder
 
 
 def no_temp_files(folder: Path) -> list[Path]:
@@ -194,20 +121,20 @@ def test_scientific_notation_is_a_number(tmp_path):
     assert load_params(path).train.lr == 1e-5
 
 
-@pytest.mark.slow  # runs the stages as subprocesses
-def test_stage_with_bad_params_prints_one_line_and_writes_nothing(tmp_path, data):
+@pytest.mark.slow  # trains
+def test_stage_with_bad_params_prints_one_line_and_writes_nothing(tmp_path, tiny_tokens):
     write_params(tmp_path, tiny_params(train={"clip_thta": 1.0}, tracking={"enabled": True}))
-    env = {**ENV, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
-    line = one_error(stage("train", *train_args(tmp_path, data), cwd=tmp_path, env=env))
+    env = {**stage_env(), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
+    line = one_error(in_process("train", *train_args(tmp_path, tiny_tokens), cwd=tmp_path, env=env))
     assert line.startswith(f"error: {tmp_path / 'params.yaml'}: train.clip_thta: unknown key; allowed: lr,")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
 
 
-@pytest.mark.slow  # runs the stages as subprocesses
-def test_batch_too_large_for_the_split_fails_before_any_run_or_file(tmp_path, data):
+@pytest.mark.slow  # trains
+def test_batch_too_large_for_the_split_fails_before_any_run_or_file(tmp_path, tiny_tokens):
     write_params(tmp_path, tiny_params(train={"batch_size": 1000}, tracking={"enabled": True}))
-    env = {**ENV, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
-    line = one_error(stage("train", *train_args(tmp_path, data), cwd=tmp_path, env=env))
+    env = {**stage_env(), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
+    line = one_error(in_process("train", *train_args(tmp_path, tiny_tokens), cwd=tmp_path, env=env))
     assert line == (
         "error: train.batch_size = 1000 with train.num_steps = 8 needs at least 8,009 training "
         "tokens, but the training split has 4,000; lower batch_size or num_steps, or enlarge the "
@@ -375,12 +302,13 @@ def mlflow_runs(db: Path) -> list:
      r"perplexity \S+); "
      r"lower train.lr or train.clip_theta and run again \(nothing of this epoch was saved\)"),
 ], ids=["nan-loss", "overflow"])
-@pytest.mark.slow  # runs the stages as subprocesses
-def test_divergence_stops_the_run_as_failed_and_saves_nothing(tmp_path, data, lr, tracked, message):
+@pytest.mark.slow  # trains
+def test_divergence_stops_the_run_as_failed_and_saves_nothing(tmp_path, tiny_tokens, new_store, lr, tracked,
+                                                              message):
     write_params(tmp_path, tiny_params(train={"lr": lr, "optimizer": "sgd", "lr_schedule": "constant"},
                                        tracking={"enabled": tracked}))
-    env = {**ENV, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
-    line = one_error(stage("train", *train_args(tmp_path, data), cwd=tmp_path, env=env))
+    env = {**stage_env(), "MLFLOW_TRACKING_URI": new_store(tmp_path)}
+    line = one_error(in_process("train", *train_args(tmp_path, tiny_tokens), cwd=tmp_path, env=env))
     assert re.fullmatch(message, line), line
     if tracked:
         assert [run.info.status for run in mlflow_runs(tmp_path / "mlflow.db")] == ["FAILED"]
@@ -446,23 +374,23 @@ def kill_after_epoch(cmd: list, cwd: Path, env: dict, epoch: int = 2) -> str:
     return "".join(out)
 
 
-@pytest.mark.slow  # runs the stages as subprocesses
-def test_killed_training_resumes_and_matches_an_uninterrupted_run(tmp_path, data):
+@pytest.mark.slow  # trains
+def test_killed_training_resumes_and_matches_an_uninterrupted_run(tmp_path, tiny_tokens):
     epochs = 8
     (tmp_path / "ref").mkdir()
     (tmp_path / "run").mkdir()
     write_params(tmp_path / "ref", tiny_params(train={"epochs": epochs}))
-    stage("train", *train_args(tmp_path / "ref", data), cwd=tmp_path / "ref", check=True)
+    in_process("train", *train_args(tmp_path / "ref", tiny_tokens), cwd=tmp_path / "ref", check=True)
 
     run = tmp_path / "run"
     write_params(run, tiny_params(train={"epochs": epochs}, tracking={"enabled": True}))
-    env = {**ENV, "MLFLOW_TRACKING_URI": f"sqlite:///{run}/mlflow.db"}
-    cmd = [sys.executable, "-m", "stages.train", *map(str, train_args(run, data))]
+    env = {**stage_env(), "MLFLOW_TRACKING_URI": f"sqlite:///{run}/mlflow.db"}
+    cmd = [sys.executable, "-m", "stages.train", *map(str, train_args(run, tiny_tokens))]
     first = kill_after_epoch(cmd, run, env, epoch=2)
     run_id = re.search(r"MLflow run (\w+) \(new\)", first).group(1)
     assert (run / "checkpoints/rnn/resume.pt").is_file() and not (run / "models/rnn/best.pt").exists()
 
-    again = stage("train", *train_args(run, data), cwd=run, env=env, check=True)
+    again = in_process("train", *train_args(run, tiny_tokens), cwd=run, env=env, check=True)
     done = int(re.search(r"rnn: resuming after epoch (\d+) of 8 from \S+resume.pt", again.stdout).group(1))
     assert 2 <= done < epochs
     assert f"MLflow run {run_id} (reopened)" in again.stdout
@@ -479,42 +407,42 @@ def test_killed_training_resumes_and_matches_an_uninterrupted_run(tmp_path, data
     assert not (run / "checkpoints/rnn").exists()  # finished: nothing left to resume
 
 
-@pytest.mark.slow  # runs the stages as subprocesses
-def test_a_resume_file_from_other_settings_is_not_used(tmp_path, data):
+@pytest.mark.slow  # trains
+def test_a_resume_file_from_other_settings_is_not_used(tmp_path, tiny_tokens):
     write_params(tmp_path, tiny_params(train={"epochs": 2}))
     work = tmp_path / "checkpoints" / "rnn"
     save_resume(work / "resume.pt", {"epoch": 1}, fingerprint="other settings")
-    out = stage("train", *train_args(tmp_path, data), cwd=tmp_path, check=True).stdout
+    out = in_process("train", *train_args(tmp_path, tiny_tokens), cwd=tmp_path, check=True).stdout
     assert "rnn: starting over, not resuming: the resumable state was saved by an older version" in out
     assert "resuming after" not in out and "epoch   1/2" in out
 
 
-@pytest.mark.slow  # runs the stages as subprocesses
-def test_a_run_killed_under_other_code_starts_over_saying_which_file(tmp_path, data):
+@pytest.mark.slow  # trains
+def test_a_run_killed_under_other_code_starts_over_saying_which_file(tmp_path, tiny_tokens):
     """Killed after epoch 2; then the train stage's code changes (here: the fingerprint the state
     was saved with names another rnnlab/training/loop.py). The next run trains from epoch 1."""
     write_params(tmp_path, tiny_params(train={"epochs": 6}))
-    cmd = [sys.executable, "-m", "stages.train", *map(str, train_args(tmp_path, data))]
-    kill_after_epoch(cmd, tmp_path, ENV, epoch=2)
+    cmd = [sys.executable, "-m", "stages.train", *map(str, train_args(tmp_path, tiny_tokens))]
+    kill_after_epoch(cmd, tmp_path, stage_env(), epoch=2)
     path = tmp_path / "checkpoints" / "rnn" / "resume.pt"
     state = torch.load(path, weights_only=True)
     assert "rnnlab/training/loop.py" in state["fingerprint"]["code"]
     state["fingerprint"]["code"]["rnnlab/training/loop.py"] = "0" * 40  # made by other code
     save_resume(path, {k: v for k, v in state.items() if k not in ("format", "fingerprint")},
                 state["fingerprint"])
-    out = stage("train", *train_args(tmp_path, data), cwd=tmp_path, check=True).stdout
+    out = in_process("train", *train_args(tmp_path, tiny_tokens), cwd=tmp_path, check=True).stdout
     assert (f"rnn: starting over, not resuming: the code (rnnlab/training/loop.py) changed since {path} "
             "was saved") in out
     assert "resuming after" not in out and "epoch   1/6" in out
 
 
-@pytest.mark.slow  # runs the stages as subprocesses
+@pytest.mark.slow  # trains
 @pytest.mark.parametrize("damage", [b"", b"garbage"])
-def test_a_damaged_resume_file_starts_over(tmp_path, data, damage):
+def test_a_damaged_resume_file_starts_over(tmp_path, tiny_tokens, damage):
     write_params(tmp_path, tiny_params(train={"epochs": 2}))
     (tmp_path / "checkpoints" / "rnn").mkdir(parents=True)
     (tmp_path / "checkpoints" / "rnn" / "resume.pt").write_bytes(damage)
-    out = stage("train", *train_args(tmp_path, data), cwd=tmp_path, check=True).stdout
+    out = in_process("train", *train_args(tmp_path, tiny_tokens), cwd=tmp_path, check=True).stdout
     assert "rnn: starting over, not resuming: " in out and "not a readable checkpoint" in out
     assert "resuming after" not in out and "epoch   2/2" in out
 
@@ -530,7 +458,7 @@ def test_dvc_repro_after_a_killed_train_stage_resumes(tmp_path):
         params["variants"] = {"rnn": {"cell": "rnn"}}
 
     repo = copy_repo(tmp_path / "repo", edit)
-    env = {**ENV, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+    env = {**stage_env(), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
            "MLFLOW_TRACKING_URI": f"sqlite:///{repo}/mlflow.db"}
     env.pop("PYTHONPATH")
     dvc = str(BIN / "dvc")
@@ -560,7 +488,7 @@ def test_dvc_repro_after_a_killed_train_stage_resumes(tmp_path):
     # an uninterrupted run of the same stage, by hand, into other paths
     ref = tmp_path / "ref"
     ref.mkdir()
-    stage("train", "--variant", "rnn", "--data", "data/tokens", "--out", ref / "models/rnn",
+    in_process("train", "--variant", "rnn", "--data", "data/tokens", "--out", ref / "models/rnn",
           "--curves", ref / "curves/rnn.csv", "--work", ref / "checkpoints/rnn", cwd=repo, check=True,
           env={**env, "MLFLOW_TRACKING_URI": f"sqlite:///{ref}/mlflow.db"})
     same_result(read_result(repo / "models/rnn", repo / "metrics/curves/rnn.csv"),
@@ -680,15 +608,15 @@ def make_read_only(monkeypatch, folder: Path, err: int) -> None:
     monkeypatch.setattr(os, "open", refuse)
 
 
-@pytest.mark.slow  # runs the stages as subprocesses
+@pytest.mark.slow  # trains
 @pytest.mark.parametrize("err", [errno.EACCES, errno.EROFS], ids=["EACCES", "EROFS"])
-def test_read_only_output_folder_is_one_clear_error(tmp_path, monkeypatch, capsys, trained, data, err):
+def test_read_only_output_folder_is_one_clear_error(tmp_path, monkeypatch, capsys, tiny_trained, tiny_tokens, err):
     import stages.evaluate
 
     out = tmp_path / "metrics"
     out.mkdir()
     make_read_only(monkeypatch, out, err)
-    monkeypatch.setattr(sys, "argv", ["evaluate", *map(str, eval_args(trained, data, trained / "models/rnn",
+    monkeypatch.setattr(sys, "argv", ["evaluate", *map(str, eval_args(tiny_trained, tiny_tokens, tiny_trained / "models/rnn",
                                                                       out=tmp_path))])
     with pytest.raises(SystemExit) as exit_:
         run_main(stages.evaluate.main)
@@ -700,8 +628,8 @@ def test_read_only_output_folder_is_one_clear_error(tmp_path, monkeypatch, capsy
     assert list(out.iterdir()) == []
 
 
-@pytest.mark.slow  # runs the stages as subprocesses
-def test_full_disk_while_saving_resume_state_keeps_the_last_one(tmp_path, monkeypatch, capsys, data):
+@pytest.mark.slow  # trains
+def test_full_disk_while_saving_resume_state_keeps_the_last_one(tmp_path, monkeypatch, capsys, tiny_tokens):
     """Disk full at the end of epoch 2: a clear error; the run resumes later from epoch 1."""
     import rnnlab.training.resume
     import stages.train
@@ -718,7 +646,7 @@ def test_full_disk_while_saving_resume_state_keeps_the_last_one(tmp_path, monkey
         real_save(path, *args, **kwargs)
 
     monkeypatch.setattr(rnnlab.training.resume, "save_resume", save_then_fill)
-    monkeypatch.setattr(sys, "argv", ["train", *map(str, train_args(tmp_path, data))])
+    monkeypatch.setattr(sys, "argv", ["train", *map(str, train_args(tmp_path, tiny_tokens))])
     with pytest.raises(SystemExit):
         run_main(stages.train.main)
     monkeypatch.undo()
@@ -726,7 +654,7 @@ def test_full_disk_while_saving_resume_state_keeps_the_last_one(tmp_path, monkey
     assert f"error: cannot write {work}/resume.pt: No space left on device; nothing was written" in err
     assert torch.load(work / "resume.pt", weights_only=True)["epoch"] == 1
     assert not no_temp_files(tmp_path)
-    again = stage("train", *train_args(tmp_path, data), cwd=tmp_path, check=True).stdout
+    again = in_process("train", *train_args(tmp_path, tiny_tokens), cwd=tmp_path, check=True).stdout
     assert "rnn: resuming after epoch 1 of 3" in again
 
 
@@ -755,29 +683,29 @@ def _checkpoint_payload(folder: Path, variant: str = "rnn") -> dict:
     return torch.load(folder / "models" / variant / "best.pt", weights_only=True)
 
 
-def _damage(kind: str, trained: Path, path: Path) -> None:
-    good = (trained / "models/rnn/best.pt").read_bytes()
+def _damage(kind: str, tiny_trained: Path, path: Path) -> None:
+    good = (tiny_trained / "models/rnn/best.pt").read_bytes()
     if kind == "truncated":
         path.write_bytes(good[: len(good) // 2])
     elif kind == "not a checkpoint":
         path.write_bytes(b"this is not a checkpoint\n")
     elif kind == "damaged inside":  # a zip as torch.save writes, its pickle overwritten
-        with zipfile.ZipFile(trained / "models/rnn/best.pt") as src, zipfile.ZipFile(path, "w") as dst:
+        with zipfile.ZipFile(tiny_trained / "models/rnn/best.pt") as src, zipfile.ZipFile(path, "w") as dst:
             for name in src.namelist():
                 dst.writestr(name, b"garbage" if name.endswith("data.pkl") else src.read(name))
     elif kind == "another variant":
-        shutil.copy(trained / "models/lstm/best.pt", path)
-    elif kind == "other vocabulary":  # as if trained on other text
-        payload = _checkpoint_payload(trained)
+        shutil.copy(tiny_trained / "models/lstm/best.pt", path)
+    elif kind == "other vocabulary":  # as if tiny_trained on other text
+        payload = _checkpoint_payload(tiny_trained)
         payload["vocab"] = {**payload["vocab"], "tokens": payload["vocab"]["tokens"][:-1],
                             "freqs": payload["vocab"]["freqs"][:-1]}
         torch.save(payload, path)
     elif kind == "wrong shapes":
-        payload = _checkpoint_payload(trained)
+        payload = _checkpoint_payload(tiny_trained)
         payload["state_dict"] = {k: torch.zeros(*(s + 1 for s in v.shape)) for k, v in payload["state_dict"].items()}
         torch.save(payload, path)
     elif kind == "no weights":
-        payload = _checkpoint_payload(trained)
+        payload = _checkpoint_payload(tiny_trained)
         del payload["state_dict"]
         torch.save(payload, path)
 
@@ -792,7 +720,7 @@ DAMAGE = {
     "another variant": r"error: \S+/best.pt: holds variant 'lstm' \(lstm/torch 1x12, embed 0, dropout 0, "
                        r"vocabulary \d+\), but params.yaml's variant 'rnn' is rnn/torch 1x12, embed 0, "
                        r"dropout 0, vocabulary \d+; train it again \(dvc repro train@rnn\)",
-    "other vocabulary": r"error: \S+/best.pt: the checkpoint was trained on another vocabulary \(\d+ "
+    "other vocabulary": r"error: \S+/best.pt: the checkpoint was tiny_trained on another vocabulary \(\d+ "
                         r"tokens\) than the data given \(\d+ tokens\); retrain it on this data",
     "wrong shapes": r"error: \S+/best.pt: the weights do not fit the model config stored with them "
                     r"\(from another variant or a damaged file\?\): size mismatch for .+",
@@ -801,15 +729,15 @@ DAMAGE = {
 }
 
 
-@pytest.mark.slow  # runs the stages as subprocesses
+@pytest.mark.slow  # trains
 @pytest.mark.parametrize("kind", DAMAGE)
-def test_evaluate_rejects_a_damaged_or_foreign_checkpoint(tmp_path, trained, data, kind):
+def test_evaluate_rejects_a_damaged_or_foreign_checkpoint(tmp_path, tiny_trained, tiny_tokens, kind):
     model = tmp_path / "models" / "rnn"
     model.mkdir(parents=True)
-    shutil.copy(trained / "models/rnn/train.json", model)
-    _damage(kind, trained, model / "best.pt")
-    shutil.copy(trained / "params.yaml", tmp_path)
-    line = one_error(stage("evaluate", *eval_args(tmp_path, data, model), cwd=tmp_path))
+    shutil.copy(tiny_trained / "models/rnn/train.json", model)
+    _damage(kind, tiny_trained, model / "best.pt")
+    shutil.copy(tiny_trained / "params.yaml", tmp_path)
+    line = one_error(in_process("evaluate", *eval_args(tmp_path, tiny_tokens, model), cwd=tmp_path))
     assert re.fullmatch(DAMAGE[kind], line), line
     assert not (tmp_path / "metrics").exists() and not (tmp_path / "samples").exists()
 
@@ -839,16 +767,16 @@ def test_damaged_checkpoint_bytes_give_a_user_error(tmp_path, data):
         assert "\n" not in str(err)
 
 
-@pytest.mark.slow  # runs the stages as subprocesses
-def test_evaluate_without_train_json_or_tokens_is_one_line(tmp_path, trained, data):
+@pytest.mark.slow  # trains
+def test_evaluate_without_train_json_or_tokens_is_one_line(tmp_path, tiny_trained, tiny_tokens):
     model = tmp_path / "models" / "rnn"
     model.mkdir(parents=True)
-    shutil.copy(trained / "models/rnn/best.pt", model)
-    shutil.copy(trained / "params.yaml", tmp_path)
-    line = one_error(stage("evaluate", *eval_args(tmp_path, data, model), cwd=tmp_path))
+    shutil.copy(tiny_trained / "models/rnn/best.pt", model)
+    shutil.copy(tiny_trained / "params.yaml", tmp_path)
+    line = one_error(in_process("evaluate", *eval_args(tmp_path, tiny_tokens, model), cwd=tmp_path))
     assert line == f"error: {model}/train.json: not found; run train@rnn first"
     tokens = tmp_path / "tokens"
-    shutil.copytree(data, tokens)
+    shutil.copytree(tiny_tokens, tokens)
     (tokens / "val.npy").unlink()
     with pytest.raises(UserError, match=r"val.npy: unreadable token data \(FileNotFoundError"):
         load_tokens(tokens)
@@ -862,23 +790,25 @@ def test_text_unseen_in_training_is_counted_as_unk(tmp_path):
     (corpus / "test.txt").write_text("über the time")         # ü, b, r never seen in training
     write_params(tmp_path, tiny_params(data={"corpus": "custom", "source": str(corpus), "max_tokens": None},
                                        tokenize={"normalize": "plain"}))
-    stage("download", "--params", tmp_path / "params.yaml", "--out", tmp_path / "raw", cwd=tmp_path, check=True)
-    out = stage("tokenize", "--params", tmp_path / "params.yaml", "--raw", tmp_path / "raw", "--out",
+    in_process("download", "--params", tmp_path / "params.yaml", "--out", tmp_path / "raw", cwd=tmp_path,
+               check=True)
+    out = in_process("tokenize", "--params", tmp_path / "params.yaml", "--raw", tmp_path / "raw", "--out",
                 tmp_path / "tokens", cwd=tmp_path, check=True).stdout
     assert "<unk> in val 3, test 3" in out
     tokens = load_tokens(tmp_path / "tokens")
     assert int((tokens.splits["val"] == 0).sum()) == 3 and tokens.vocab.tokens[0] == "<unk>"
 
 
-@pytest.mark.slow  # runs the stages as subprocesses
-def test_long_and_unknown_prefixes_are_handled(tmp_path, trained, data):
+@pytest.mark.slow  # trains
+def test_long_and_unknown_prefixes_are_handled(tmp_path, tiny_trained, tiny_tokens):
     """A prefix longer than the training text warms the model up on all of it; a prefix is
     normalised as the corpus was (book: lower case, non-letters to a space), and characters the
     vocabulary still lacks are read as <unk> with a warning ('q' is not in the tiny corpus)."""
     long = ("the time traveller " * 300)[:5000]  # longer than the 4,000 training tokens
     params = tiny_params(evaluate={"prefixes": [long, "Quick, Time Traveller!"], "num_tokens": 5})
     write_params(tmp_path, params)
-    proc = stage("evaluate", *eval_args(tmp_path, data, trained / "models/rnn"), cwd=tmp_path, check=True)
+    proc = in_process("evaluate", *eval_args(tmp_path, tiny_tokens, tiny_trained / "models/rnn"), cwd=tmp_path,
+                      check=True)
     assert "Traceback" not in proc.stderr
     assert "warning: prefix 'Quick, Time Traveller!': 'q' not in the vocabulary, read as <unk>" in proc.stderr
     samples = (tmp_path / "samples/rnn.md").read_text()

@@ -1,9 +1,10 @@
 """Sweeps as people run them: the real `dvc queue` with parallel workers, and cached stages.
 
-Each test works on a fresh git copy of the repository with tiny settings and NO MLflow store: the
+Each test works on its own copy of the session's tiny pipeline (tests/repos.py) and lets the
 stages find the default store themselves (`<repository>/mlflow.db`, through DVC_ROOT, also from
 the queue's temporary workspaces). The record is then read back and held against DVC's:
-- every queued experiment succeeds, with 2 and with 4 workers on a new store;
+- every queued experiment succeeds, with 4 workers (twice the CPUs of a 2-core machine) on a new
+  store, which their stages create and write at once;
 - each (experiment, variant) has exactly one FINISHED MLflow run, whose params and metrics equal
   what `dvc exp show` lists for that experiment, and whose per-epoch series have every epoch once;
 - `train.threads: auto` gives each worker its share of the CPUs;
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -25,21 +27,14 @@ import pytest
 
 from rnnlab.tracking.records import mlflow_name
 from rnnlab.training.threads import usable_cpus
-from tests.repos import copy_repo
+from tests.repos import TINY_VARIANTS, edit_params
 
 BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.slow
-VARIANTS = {"rnn": {"cell": "rnn"}, "lstm": {"cell": "lstm"}}
+VARIANTS = TINY_VARIANTS
 EPOCHS = 2
 SWEEP = ["0.001", "0.002", "0.005", "0.01"]
-
-
-def tiny_sweep_repo(dest: Path) -> Path:
-    def edit(params):
-        params["train"].update(epochs=EPOCHS, threads="auto")
-        params["variants"] = VARIANTS
-
-    return copy_repo(dest, edit)
+JOBS = 4
 
 
 def dvc(*args: str, cwd: Path, timeout: float = 1200) -> str:
@@ -66,7 +61,7 @@ def wait_for_queue(repo: Path, timeout: float = 1200) -> str:
         if rows and not any(r[-1] in ("Queued", "Running") for r in rows):
             return status
         assert time.monotonic() < deadline, f"queue still busy after {timeout} s:\n{status}"
-        time.sleep(5)
+        time.sleep(1)
 
 
 def dvc_experiments(repo: Path) -> dict[str, dict]:
@@ -109,10 +104,12 @@ def assert_run_equals_dvc(run, exp: dict, variant: str) -> None:
         assert run.data.metrics[mlflow_name(key)] == value, (variant, key)
 
 
-@pytest.mark.parametrize("jobs", [2, 4])
-def test_a_queued_sweep_records_each_experiment_once(tmp_path, jobs):
-    repo = tiny_sweep_repo(tmp_path / "repo")
-    assert not (repo / "mlflow.db").exists()
+def test_a_queued_sweep_records_each_experiment_once(pipeline, tmp_path):
+    jobs = JOBS
+    repo = pipeline.copy(tmp_path / "repo")
+    edit_params(repo, lambda p: p["train"].update(threads="auto"), "threads: auto")
+    (repo / "mlflow.db").unlink()  # a new store: the workers' stages create it together
+    shutil.rmtree(repo / "mlruns")
     dvc("repro", "tokenize", cwd=repo)  # the stages every experiment shares, once (README: Sweeps)
     dvc("exp", "run", "--queue", "-S", f"train.lr={','.join(SWEEP)}", cwd=repo)
     dvc("queue", "start", "-j", str(jobs), cwd=repo)
@@ -155,30 +152,30 @@ def assert_cpus_shared(runs: list, jobs: int) -> None:
     assert min(int(r.data.tags["rnnlab.threads"]) for r in runs) == max(1, cpus // jobs)
 
 
-def test_an_experiment_whose_training_dvc_restores_gets_its_own_run(tmp_path):
-    """docs/tracking.md: `dvc exp run -n base`, then `-n warm` with another evaluate setting, in a
-    temporary copy (`--temp`): DVC restores base's training from its run cache and reruns
-    evaluate only. warm's evaluation is recorded in a run of warm's, in the repository's default
-    store, linked to base's training run; base's run is not touched."""
-    repo = tiny_sweep_repo(tmp_path / "repo")
-    dvc("exp", "run", "-n", "base", cwd=repo)
+def test_an_experiment_whose_training_dvc_restores_gets_its_own_run(experiments, tmp_path):
+    """docs/tracking.md: after `dvc exp run -n exp-b` (the session's experiments), `-n warm` with
+    another evaluate setting, in a temporary copy (`--temp`): DVC restores exp-b's training from
+    its run cache and reruns evaluate only. warm's evaluation is recorded in a run of warm's, in
+    the repository's default store, linked to exp-b's training run; exp-b's run is not touched."""
+    repo = experiments.copy(tmp_path / "repo")
     client, runs = mlflow_runs(repo)
-    base = {r.data.tags["rnnlab.variant"]: r for r in runs}
+    base = {r.data.tags["rnnlab.variant"]: r for r in runs if r.data.tags.get("rnnlab.dvc_exp") == "exp-b"}
     assert sorted(base) == sorted(VARIANTS)
     samples = {v: client.download_artifacts(r.info.run_id, f"samples/{v}.md", str(tmp_path / "a" / v))
                for v, r in base.items()}
     samples = {v: Path(p).read_text() for v, p in samples.items()}
 
     out = dvc("exp", "run", "--temp", "-n", "warm", "-S", "evaluate.temperature=1.7", cwd=repo)
-    assert "Running stage 'train@" not in out and "Stage 'train@rnn' is cached" in out, out
-    assert "Running stage 'evaluate@rnn'" in out
+    assert "Running stage 'train@" not in out and "Stage 'train@lstm' is cached" in out, out
+    assert "Running stage 'evaluate@lstm'" in out
 
     exps = dvc_experiments(repo)
     client, runs = mlflow_runs(repo)
     by_exp = {}
     for r in runs:
         by_exp.setdefault(r.data.tags.get("rnnlab.dvc_exp"), {})[r.data.tags["rnnlab.variant"]] = r
-    assert sorted(by_exp) == ["base", "warm"] and all(len(v) == len(VARIANTS) for v in by_exp.values())
+    assert set(by_exp) == {None, "exp-a", "exp-b", "warm"}  # None: the pipeline's `dvc repro`
+    assert all(len(v) == len(VARIANTS) for v in by_exp.values())
     for variant, run in by_exp["warm"].items():
         trained = base[variant]
         assert run.info.run_id != trained.info.run_id and run.info.status == "FINISHED"
@@ -193,6 +190,6 @@ def test_an_experiment_whose_training_dvc_restores_gets_its_own_run(tmp_path):
         assert (after.data.params, after.data.metrics, after.data.tags) == \
                (before.data.params, before.data.metrics, before.data.tags)
         assert after.data.params["evaluate.temperature"] == "0.8"
-        assert_run_equals_dvc(after, exps["base"], variant)
+        assert_run_equals_dvc(after, exps["exp-b"], variant)
         path = client.download_artifacts(before.info.run_id, f"samples/{variant}.md", str(tmp_path / "b" / variant))
         assert Path(path).read_text() == samples[variant]

@@ -18,16 +18,7 @@ import torch
 from rnnlab.data.vocab import build_vocab
 from rnnlab.models.lm import ModelConfig, build_model
 from rnnlab.training.loop import perplexity
-from tests.stages.test_reliability import (  # noqa: F401 - data, trained: fixtures
-    data,
-    eval_args,
-    one_error,
-    stage,
-    tiny_params,
-    train_args,
-    trained,
-    write_params,
-)
+from tests.stagerun import eval_args, in_process, one_error, tiny_params, write_params
 
 VOCAB = build_vocab(list("the time traveller was expounding a recondite matter to us "))
 IDS = torch.as_tensor(VOCAB.encode(list("the time traveller was expounding a recondite matter to us " * 5)))
@@ -89,20 +80,19 @@ def test_perplexity_restores_training_mode_and_needs_two_tokens():
 # the evaluate stage, run for real
 
 
-@pytest.mark.slow  # runs the stages as subprocesses
-def test_variants_differing_only_in_batch_size_are_scored_on_the_same_predictions(tmp_path, data):
+@pytest.mark.slow  # evaluates twice
+def test_variants_differing_only_in_batch_size_are_scored_on_the_same_predictions(tmp_path, tiny_tokens,
+                                                                                   tiny_trained):
     """One checkpoint, evaluated under params whose variant differs only in train.batch_size and
     train.num_steps: the same perplexities on every split, from the same number of predictions,
     and the validation perplexity is train.json's best (run_epochs uses the same protocol)."""
-    write_params(tmp_path, tiny_params())
-    stage("train", *train_args(tmp_path, data), cwd=tmp_path, check=True)
-    model = tmp_path / "models" / "rnn"
+    data, model = tiny_tokens, tiny_trained / "models" / "rnn"  # trained with tiny_params()
     metrics = {}
     for batch_size, num_steps in [(4, 8), (32, 5)]:
         folder = tmp_path / f"b{batch_size}"
         folder.mkdir()
         write_params(folder, tiny_params(train={"batch_size": batch_size, "num_steps": num_steps}))
-        stage("evaluate", *eval_args(folder, data, model), cwd=folder, check=True)
+        in_process("evaluate", *eval_args(folder, data, model), cwd=folder, check=True)
         metrics[batch_size] = json.loads((folder / "metrics" / "rnn.json").read_text())
     a, b = metrics.values()
     sizes = {s: len(np.load(data / f"{s}.npy")) for s in ("train", "val", "test")}
@@ -112,10 +102,10 @@ def test_variants_differing_only_in_batch_size_are_scored_on_the_same_prediction
     assert a["val_ppl"] == json.loads((model / "train.json").read_text())["best_val_ppl"]
 
 
-@pytest.mark.slow  # runs the stages as subprocesses
-def test_a_prefix_empty_after_normalisation_stops_evaluate_before_any_work(tmp_path, trained, data):
+@pytest.mark.slow  # needs the session's trained models
+def test_a_prefix_empty_after_normalisation_stops_evaluate_before_any_work(tmp_path, tiny_trained, tiny_tokens):
     write_params(tmp_path, tiny_params(evaluate={"prefixes": ["time traveller", "!!!"]}))
-    proc = stage("evaluate", *eval_args(tmp_path, data, trained / "models/rnn"), cwd=tmp_path)
+    proc = in_process("evaluate", *eval_args(tmp_path, tiny_tokens, tiny_trained / "models/rnn"), cwd=tmp_path)
     assert one_error(proc) == ("error: prefix '!!!' is empty after the corpus's normalisation (book): "
                                "nothing to warm the model up on")
     assert not (tmp_path / "metrics").exists() and not (tmp_path / "samples").exists()

@@ -18,7 +18,7 @@ import pytest
 import requests
 
 from deploy.settings import free_port
-from tests.repos import BIN, copy_repo, run
+from tests.repos import BIN
 
 ROOT = Path(__file__).resolve().parents[2]
 UI = ROOT / "tests" / "ui"
@@ -37,11 +37,10 @@ def require_browser() -> None:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """A tiny real pipeline run, and `mlflow server` on its store."""
+def server(tmp_path_factory, pipeline):
+    """The session's tiny pipeline run (its own copy), and `mlflow server` on its store."""
     require_browser()
-    repo = copy_repo(tmp_path_factory.mktemp("ui") / "repo")
-    run([str(BIN / "dvc"), "repro"], repo)
+    repo = pipeline.copy(tmp_path_factory.mktemp("ui") / "repo")
     port = free_port()
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     proc = subprocess.Popen(
