@@ -105,10 +105,10 @@ def exp_show(repo: Path, env: dict) -> dict[str, dict]:
 
 def test_two_machines_at_once_and_a_third_that_pulls_both(team, origin, tmp_path):
     stack = team.stack
-    alice, bob = team.user_env("alice"), team.user_env("bob")
-    for user in ("alice", "bob"):  # the lab's shared experiment: both may add runs
+    alice, ben = team.user_env("alice"), team.user_env("ben")
+    for user in ("alice", "ben"):  # the lab's shared experiment: both may add runs
         team.cli("grant", user, EXPERIMENT, "EDIT")
-    machines = {"alice": (alice, "exp-alice", "0.01"), "bob": (bob, "exp-bob", "0.02")}
+    machines = {"alice": (alice, "exp-alice", "0.01"), "ben": (ben, "exp-ben", "0.02")}
     repos = {u: machine(origin, tmp_path / u, clean_env(login), stack) for u, (login, _, _) in machines.items()}
 
     def work(user: str, results: dict) -> None:
@@ -138,10 +138,10 @@ def test_two_machines_at_once_and_a_third_that_pulls_both(team, origin, tmp_path
     for _, exp, _ in machines.values():
         sh(str(BIN / "dvc"), "exp", "pull", "origin", exp, cwd=third, env=env)
     shown = exp_show(third, env)
-    assert {"exp-alice", "exp-bob"} <= set(shown)
-    assert shown["exp-alice"]["val_ppl"] != shown["exp-bob"]["val_ppl"]  # two different experiments
+    assert {"exp-alice", "exp-ben"} <= set(shown)
+    assert shown["exp-alice"]["val_ppl"] != shown["exp-ben"]["val_ppl"]  # two different experiments
     table = sh(str(BIN / "dvc"), "exp", "show", "--md", cwd=third, env=env).stdout
-    assert "exp-alice" in table and "exp-bob" in table
+    assert "exp-alice" in table and "exp-ben" in table
 
     sh(str(BIN / "dvc"), "exp", "apply", "exp-alice", cwd=third, env=env)
     assert md5(third / "models/rnn/best.pt") == md5(repos["alice"] / "models/rnn/best.pt")

@@ -695,7 +695,7 @@ def _damage(kind: str, tiny_trained: Path, path: Path) -> None:
                 dst.writestr(name, b"garbage" if name.endswith("data.pkl") else src.read(name))
     elif kind == "another variant":
         shutil.copy(tiny_trained / "models/lstm/best.pt", path)
-    elif kind == "other vocabulary":  # as if tiny_trained on other text
+    elif kind == "other vocabulary":  # as if trained on other text
         payload = _checkpoint_payload(tiny_trained)
         payload["vocab"] = {**payload["vocab"], "tokens": payload["vocab"]["tokens"][:-1],
                             "freqs": payload["vocab"]["freqs"][:-1]}
@@ -720,7 +720,7 @@ DAMAGE = {
     "another variant": r"error: \S+/best.pt: holds variant 'lstm' \(lstm/torch 1x12, embed 0, dropout 0, "
                        r"vocabulary \d+\), but params.yaml's variant 'rnn' is rnn/torch 1x12, embed 0, "
                        r"dropout 0, vocabulary \d+; train it again \(dvc repro train@rnn\)",
-    "other vocabulary": r"error: \S+/best.pt: the checkpoint was tiny_trained on another vocabulary \(\d+ "
+    "other vocabulary": r"error: \S+/best.pt: the checkpoint was trained on another vocabulary \(\d+ "
                         r"tokens\) than the data given \(\d+ tokens\); retrain it on this data",
     "wrong shapes": r"error: \S+/best.pt: the weights do not fit the model config stored with them "
                     r"\(from another variant or a damaged file\?\): size mismatch for .+",
