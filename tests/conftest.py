@@ -4,8 +4,9 @@ it is about, and `shipped_params` / `shipped` fill in the rest.
 
 Before any test module is imported, the kernel choices (rnnlab/kernels/choice.py) and compiled
 code (rnnlab/kernels/native.py) get a cache of this test run's own (RNNLAB_CACHE_DIR), shared by
-its processes and by the stages they start: never the user's ~/.cache/rnnlab, whose contents
-would make results depend on what the machine measured before.
+its processes and by the stages they start: never the user's ~/.cache/rnnlab, whose choices
+would make results depend on what the machine measured before (its compiled library, keyed by
+everything that makes it, is copied in).
 
 RNNLAB_NO_SKIPS=1 (.ci/run sets it) makes every skip a failure that gives the skip's reason: in
 CI nothing is skipped (no compiler, no PostgreSQL, no browser is a failure there).
@@ -23,6 +24,7 @@ from filelock import FileLock
 
 from rnnlab.cli.presets import merged
 from rnnlab.config import Params, read_yaml
+from rnnlab.kernels.choice import cache_dir as kernel_cache_dir
 from tests.repos import Built, build_experiments, build_once, build_pipeline, store_copy
 
 # Both tools phone home unless told not to.
@@ -36,11 +38,24 @@ _OWN_CACHE: list[str] = []  # the cache folder this run made (removed at the end
 def pytest_configure(config):
     """The test run's own kernel cache, before collection imports any test module (some copy
     os.environ for their subprocesses). A worker of pytest-xdist inherits its controller's."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # the cores shared among the workers, as
+        import torch  # train.threads: auto shares them among stages
+
+        workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // workers))
     if os.environ.get("RNNLAB_TEST_CACHE_DIR"):  # set by the controller: a worker shares it
         os.environ["RNNLAB_CACHE_DIR"] = os.environ["RNNLAB_TEST_CACHE_DIR"]
         return
+    user_cache = kernel_cache_dir()  # before the variable points at the test run's own
     folder = tempfile.mkdtemp(prefix="rnnlab-test-cache-")
     _OWN_CACHE.append(folder)
+    # The compiled time loop is a pure function of its file name (a digest of source, torch,
+    # compiler, flags and CPU: rnnlab/kernels/native.py), so the one `make setup` built is the
+    # one a build would make: the run takes it instead of compiling for half a minute. Kernel
+    # choices (kernels.json) stay the run's own.
+    for built in (user_cache / "native").glob("recurrence-*.so"):
+        (Path(folder) / "native").mkdir(exist_ok=True)
+        shutil.copy2(built, Path(folder) / "native" / built.name)
     os.environ["RNNLAB_CACHE_DIR"] = os.environ["RNNLAB_TEST_CACHE_DIR"] = folder
 
 
@@ -80,8 +95,8 @@ def pipeline(shared_tmp) -> Built:
 
 @pytest.fixture(scope="session")
 def experiments(shared_tmp, pipeline) -> Built:
-    """A copy of `pipeline` with two DVC experiments run in it: exp-a (train.lr=0.01), then
-    exp-b (train.lr=0.05), which the workspace holds. Read only."""
+    """A copy of `pipeline` with two DVC experiments run in it: exp-a (the lstm's lr 0.01), then
+    exp-b (train.lr=0.05), which the workspace holds (tests/repos.py: EXPERIMENTS). Read only."""
     return build_once(shared_tmp / "experiments", build_experiments(pipeline))
 
 

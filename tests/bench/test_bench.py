@@ -289,6 +289,7 @@ def _tiny_ptb(path):
     return path
 
 
+@pytest.mark.slow  # the benchmark's command, end to end
 def test_word_only_quick_run(tmp_path):
     """`--word-only --quick --ptb`: only the word rows, on the zip's words, written to the table
     and the JSON (no speed is checked; the ratio is finite and positive)."""

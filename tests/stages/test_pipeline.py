@@ -40,10 +40,16 @@ def test_the_evaluate_stage_scores_the_best_checkpoint_as_training_validated_it(
         assert evaluated["best_epoch"] == trained["best_epoch"]
 
 
+def ran(output: str) -> set[str]:
+    return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")}
+
+
 def test_changing_lr_reruns_train_and_evaluate_only(experiments):
-    out = experiments.output["exp-b"]  # `dvc exp run -n exp-b -S train.lr=0.05` after exp-a
-    ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
-    assert ran == {"train@rnn_scratch", "train@lstm", "evaluate@rnn_scratch", "evaluate@lstm", "report"}
+    # `dvc exp run -n exp-a -S variants.lstm.train.lr=0.01`: that variant's stages only
+    assert ran(experiments.output["exp-a"]) == {"train@lstm", "evaluate@lstm", "report"}
+    # then `dvc exp run -n exp-b -S train.lr=0.05`: every variant's
+    assert ran(experiments.output["exp-b"]) == {"train@rnn_scratch", "train@lstm", "evaluate@rnn_scratch",
+                                                "evaluate@lstm", "report"}
     show = dvc("exp", "show", "--csv", cwd=experiments.repo)
     assert "metrics/variants/lstm.json:test_ppl" in show
 

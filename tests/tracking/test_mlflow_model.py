@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from mlflow.exceptions import MlflowException
 
 from rnnlab.data.vocab import build_vocab
 from rnnlab.models.lm import ModelConfig, build_model
@@ -157,6 +156,7 @@ def test_requirements_pin_what_trained_it():
 
 def test_predict_takes_a_list_a_table_or_a_string_and_rejects_bad_params(tmp_path):
     import pandas as pd
+    from mlflow.exceptions import MlflowException
 
     model = RNNLMPredictor(tiny_checkpoint(tmp_path / "best.pt"))
     a = model.predict(["the time"], {"num_tokens": 5})
