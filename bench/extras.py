@@ -22,19 +22,20 @@ def noop_repro_seconds(work: Path) -> dict:
     """Seconds of `dvc repro` when nothing changed: in a git clone of HEAD with tiny params,
     the first repro runs every stage, the second (timed) should find nothing to do."""
     repo, env, dvc = tiny_clone(work)
-
-    def repro() -> tuple[float, str]:
-        t0 = time.perf_counter()
-        proc = subprocess.run([dvc, "repro"], cwd=repo, env=env, capture_output=True, text=True)
-        seconds = time.perf_counter() - t0
-        if proc.returncode:
-            raise RuntimeError(f"dvc repro failed in {repo}:\n{proc.stdout}\n{proc.stderr}")
-        return seconds, proc.stdout
-
-    first, _ = repro()
-    second, out = repro()
+    first, _ = timed_repro(repo, env, dvc)
+    second, out = timed_repro(repo, env, dvc)
     return {"first_repro_seconds": first, "noop_repro_seconds": second,
             "noop_ran_a_stage": "Running stage" in out}
+
+
+def timed_repro(repo: Path, env: dict, dvc: str) -> tuple[float, str]:
+    """`dvc repro` in `repo`: (its seconds, what it printed)."""
+    t0 = time.perf_counter()
+    proc = subprocess.run([dvc, "repro"], cwd=repo, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    if proc.returncode:
+        raise RuntimeError(f"dvc repro failed in {repo}:\n{proc.stdout}\n{proc.stderr}")
+    return seconds, proc.stdout
 
 
 def tracking_share(cfg: ModelConfig, ids: torch.Tensor, work: Path, epochs: int, batch: int,

@@ -4,7 +4,7 @@ with tiny params, and the commands run in it as a user would (the venv's tools f
 Running the pipeline costs most of the slow suite's time, so it runs once per test run:
 
     pipeline       `dvc repro` on a tiny copy, tracked to its own mlflow.db (conftest's fixture)
-    experiments    a copy of that, then `dvc exp run -n exp-a -S variants.lstm.train.lr=0.01`
+    experiments    a copy of that, then `dvc exp run -n exp-a -S +variants.lstm.train.lr=0.01`
                    and `-n exp-b -S train.lr=0.05` (EXPERIMENTS)
 
 Both are built once even under pytest-xdist (the first worker builds under a file lock, the
@@ -139,10 +139,16 @@ def build_once(folder: Path, build: Callable[[Path], dict[str, str]]) -> Built:
     """`build(folder / "repo")` once for every process of this test run (pytest-xdist workers
     share `folder`): the first builds under a lock, the others read what it left."""
     folder.mkdir(parents=True, exist_ok=True)
-    done = folder / "built.json"
+    done, failed = folder / "built.json", folder / "failed.txt"
     with FileLock(str(folder / "build.lock")):
+        if failed.exists():  # one failed build is reported by every test that needed it
+            raise AssertionError(f"building {folder.name} failed (first attempt):\n{failed.read_text()}")
         if not done.exists():
-            output = build(folder / "repo")
+            try:
+                output = build(folder / "repo")
+            except BaseException as err:
+                failed.write_text(str(err))
+                raise
             done.write_text(json.dumps(output))
     return Built(folder / "repo", json.loads(done.read_text()))
 
@@ -162,4 +168,4 @@ def build_experiments(pipeline: Built) -> Callable[[Path], dict[str, str]]:
 
 # The session's experiments: one variant's own setting (only its stages rerun), then a setting
 # of every variant's (all rerun); the workspace ends as exp-b.
-EXPERIMENTS = {"exp-a": "variants.lstm.train.lr=0.01", "exp-b": "train.lr=0.05"}
+EXPERIMENTS = {"exp-a": "+variants.lstm.train.lr=0.01", "exp-b": "train.lr=0.05"}  # +: a new key

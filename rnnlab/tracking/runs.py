@@ -83,6 +83,9 @@ def tracked_run(cfg: Tracking, experiment: str, run_name: str, tags: dict[str, A
     try:
         with lock:  # a new store is created here, by one stage at a time
             run_id = continue_run if continue_run and may_continue(continue_run, evaluation) else None
+            # an evaluation added to its training's run leaves the run's times the training's
+            # (the UI's Duration); its own time is its metric eval_seconds
+            trained_until = mlflow.get_run(run_id).info.end_time if run_id and evaluation else None
             run = mlflow.start_run(run_id=run_id,
                                    experiment_id=None if run_id else _experiment_id(name, uri),
                                    run_name=None if run_id else run_name, tags=tags)
@@ -95,7 +98,7 @@ def tracked_run(cfg: Tracking, experiment: str, run_name: str, tags: dict[str, A
     on_main_thread = threading.current_thread() is threading.main_thread()  # signals: main only
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if on_main_thread else None
     previous = previous if previous is not None else signal.SIG_DFL  # None: not set from Python
-    end = lambda status: _end_run(status, on_main_thread, previous, lock)  # noqa: E731
+    end = lambda status: _end_run(status, on_main_thread, previous, lock, trained_until)  # noqa: E731
     tracker = Tracker(run.info.run_id, reopened=bool(run_id), lock=lock, uri=uri)
     try:
         yield tracker
@@ -145,10 +148,12 @@ def may_continue(run_id: str, evaluation: bool = False) -> bool:
     return not (evaluation and tags.get("rnnlab.evaluated") == "true")
 
 
-def _end_run(status: str, on_main_thread: bool, previous, lock: AbstractContextManager) -> None:
-    """End the active run with `status`, deaf to a second SIGTERM meanwhile. Called while an
-    exception is on its way up, a store that cannot be reached is reported, not raised, so the
-    original error is the one shown."""
+def _end_run(status: str, on_main_thread: bool, previous, lock: AbstractContextManager,
+             end_time: int | None = None) -> None:
+    """End the active run with `status` (at `end_time`, ms since the epoch, if given: a reopened
+    run's own end), deaf to a second SIGTERM meanwhile. Called while an exception is on its way
+    up, a store that cannot be reached is reported, not raised, so the original error is the one
+    shown."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -156,7 +161,10 @@ def _end_run(status: str, on_main_thread: bool, previous, lock: AbstractContextM
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         with lock:
+            run_id = mlflow.active_run().info.run_id
             mlflow.end_run(status)
+            if end_time is not None:
+                mlflow.MlflowClient().set_terminated(run_id, status, end_time=end_time)
     except (MlflowException, requests.RequestException) as err:
         if status == "FINISHED":
             raise

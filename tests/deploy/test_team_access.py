@@ -39,6 +39,7 @@ import yaml
 from rnnlab.tracking.store import public_uri, refusal_error
 from tests.conftest import shipped_params
 from tests.deploy.teamstack import TeamStack, shell_env
+from tests.stagerun import in_process
 
 ROOT = Path(__file__).resolve().parents[2]
 EXPERIMENT = "team-access"          # the member's training runs go here (tracking.experiment)
@@ -115,13 +116,15 @@ def run_stage(project: Path, module: str, *args, env: dict[str, str]) -> subproc
                           env=env, capture_output=True, text=True, timeout=300)
 
 
-def train(project: Path, out: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+def train(project: Path, out: str, env: dict[str, str], fresh_process: bool = True) -> subprocess.CompletedProcess:
     """The real train stage on the project's tokens, writing under project/OUT; its output is
-    kept in project/OUT/stdout.txt and stderr.txt (files the leak test reads too)."""
+    kept in project/OUT/stdout.txt and stderr.txt (files the leak test reads too). A fresh
+    process, or this one's (tests/stagerun.py) where only the stage's own lines matter."""
     folder = project / out
-    proc = run_stage(project, "train", "--params", "params.yaml", "--variant", VARIANT,
-                     "--data", "tokens", "--out", folder / "model", "--curves", folder / "curves.csv",
-                     "--work", folder / "work", env=env)
+    args = ("--params", "params.yaml", "--variant", VARIANT, "--data", "tokens", "--out", folder / "model",
+            "--curves", folder / "curves.csv", "--work", folder / "work")
+    proc = (run_stage(project, "train", *args, env=env) if fresh_process
+            else in_process("train", *args, cwd=project, env=env))
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "stdout.txt").write_text(proc.stdout)
     (folder / "stderr.txt").write_text(proc.stderr)
@@ -242,7 +245,7 @@ def test_grant_gives_another_user_edit_then_manage_on_an_experiment(team, bob):
 @pytest.mark.slow
 def test_a_stage_refused_its_login_says_401_and_what_to_set(team, project):
     env = {**team.env, "MLFLOW_TRACKING_PASSWORD": WRONG}
-    error = the_error(train(project, "refused-401", stage_env(project, env)))
+    error = the_error(train(project, "refused-401", stage_env(project, env), fresh_process=False))
     assert "401" in error and team.env["MLFLOW_TRACKING_URI"] in error
     assert "MLFLOW_TRACKING_USERNAME" in error and "MLFLOW_TRACKING_PASSWORD" in error
     assert f"user {team.env['MLFLOW_TRACKING_USERNAME']!r}" in error and WRONG not in error
@@ -252,7 +255,7 @@ def test_a_stage_refused_its_login_says_401_and_what_to_set(team, project):
 @pytest.mark.slow
 def test_a_stage_writing_into_another_members_experiment_says_403_and_how_to_get_access(
         team, project, bob, member_run):
-    error = the_error(train(project, "refused-403", stage_env(project, bob)))
+    error = the_error(train(project, "refused-403", stage_env(project, bob), fresh_process=False))
     assert "403" in error and team.env["MLFLOW_TRACKING_URI"] in error
     assert f"experiment {EXPERIMENT!r}" in error and "user 'bob'" in error
     assert f"python -m deploy.stack grant bob {EXPERIMENT} EDIT" in error

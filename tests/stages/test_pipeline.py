@@ -45,7 +45,7 @@ def ran(output: str) -> set[str]:
 
 
 def test_changing_lr_reruns_train_and_evaluate_only(experiments):
-    # `dvc exp run -n exp-a -S variants.lstm.train.lr=0.01`: that variant's stages only
+    # `dvc exp run -n exp-a -S +variants.lstm.train.lr=0.01`: that variant's stages only
     assert ran(experiments.output["exp-a"]) == {"train@lstm", "evaluate@lstm", "report"}
     # then `dvc exp run -n exp-b -S train.lr=0.05`: every variant's
     assert ran(experiments.output["exp-b"]) == {"train@rnn_scratch", "train@lstm", "evaluate@rnn_scratch",

@@ -209,6 +209,35 @@ def test_a_run_in_a_dvc_temp_copy_goes_to_the_parent_repository(repo, tmp_path, 
 
 
 @pytest.mark.slow
+def test_a_sqlite_store_is_opened_and_written_one_stage_at_a_time(repo, monkeypatch):
+    """Parallel stages take turns at a SQLite store under `<store>.lock` (rnnlab/tracking/store.py):
+    while another process holds it, a stage neither opens its run nor writes to it, and after
+    LOCK_SECONDS of waiting it stops with one line naming the lock file."""
+    from filelock import FileLock
+
+    from rnnlab.errors import UserError
+    from rnnlab.tracking import store
+
+    uri = f"sqlite:///{repo}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setattr(store, "LOCK_SECONDS", 0.5)
+    lock_file = f"{repo}/mlflow.db.lock"
+    other_stage = FileLock(lock_file, thread_local=False)
+    cfg = shipped(Tracking, enabled=True, experiment="turns")
+    with other_stage:
+        with pytest.raises(UserError, match=rf"waited 0.5 s for the MLflow store lock {lock_file}, held by "
+                                            "another stage; if no other stage runs, delete the file"):
+            with tracked_run(cfg, EXPERIMENT, "rnn", {}):
+                pass
+    with tracked_run(cfg, EXPERIMENT, "rnn", {}) as tracker:  # its turn: the run opens
+        with other_stage, pytest.raises(UserError, match="waited 0.5 s for the MLflow store lock"):
+            tracker.log_params({"train.lr": 0.1})  # a write waits for the lock too
+        tracker.log_params({"train.lr": 0.1})
+    [run] = only_experiment_runs(uri, experiment="turns")
+    assert run.data.params == {"train.lr": "0.1"}
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("raised, status", [(RuntimeError("boom"), "FAILED"),
                                             (KeyboardInterrupt(), "KILLED")])
 def test_a_run_that_raises_is_not_left_running(repo, monkeypatch, raised, status):
@@ -324,6 +353,17 @@ def test_per_epoch_series_and_summary_metrics(tiny_runs):
             assert sorted(steps) == list(range(1, EPOCHS + 1)), series
         assert {"best_val_ppl", "best_epoch", "test_ppl", "summary.val_ppl", "uniform_ppl"} <= set(run.data.metrics)
         assert 1 <= run.data.metrics["best_epoch"] <= EPOCHS
+
+
+@pytest.mark.slow
+def test_a_runs_times_are_its_trainings(tiny_runs):
+    """DVC trains every variant, then evaluates each into its training's run: the run of the
+    variant trained first ends before the next variant's training began (before, the evaluation
+    set its end, after every training), and the run's evaluation time is its metric."""
+    first, second = (tiny_runs["runs"][v] for v in TINY_VARIANTS)  # in dvc.yaml's order
+    assert first.info.start_time < first.info.end_time <= second.info.start_time
+    assert second.info.end_time > second.info.start_time
+    assert all(r.data.metrics["eval_seconds"] > 0 for r in (first, second))
 
 
 @pytest.mark.slow
