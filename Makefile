@@ -46,11 +46,15 @@ run: setup                            ## run the whole pipeline on params.yaml
 	@echo
 	@echo "Report: metrics/report.md   plots: metrics/plots/   compare: dvc exp show   UI: make ui"
 
-test: setup                           ## the whole test suite, end-to-end tests included (what CI runs)
-	$(BIN)/python -m pytest -q
+# Both run on every core (pytest-xdist: tests that share a server stay on one worker) and end with
+# the 10 slowest tests, so that whoever adds the next slow one sees it. PYTEST_ARGS: more options.
+PYTEST := $(BIN)/python -m pytest -q -n auto --dist loadgroup --durations=10 $(PYTEST_ARGS)
 
-test-fast: setup                      ## the fast tests only (seconds)
-	$(BIN)/python -m pytest -q -m "not slow"
+test: setup                           ## the whole test suite, end-to-end tests included (what CI runs)
+	$(PYTEST)
+
+test-fast: setup                      ## the fast tests only (half a minute)
+	$(PYTEST) -m "not slow"
 
 check-params: setup                   ## validate params.yaml without running anything
 	$(BIN)/python -m rnnlab.config params.yaml

@@ -95,7 +95,7 @@ def pipeline(shared_tmp) -> Built:
 
 @pytest.fixture(scope="session")
 def experiments(shared_tmp, pipeline) -> Built:
-    """A copy of `pipeline` with two DVC experiments run in it: exp-a (the lstm's lr 0.01), then
+    """A copy of `pipeline` with two DVC experiments run in it: exp-a (train.lr=0.01), then
     exp-b (train.lr=0.05), which the workspace holds (tests/repos.py: EXPERIMENTS). Read only."""
     return build_once(shared_tmp / "experiments", build_experiments(pipeline))
 

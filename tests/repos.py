@@ -4,8 +4,8 @@ with tiny params, and the commands run in it as a user would (the venv's tools f
 Running the pipeline costs most of the slow suite's time, so it runs once per test run:
 
     pipeline       `dvc repro` on a tiny copy, tracked to its own mlflow.db (conftest's fixture)
-    experiments    a copy of that, then `dvc exp run -n exp-a -S +variants.lstm.train.lr=0.01`
-                   and `-n exp-b -S train.lr=0.05` (EXPERIMENTS)
+    experiments    a copy of that, then `dvc exp run -n exp-a -S train.lr=0.01` and `-n exp-b
+                   -S train.lr=0.05` (EXPERIMENTS)
 
 Both are built once even under pytest-xdist (the first worker builds under a file lock, the
 others wait and read). Read them; a test that changes anything works on `.copy(dest)`, a
@@ -166,6 +166,5 @@ def build_experiments(pipeline: Built) -> Callable[[Path], dict[str, str]]:
     return build
 
 
-# The session's experiments: one variant's own setting (only its stages rerun), then a setting
-# of every variant's (all rerun); the workspace ends as exp-b.
-EXPERIMENTS = {"exp-a": "+variants.lstm.train.lr=0.01", "exp-b": "train.lr=0.05"}  # +: a new key
+# The session's experiments, one after the other; the workspace ends as exp-b.
+EXPERIMENTS = {"exp-a": "train.lr=0.01", "exp-b": "train.lr=0.05"}

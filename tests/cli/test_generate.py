@@ -124,7 +124,7 @@ def test_a_dvc_experiment_by_name_and_its_mlflow_run(experiments, tmp_path):
 
     from tests.repos import BIN, dvc
 
-    repo = experiments.copy(tmp_path / "repo")  # exp-a (the lstm's lr 0.01), then exp-b (lr 0.05)
+    repo = experiments.copy(tmp_path / "repo")  # exp-a (lr 0.01), then exp-b (lr 0.05)
 
     def gen(*args) -> tuple[str, str]:
         env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{repo}/mlflow.db"}

@@ -13,7 +13,7 @@ from rnnlab.data.vocab import Vocab, build_vocab
 from rnnlab.errors import UserError
 from rnnlab.models.lm import ModelConfig, build_model
 from rnnlab.training.checkpoint import load_checkpoint, save_checkpoint
-from rnnlab.training.loop import new_state, perplexity, run_epochs, train_step, use_bf16
+from rnnlab.training.loop import new_state, run_epochs, train_step, use_bf16
 from rnnlab.training.sampling import continue_text, prefix_tokens
 from tests.conftest import shipped
 
@@ -72,11 +72,15 @@ def test_training_lowers_perplexity_and_reruns_identically(cell, impl, sampling)
 
 
 def test_each_epochs_val_ppl_is_the_evaluation_protocols():
-    """run_epochs scores validation as evaluate does (batch 1, whole split), whatever the
-    training batches: the best epoch's val_ppl is what evaluate reports for its checkpoint."""
+    """run_epochs scores validation by the definition of held-out perplexity (the whole split read
+    left to right, one token at a time from a zero state: tests/training/test_evaluation.py's
+    reference loop, not the code under test), whatever the training batches. That the evaluate
+    stage reports the same number for the best checkpoint: tests/stages/test_pipeline.py."""
+    from tests.training.test_evaluation import token_by_token
+
     for batch_size, num_steps in [(4, 8), (8, 5)]:
         results, state = train(tiny(), cfg(epochs=1, batch_size=batch_size, num_steps=num_steps))
-        assert results[-1].val_ppl == perplexity(state.model, IDS[:200])
+        assert results[-1].val_ppl == pytest.approx(token_by_token(state.model, IDS[:200]), rel=1e-5)
 
 
 def test_resume_from_snapshot_matches_an_uninterrupted_run():
