@@ -78,3 +78,16 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 
 def read_json(path: str | os.PathLike) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+CACHE_ENV = "RNNLAB_CACHE_DIR"
+
+
+def cache_dir() -> Path:
+    """Where rnnlab keeps what it measured or built on this machine (kernel choices, the compiled
+    time loop): $RNNLAB_CACHE_DIR, else $XDG_CACHE_HOME/rnnlab, else ~/.cache/rnnlab; outside the
+    repository."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "rnnlab"

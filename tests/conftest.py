@@ -24,7 +24,7 @@ from filelock import FileLock
 
 from rnnlab.cli.presets import merged
 from rnnlab.config import Params, read_yaml
-from rnnlab.kernels.choice import cache_dir as kernel_cache_dir
+from rnnlab.fileio import cache_dir as kernel_cache_dir
 from tests.repos import Built, build_experiments, build_once, build_pipeline, store_copy
 
 # Both tools phone home unless told not to.
@@ -72,6 +72,28 @@ def pytest_runtest_makereport(item, call):
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         report.outcome = "failed"
         report.longrepr = f"skipped, and RNNLAB_NO_SKIPS forbids it: {reason}"
+
+
+@pytest.fixture(autouse=True)
+def reference_kernels(request, monkeypatch):
+    """In this process, what runs is the reference path and MKL's products, as if forced
+    (RNNLAB_KERNEL=reference, RNNLAB_PRODUCT=mkl), unless the environment forces something or the
+    test is marked `measured`: a test's result must not depend on which code measured fastest on
+    this machine (and measuring every tiny shape of the suite cost a third of its fast tests). The
+    other paths have tests of their own that name them; stages run as subprocesses measure, as a
+    user's do."""
+    if request.node.get_closest_marker("measured"):
+        return
+    from rnnlab.kernels import choice
+
+    real = choice.forced
+    default = {"layer": "reference", "product": "mkl"}
+
+    def forced(kind: str, key: str, allowed: list[str]) -> str | None:
+        chosen = real(kind, key, allowed)
+        return chosen if chosen is not None else (default[kind] if default[kind] in allowed else allowed[0])
+
+    monkeypatch.setattr(choice, "forced", forced)
 
 
 @pytest.fixture(scope="session")
@@ -180,11 +202,12 @@ SERVER_FIXTURES = {"team": "team-stack"}  # fixture -> the xdist group of the te
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests that share a server run on the same pytest-xdist worker (--dist loadgroup)."""
+    """pytest-xdist's groups (--dist loadgroup): the tests that share a server run on one worker;
+    the others by file, so that a worker imports what a file needs (MLflow: seconds) once."""
     for item in items:
-        for fixture, group in SERVER_FIXTURES.items():
-            if fixture in getattr(item, "fixturenames", ()):
-                item.add_marker(pytest.mark.xdist_group(group))
+        group = next((g for f, g in SERVER_FIXTURES.items() if f in getattr(item, "fixturenames", ())),
+                     item.nodeid.split("::")[0])
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 SHIPPED = read_yaml(Path(__file__).resolve().parents[1] / "params.yaml")

@@ -41,9 +41,8 @@ import torch
 from filelock import FileLock
 
 from rnnlab.errors import UserError
-from rnnlab.fileio import write_json
+from rnnlab.fileio import cache_dir, write_json
 
-CACHE_ENV = "RNNLAB_CACHE_DIR"
 FORCE_ENV = {"layer": "RNNLAB_KERNEL", "product": "RNNLAB_PRODUCT"}
 KNOWN = {"layer": ("reference", "fused", "native"), "product": ("mkl", "onednn")}  # what forcing may name
 MARGIN = 0.03  # another candidate must be this much faster than the reference to be chosen
@@ -55,14 +54,6 @@ _decided: dict[str, dict] = {}  # this process's decisions, full key -> cache en
 _cache_on = [True]  # off inside `afresh`
 _said: set[tuple[str, str, str]] = set()  # forced values this process found no candidate for
 _quiet = [0]  # > 0 inside `quiet`: decisions are made and kept, not printed
-
-
-def cache_dir() -> Path:
-    """$RNNLAB_CACHE_DIR, else $XDG_CACHE_HOME/rnnlab, else ~/.cache/rnnlab: outside the repo."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "rnnlab"
 
 
 @cache

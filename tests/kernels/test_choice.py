@@ -10,6 +10,8 @@ import torch
 from rnnlab.errors import UserError
 from rnnlab.kernels import choice, fused
 
+pytestmark = pytest.mark.measured  # these tests are about the measuring
+
 
 @pytest.fixture(autouse=True)
 def own_cache(tmp_path, monkeypatch):

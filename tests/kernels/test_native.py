@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rnnlab.kernels import choice, fused, native
+from rnnlab.fileio import CACHE_ENV
+from rnnlab.kernels import fused, native
 
 HAS_CXX = shutil.which("c++") is not None
 TIGHT = {"rtol": 0, "atol": 1e-10}  # float64, as tests/test_models.py
@@ -264,7 +265,7 @@ def test_wrong_shapes_raise(ops):
 def test_library_is_cached_outside_the_repo(ops, tmp_path, monkeypatch):
     """The build lands in $RNNLAB_CACHE_DIR/native/, named by a key of source, torch, flags and
     CPU; a second build finds it."""
-    monkeypatch.setenv(choice.CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
     path = native.library_path()
     assert path.parent == tmp_path / "native" and path.suffix == ".so"
     monkeypatch.setenv("CXX", "c++ -DRNNLAB_OTHER_FLAGS")
@@ -273,7 +274,7 @@ def test_library_is_cached_outside_the_repo(ops, tmp_path, monkeypatch):
 
 def test_no_compiler_gives_a_reason_not_an_exception(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("CXX", "/nonexistent/c++")
-    monkeypatch.setenv(choice.CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
     assert native.build(verbose=False) is None
     assert "/nonexistent/c++" in native.why_not()
     assert "\n" not in native.why_not()
@@ -287,7 +288,7 @@ def test_compile_error_gives_the_compiler_s_message(tmp_path, monkeypatch):
     source = tmp_path / "broken.cpp"
     source.write_text("this is not C++;\n")
     monkeypatch.setattr(native, "SOURCE", source)
-    monkeypatch.setenv(choice.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
     monkeypatch.delenv("CXX", raising=False)
     assert native.build(verbose=False) is None
     assert "failed" in native.why_not() and "error" in native.why_not()

@@ -421,6 +421,7 @@ def test_forward_takes_the_fused_path_on_the_cpu_only(cell, impl, monkeypatch):
     assert len(calls) == on_cpu + no_grad
 
 
+@pytest.mark.measured
 @pytest.mark.parametrize("faster", ["reference", "fused", "native", "none"])
 @pytest.mark.parametrize("impl", IMPL_NAMES)
 def test_training_takes_the_path_that_measured_fastest(impl, faster, monkeypatch):
