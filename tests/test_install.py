@@ -40,9 +40,10 @@ def wheel(tmp_path_factory) -> Path:
     return whl
 
 
-def test_the_wheel_holds_every_module_and_the_bundled_corpus(wheel):
+def test_the_wheel_holds_every_module_the_bundled_corpus_and_the_time_loop_s_source(wheel):
     tracked = run(["git", "ls-files", "rnnlab"], cwd=ROOT).stdout.split()
-    wanted = {f for f in tracked if f.endswith(".py")} | {"rnnlab/corpora/timemachine.txt"}
+    wanted = {f for f in tracked if f.endswith((".py", ".cpp"))} | {"rnnlab/corpora/timemachine.txt"}
+    assert "rnnlab/kernels/csrc/recurrence.cpp" in wanted  # an installed package compiles it too
     missing = sorted(wanted - set(zipfile.ZipFile(wheel).namelist()))
     assert not missing, f"{wheel.name} lacks {missing}: see [tool.setuptools] in pyproject.toml"
 
@@ -60,6 +61,10 @@ def test_the_stages_run_on_the_installed_package(wheel, tmp_path):
     out = run([sys.executable, "-m", "stages.tokenize", "--params", "params.yaml", "--raw", "raw", "--out", "tokens"],
               cwd=work, env=env).stdout
     assert "timemachine" in out and (work / "tokens/vocab.json").is_file()
+    # the compiled time loop's source is where the installed rnnlab/kernels/native.py looks for it
+    source = run([sys.executable, "-c", "from rnnlab.kernels import native; print(native.SOURCE)"],
+                 cwd=work, env=env).stdout.strip()
+    assert Path(source).is_relative_to(site) and Path(source).is_file()
     # The bundled text was read from the installed package.
     assert Path(json.loads((work / "raw/source.json").read_text())["source"]).is_relative_to(site)
 

@@ -52,6 +52,9 @@ from tests.stagerun import (
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
+# What the test process runs (conftest.py: reference_kernels), forced in a stage's subprocess:
+# a result compared bit for bit across processes must come from the same code in each.
+REFERENCE = {"RNNLAB_KERNEL": "reference", "RNNLAB_PRODUCT": "mkl"}
 
 
 def no_temp_files(folder: Path) -> list[Path]:
@@ -384,7 +387,8 @@ def test_killed_training_resumes_and_matches_an_uninterrupted_run(tmp_path, tiny
 
     run = tmp_path / "run"
     write_params(run, tiny_params(train={"epochs": epochs}, tracking={"enabled": True}))
-    env = {**stage_env(), "MLFLOW_TRACKING_URI": f"sqlite:///{run}/mlflow.db"}
+    # the same code in every process, the killed one too: the in-process runs' (conftest.py)
+    env = {**stage_env(), "MLFLOW_TRACKING_URI": f"sqlite:///{run}/mlflow.db", **REFERENCE}
     cmd = [sys.executable, "-m", "stages.train", *map(str, train_args(run, tiny_tokens))]
     first = kill_after_epoch(cmd, run, env, epoch=2)
     run_id = re.search(r"MLflow run (\w+) \(new\)", first).group(1)
@@ -461,7 +465,7 @@ def test_dvc_repro_after_a_killed_train_stage_resumes(pipeline, tmp_path):
     repo = pipeline.copy(tmp_path / "repo")
     edit_params(repo, edit, "a variant to kill")
     env = {**stage_env(), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-           "MLFLOW_TRACKING_URI": f"sqlite:///{repo}/mlflow.db"}
+           "MLFLOW_TRACKING_URI": f"sqlite:///{repo}/mlflow.db", **REFERENCE}  # as the reference run
     env.pop("PYTHONPATH")
     dvc = str(BIN / "dvc")
     subprocess.run([dvc, "repro", "tokenize"], cwd=repo, env=env, check=True, capture_output=True)

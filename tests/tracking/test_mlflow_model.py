@@ -65,7 +65,8 @@ sampled = m.predict(["the"], params={{"num_tokens": 12, "temperature": 0.9, "top
 print(json.dumps({{"greedy": greedy.to_dict("records"), "sampled": sampled.to_dict("records"),
                   "params": {{p.name: p.default for p in m.metadata.signature.params.params}}}}))
 """
-    env = {**os.environ, "MLFLOW_TRACKING_URI": store}
+    # the kernels of this process (conftest.py), so both continue with the same code
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store, "RNNLAB_KERNEL": "reference", "RNNLAB_PRODUCT": "mkl"}
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
                           cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
