@@ -112,6 +112,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PREMOVE = ROOT / "tests" / "fixtures" / "premove"
 
 
+@pytest.mark.slow  # imports MLflow's model machinery: seconds
 def test_a_model_logged_before_the_package_layout_still_loads_and_continues_alike():
     """tests/fixtures/premove/mlflow-model: an MLflow Model logged by the code of bcb6cf0, when the
     loader was `rnnlab.mlflow_model` (a tiny untrained gru). Its sampled text is what that code's
@@ -135,6 +136,7 @@ def test_a_checkpoint_written_before_the_package_layout_still_loads():
     assert text == ("the time", "uaclmvmxl nmsmcdbeuc")
 
 
+@pytest.mark.slow  # imports MLflow's model machinery: seconds
 def test_signature_params_are_the_generation_options_with_their_defaults():
     """The defaults `rnnlab generate` documents (README, `rnnlab generate --help`): 50 tokens,
     greedy, every token, seed 0, <unk> left out for word tokens only."""
@@ -144,6 +146,7 @@ def test_signature_params_are_the_generation_options_with_their_defaults():
     assert [c.name for c in signature().outputs.inputs] == ["prefix", "continuation"]
 
 
+@pytest.mark.slow  # imports MLflow's model machinery: seconds
 def test_requirements_pin_what_trained_it():
     """What loading needs: this package and the pins of pyproject.toml, which the venv was made
     from (tests/test_lock.py holds the lock to them)."""
@@ -155,6 +158,7 @@ def test_requirements_pin_what_trained_it():
                               f"mlflow=={pins['mlflow']}", f"pandas=={pins['pandas']}"]
 
 
+@pytest.mark.slow  # imports MLflow's model machinery: seconds
 def test_predict_takes_a_list_a_table_or_a_string_and_rejects_bad_params(tmp_path):
     import pandas as pd
     from mlflow.exceptions import MlflowException
@@ -232,6 +236,7 @@ def test_the_champion_alias_moves_only_to_a_better_model_of_the_same_data(tmp_pa
     assert len(client.search_model_versions("name = 'lm'")) == 3
 
 
+@pytest.mark.slow  # imports MLflow's model machinery: seconds
 def test_a_served_model_answers_a_bad_request_with_the_reason_and_no_traceback(tmp_path):
     """The REST app of `mlflow models serve` (mlflow.pyfunc.scoring_server) on a free port: a bad
     param is a 400 whose message ends with the one-line reason; a good request is answered."""
