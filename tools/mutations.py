@@ -102,7 +102,7 @@ def run(name: str, m: Mutation) -> str | None:
                "DVC_NO_ANALYTICS": "1", "PYTHONPATH": str(tree)}
         proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
                                "-n", "0", *m.tests], cwd=tree, env=env, capture_output=True, text=True)
-        failed = re.findall(r"^FAILED (\S+)", proc.stdout, re.M)
+        failed = re.findall(r"^FAILED (.+?)(?: - .*)?$", proc.stdout, re.M)
         if proc.returncode == 0:
             return None
         return failed[0] if failed else f"pytest exited {proc.returncode}:\n{proc.stdout[-2000:]}"
