@@ -97,12 +97,6 @@ def reference_kernels(request, monkeypatch):
 
 
 @pytest.fixture(scope="session")
-def kernel_cache() -> Path:
-    """This test run's kernel and compiled-code cache (RNNLAB_CACHE_DIR)."""
-    return Path(os.environ["RNNLAB_CACHE_DIR"])
-
-
-@pytest.fixture(scope="session")
 def shared_tmp(tmp_path_factory) -> Path:
     """A folder every process of this test run shares (the workers of pytest-xdist too)."""
     base = tmp_path_factory.getbasetemp()

@@ -17,13 +17,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import socket
 import sqlite3
 import subprocess
 import sys
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
+import requests
 import yaml
 from filelock import FileLock
 
@@ -168,3 +173,51 @@ def build_experiments(pipeline: Built) -> Callable[[Path], dict[str, str]]:
 
 # The session's experiments, one after the other; the workspace ends as exp-b.
 EXPERIMENTS = {"exp-a": "train.lr=0.01", "exp-b": "train.lr=0.05"}
+
+
+class MlflowServer:
+    """A running `mlflow server` (tests/repos.py: mlflow_server): its URL, and `stop()`."""
+
+    def __init__(self, proc: subprocess.Popen, url: str):
+        self.proc, self.url = proc, url
+
+    def stop(self) -> None:
+        """The server and its worker (its whole process group) stopped, if still running."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+@contextmanager
+def mlflow_server(store: str, folder: Path, *args: str) -> Iterator[MlflowServer]:
+    """`mlflow server --backend-store-uri STORE ARGS` on a free port of 127.0.0.1, from `folder`
+    (its log: folder/server.log), once /health answers; stopped at the end whatever happens."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env.update(MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="true", MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    with open(folder / "server.log", "w") as log:
+        proc = subprocess.Popen(
+            [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+             "--backend-store-uri", store, *args],
+            cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        server = MlflowServer(proc, f"http://127.0.0.1:{port}")
+        try:
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    if requests.get(f"{server.url}/health", timeout=2).ok:
+                        break
+                except requests.RequestException:
+                    pass
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(f"mlflow server did not start:\n{(folder / 'server.log').read_text()}")
+                time.sleep(0.5)
+            yield server
+        finally:
+            server.stop()

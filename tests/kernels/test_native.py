@@ -28,7 +28,7 @@ SHAPES = [(5, 3, 13, 4), (1, 1, 8, 3), (6, 1, 5, 2), (1, 4, 7, 3), (4, 5, 70, 3)
 @pytest.fixture(scope="session")
 def ops():
     """The compiled ops, built once per test session into the session's cache (conftest.py's
-    kernel_cache), or already loaded by an earlier test; skipped only where there is no C++
+    RNNLAB_CACHE_DIR), or already loaded by an earlier test; skipped only where there is no C++
     compiler."""
     if not HAS_CXX:
         pytest.skip("no C++ compiler (c++) on PATH")

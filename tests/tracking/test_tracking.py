@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -37,6 +36,7 @@ from rnnlab.tracking.store import artifact_location
 from rnnlab.tracking.tracker import Tracker
 from tests.conftest import shipped, shipped_params
 from tests.repos import TINY_VARIANTS, store_copy
+from tests.repos import mlflow_server as server_on
 from tests.stagerun import in_process
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -115,12 +115,6 @@ def only_experiment_runs(uri: str, filter_string: str = "", experiment: str = EX
     exp = c.get_experiment_by_name(experiment)
     assert exp is not None, f"no experiment {experiment!r} at {uri}"
     return c.search_runs([exp.experiment_id], filter_string)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -468,42 +462,10 @@ def test_tracking_off_stage_writes_no_store(tokens, tmp_path):
 
 @pytest.fixture
 def mlflow_server(tmp_path):
-    """`mlflow server` on a free port with a SQLite backend and artifacts in tmp_path; always
-    stopped (its whole process group: the server and its worker) at teardown."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = open(tmp_path / "server.log", "w")
-    env = stage_env(tmp_path, None, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-    proc = subprocess.Popen(
-        [str(Path(PY).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
-         "--artifacts-destination", str(tmp_path / "server-artifacts")],
-        cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-
-    def stop():
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if requests.get(f"{url}/health", timeout=2).ok:
-                    break
-            except requests.RequestException:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"mlflow server did not start:\n{(tmp_path / 'server.log').read_text()}")
-            time.sleep(0.5)
-        yield url, stop
-    finally:
-        stop()
-        log.close()
+    """`mlflow server` on a free port with a SQLite backend and artifacts in tmp_path (tests/repos.py)."""
+    with server_on(f"sqlite:///{tmp_path}/server.db", tmp_path,
+                   "--artifacts-destination", str(tmp_path / "server-artifacts")) as server:
+        yield server.url, server.stop
 
 
 @pytest.mark.slow

@@ -11,14 +11,11 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-import requests
 
-from deploy.settings import free_port
-from tests.repos import BIN
+from tests.repos import mlflow_server
 
 ROOT = Path(__file__).resolve().parents[2]
 UI = ROOT / "tests" / "ui"
@@ -41,31 +38,8 @@ def server(tmp_path_factory, pipeline):
     """The session's tiny pipeline run (its own copy), and `mlflow server` on its store."""
     require_browser()
     repo = pipeline.copy(tmp_path_factory.mktemp("ui") / "repo")
-    port = free_port()
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    proc = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{repo}/mlflow.db",
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if requests.get(f"{url}/health", timeout=2).ok:
-                    break
-            except requests.RequestException:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, "mlflow server did not start"
-            time.sleep(0.5)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    with mlflow_server(f"sqlite:///{repo}/mlflow.db", repo) as started:
+        yield started.url
 
 
 def test_the_models_column_links_each_runs_model_and_compare_shows_the_runs(server, tmp_path):
