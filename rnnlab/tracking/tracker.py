@@ -157,7 +157,24 @@ class Tracker:
             src = LocalArtifactDatasetSource(str(Path(source).resolve()))
             # MLflow caps a dataset digest at 36 characters.
             dataset = mlflow.data.from_numpy(ids, source=src, name=name, digest=digest[:36])
-            self._write("dataset", lambda: mlflow.log_input(dataset, context=context))
+            self._write("dataset", lambda: _log_input(dataset, context))
+
+
+def _log_input(dataset, context: str) -> None:
+    """mlflow.log_input, once more if another stage made the same dataset at the same moment: the
+    server looks a dataset up and inserts it if missing, not atomically, so two trainings on the
+    same data starting together (two machines, a sweep) can collide on its key; the second try
+    finds the dataset and links this run to it."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mlflow.log_input(dataset, context=context)
+    except MlflowException as err:
+        text = str(err)
+        if "dataset" not in text or not ("duplicate key" in text or "UNIQUE constraint" in text):
+            raise
+        mlflow.log_input(dataset, context=context)
 
 
 def _from_file(path: Path, upload: Callable[[Path], None]

@@ -517,3 +517,33 @@ def test_a_tracking_server_gets_the_run_and_losing_it_is_one_error_after_trainin
     assert proc.stderr.strip().splitlines()[-1].startswith(f"error: the MLflow tracking server at {url} is unreachable")
     assert "epoch" not in proc.stdout and "Traceback" not in proc.stderr
     assert "does not answer" not in proc.stderr and "MLflow run" not in proc.stdout
+
+
+@pytest.mark.slow  # imports MLflow
+def test_a_dataset_another_stage_made_at_the_same_moment_is_logged_on_a_second_try(monkeypatch):
+    """Two trainings on the same data starting together race for the server's dataset row (seen:
+    PostgreSQL's `duplicate key ... "dataset_pk"`): the loser tries once more and finds it. Any
+    other error is raised as it is."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from rnnlab.tracking.tracker import _log_input
+
+    calls = []
+
+    def log_input(dataset, context):
+        calls.append(context)
+        if len(calls) == 1:
+            raise MlflowException('(psycopg.errors.UniqueViolation) duplicate key value violates unique '
+                                  'constraint "dataset_pk" [SQL: INSERT INTO datasets ...]')
+
+    monkeypatch.setattr(mlflow, "log_input", log_input)
+    _log_input(object(), "training")
+    assert calls == ["training", "training"]
+
+    def refused(dataset, context):
+        raise MlflowException("permission denied", error_code="PERMISSION_DENIED")
+
+    monkeypatch.setattr(mlflow, "log_input", refused)
+    with pytest.raises(MlflowException, match="permission denied"):
+        _log_input(object(), "training")
