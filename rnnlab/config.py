@@ -34,6 +34,7 @@ from pydantic import (
 
 from rnnlab.corpora import BUILTIN
 from rnnlab.errors import UserError
+from rnnlab.redact import CREDENTIALS_HOWTO, credentials_in, public_uri
 
 Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 Count = Annotated[int, Field(ge=1)]
@@ -57,6 +58,18 @@ class Data(Section):
     def _known_corpus(cls, v: str) -> str:
         if v != "custom" and v not in BUILTIN:
             raise ValueError(f"unknown corpus; allowed: {', '.join([*BUILTIN, 'custom'])}")
+        return v
+
+    @field_validator("source")
+    @classmethod
+    def _no_secret(cls, v: str | None) -> str | None:
+        """data.source is a stage param: DVC writes it to dvc.lock (committed, pushed), MLflow to
+        the run's params, the stage to data/raw/source.json. A secret in it would travel."""
+        found = credentials_in(v)
+        if found:
+            raise ValueError(
+                f"carries {' and '.join(found)}, and this value is written to dvc.lock, MLflow "
+                f"and data/raw/source.json; remove it from the URL and give it {CREDENTIALS_HOWTO}")
         return v
 
     @field_validator("sha1")
@@ -333,8 +346,13 @@ def _lines(err: ValidationError, prefix: str = "") -> list[str]:
         elif e["type"] == "missing":
             lines.append(f"{path}: missing (required)")
         else:
-            lines.append(f"{path} = {e['input']!r}: {msg}")
+            lines.append(f"{path} = {_shown(e['input'])!r}: {msg}")
     return lines
+
+
+def _shown(value: object) -> object:
+    """A value as an error may quote it: a URI with its secrets masked."""
+    return public_uri(value) if isinstance(value, str) else value
 
 
 def _model_at(loc: tuple) -> type[BaseModel] | None:

@@ -112,14 +112,12 @@ def with_later_keys(raw: object, params_path: str) -> object:
 def find_run(run_id: str):
     """(an MlflowClient of the tracking store, the run `run_id` in it); a UserError naming the
     store if it has no such run. A SQLite store that does not exist is not created."""
-    from rnnlab.tracking.store import (  # first: it turns MLflow's telemetry off
-        public_uri,
-        tracking_uri,
-    )
+    from rnnlab.redact import public_uri
+    from rnnlab.tracking.store import tracking_uri  # first: it turns MLflow's telemetry off
 
     uri = tracking_uri()
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
-        raise UserError(f"no MLflow run {run_id}: there is no tracking store at {uri} "
+        raise UserError(f"no MLflow run {run_id}: there is no tracking store at {public_uri(uri)} "
                         "(set MLFLOW_TRACKING_URI to the one that holds it)")
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException

@@ -36,6 +36,7 @@ from rnnlab.corpora import BUILTIN
 from rnnlab.data.fetch import fetch, local_path
 from rnnlab.errors import UserError
 from rnnlab.fileio import write_json, write_text
+from rnnlab.redact import public_uri
 
 # Split file names a folder or zip may use; the first name of each is what out_dir gets.
 SPLIT_NAMES = {
@@ -62,7 +63,7 @@ def prepare_raw(data: Data, out_dir: str | os.PathLike) -> dict:
         texts, actual = read_texts(source, sha1, member, Path(tmp), custom=data.corpus == "custom")
     info = {
         "corpus": data.corpus,
-        "source": source,
+        "source": public_uri(source),
         "sha1": actual,
         "member": member,
         "splits": "corpus.txt" not in texts,
@@ -103,22 +104,23 @@ def read_texts(
     """The texts of `source` by output file name, and the sha1 of the file read (None for a
     folder). Downloads land in `tmp`."""
     local = local_path(source)
+    shown = public_uri(source)  # what the messages below quote
     if custom and local is not None and local.is_dir():
         if sha1 is not None:
             raise UserError(
-                f"data.sha1 is set but data.source = {source!r} is a folder, which has no single "
+                f"data.sha1 is set but data.source = {shown!r} is a folder, which has no single "
                 "sha1; set data.sha1 to null, or zip the folder and point data.source at the zip"
             )
-        return _folder_splits(local, source), None
+        return _folder_splits(local, shown), None
     fetched = tmp / "fetched"
     actual = fetch(source, fetched, sha1)
     if isinstance(member, dict):  # a built-in corpus with its own splits
-        return {out: _zip_member(fetched, name, source) for out, name in member.items()}, actual
+        return {out: _zip_member(fetched, name, shown) for out, name in member.items()}, actual
     if member is not None:
-        return {"corpus.txt": _zip_member(fetched, member, source)}, actual
+        return {"corpus.txt": _zip_member(fetched, member, shown)}, actual
     if zipfile.is_zipfile(fetched):
-        return _zip_splits(fetched, source), actual
-    return {"corpus.txt": decode(fetched.read_bytes(), source)}, actual
+        return _zip_splits(fetched, shown), actual
+    return {"corpus.txt": decode(fetched.read_bytes(), shown)}, actual
 
 
 def decode(raw: bytes, where: str) -> str:

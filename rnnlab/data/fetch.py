@@ -3,6 +3,11 @@
 HTTP(S) with retries for what another attempt may fix (timeouts, dropped connections, HTTP 5xx),
 a progress bar on a terminal, and one `UserError` line for everything else; `file://` URLs and
 plain paths are copied. The download stage (rnnlab/data/download.py) is its user.
+
+A server that wants a login gets it from ~/.netrc (requests reads it; NETRC names another file) or
+from RNNLAB_DOWNLOAD_TOKEN, sent as `Authorization: Bearer` over https or to this machine only,
+and never to another host a redirect leads to. Never from the URL: data.source is refused with a
+secret in it (rnnlab/config.py), and every URL shown here passes through `public_uri`.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from tqdm import tqdm
 
 from rnnlab.errors import UserError
 from rnnlab.fileio import atomic_path
+from rnnlab.redact import CREDENTIALS_HOWTO, TOKEN_ENV, public_text, public_uri
 
 CHUNK = 1 << 16  # bytes per read while streaming or copying
 
@@ -31,8 +37,22 @@ ADVICE = (
 )
 
 
+LOOPBACK = {"127.0.0.1", "::1", "localhost"}
+
+
 class _Transient(Exception):
     """A download failure worth another attempt (timeout, dropped connection, HTTP 5xx)."""
+
+
+class _Bearer(requests.auth.AuthBase):
+    """`Authorization: Bearer <token>`; requests drops it when a redirect changes the host."""
+
+    def __init__(self, token: str):
+        self._token = token
+
+    def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
+        request.headers["Authorization"] = f"Bearer {self._token}"
+        return request
 
 
 def fetch(
@@ -53,22 +73,39 @@ def fetch(
     given, a file with another sha1 is an error. On any error `dest` is left as it was (no file
     when there was none): the bytes go to a temporary name that is renamed only at the end.
     """
+    shown = public_uri(url_or_path)
     local = local_path(url_or_path)
     if local is not None:
-        return _copy_local(local, Path(dest), sha1, shown=url_or_path)
+        return _copy_local(local, Path(dest), sha1, shown=shown)
+    auth = token_auth(url_or_path)
     attempts = 1 + retries
     for attempt in range(1, attempts + 1):
         try:
-            return _download_once(url_or_path, Path(dest), sha1, timeout, progress, attempt)
+            return _download_once(url_or_path, Path(dest), sha1, timeout, progress, attempt, auth)
         except _Transient as err:
             problem = str(err)
             if attempt < attempts:
-                print(f"{url_or_path}: {problem}; trying again", file=sys.stderr)
+                print(f"{shown}: {problem}; trying again", file=sys.stderr)
                 time.sleep(backoff * 2 ** (attempt - 1))
     raise UserError(
-        f"download of {url_or_path} failed: {problem} "
+        f"download of {shown} failed: {problem} "
         f"({attempts} attempt{'s' if attempts > 1 else ''}); {ADVICE}"
     )
+
+
+def token_auth(url: str) -> _Bearer | None:
+    """RNNLAB_DOWNLOAD_TOKEN as a bearer login for `url`; None when unset (requests then reads
+    ~/.netrc). A token is never sent in clear text to another machine."""
+    token = os.environ.get(TOKEN_ENV, "").strip()
+    if not token:
+        return None
+    parts = urlparse(url)
+    if parts.scheme.lower() != "https" and parts.hostname not in LOOPBACK:
+        raise UserError(
+            f"{TOKEN_ENV} is set, but {public_uri(url)} is plain http to another machine, where the "
+            f"token would cross the network readable; use the https:// URL, or unset {TOKEN_ENV}"
+        )
+    return _Bearer(token)
 
 
 def local_path(source: str) -> Path | None:
@@ -81,13 +118,13 @@ def local_path(source: str) -> Path | None:
         return None
     if kind != "file":
         raise UserError(
-            f"data.source = {source!r}: unsupported URL scheme {kind!r}; "
+            f"data.source = {public_uri(source)!r}: unsupported URL scheme {kind!r}; "
             "use http://, https://, file:// or a local path"
         )
     parts = urlparse(source)
     if parts.netloc not in ("", "localhost"):
         raise UserError(
-            f"data.source = {source!r}: a file:// URL needs an absolute path, "
+            f"data.source = {public_uri(source)!r}: a file:// URL needs an absolute path, "
             f"e.g. file:///data/{parts.netloc}{parts.path}"
         )
     return Path(url2pathname(parts.path))
@@ -112,19 +149,28 @@ def _copy_local(src: Path, dest: Path, sha1: str | None, shown: str) -> str:
 
 
 def _download_once(
-    url: str, dest: Path, sha1: str | None, timeout: float, progress: bool, attempt: int
+    url: str, dest: Path, sha1: str | None, timeout: float, progress: bool, attempt: int,
+    auth: _Bearer | None = None,
 ) -> str:
     """One HTTP attempt. Raises _Transient for what another attempt may fix, else UserError."""
+    shown = public_uri(url)
     try:
         # identity: the byte count must match Content-Length, and the sha1 is of the raw file
         with requests.get(
-            url, stream=True, timeout=timeout, headers={"Accept-Encoding": "identity"}
+            url, stream=True, timeout=timeout, headers={"Accept-Encoding": "identity"}, auth=auth
         ) as resp:
             if resp.status_code >= 500:
                 raise _Transient(f"HTTP {resp.status_code} {resp.reason}")
+            if resp.status_code in (401, 403):
+                sent = (f"the token in {TOKEN_ENV} was refused" if auth else
+                        "no login was sent, or ~/.netrc's was refused")
+                raise UserError(
+                    f"download of {shown} failed: HTTP {resp.status_code} {resp.reason} ({sent}); "
+                    f"give the server's login {CREDENTIALS_HOWTO}"
+                )
             if resp.status_code >= 400:
                 raise UserError(
-                    f"download of {url} failed: HTTP {resp.status_code} {resp.reason} "
+                    f"download of {shown} failed: HTTP {resp.status_code} {resp.reason} "
                     f"(attempt {attempt}; a client error is not retried); check the URL, or "
                     "fetch the file by hand and set data.source to the local copy"
                 )
@@ -132,14 +178,14 @@ def _download_once(
             name = Path(urlparse(url).path).name
             with atomic_path(dest) as tmp:
                 actual = _stream(resp, tmp, size, timeout, progress, desc=name)
-                check_sha1(url, sha1, actual)
+                check_sha1(shown, sha1, actual)
             return actual
     except requests.Timeout:
         raise _Transient(f"timed out after {timeout:g} s waiting for an answer") from None
     except requests.ConnectionError as err:
         raise _Transient(f"connection failed ({_reason(err)})") from None
     except (requests.exceptions.InvalidURL, requests.TooManyRedirects) as err:
-        raise UserError(f"download of {url} failed: {err}; check the URL") from None
+        raise UserError(f"download of {shown} failed: {public_text(str(err))}; check the URL") from None
 
 
 def _stream(

@@ -36,12 +36,12 @@ import requests
 
 from rnnlab.config import Tracking
 from rnnlab.errors import UserError
+from rnnlab.redact import public_uri
 from rnnlab.tracking.store import (
     artifact_location,
     check_reachable,
     first_line,
     is_refusal,
-    public_uri,
     refusal_error,
     server_gone,
     store_lock,
@@ -194,7 +194,7 @@ def _experiment_id(name: str, uri: str) -> str:
             if exp is None:
                 raise
     if exp.lifecycle_stage == "deleted":
-        raise UserError(f"the MLflow experiment '{name}' at {uri} is deleted; restore it "
+        raise UserError(f"the MLflow experiment '{name}' at {public_uri(uri)} is deleted; restore it "
                         f"(mlflow experiments restore --experiment-id {exp.experiment_id}) or "
                         "set tracking.experiment in params.yaml to another name")
     return exp.experiment_id

@@ -1,5 +1,5 @@
 """Where runs go, and whether they can: the tracking URI (MLFLOW_TRACKING_URI, else the local
-SQLite store), the URI as it may be shown, a SQLite store's lock for parallel stages, and the
+SQLite store), a SQLite store's lock for parallel stages, and the
 checks that a server answers and accepts the login (docs/tracking.md, docs/team.md).
 """
 
@@ -16,6 +16,7 @@ from filelock import FileLock, Timeout
 
 from rnnlab.errors import UserError
 from rnnlab.fileio import repo_root
+from rnnlab.redact import public_uri
 
 STORE_FILE = "mlflow.db"   # the local default store, at the repository root
 ARTIFACTS_DIR = "mlruns"   # a SQLite store's artifacts, beside it
@@ -36,15 +37,6 @@ def tracking_uri() -> str:
         uri = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
         os.environ["MLFLOW_TRACKING_URI"] = uri
     return uri
-
-
-def public_uri(uri: str) -> str:
-    """The URI as it may be shown: a password in it (`http://user:pw@host`) is never printed."""
-    parts = urlsplit(uri)
-    if parts.password is None:
-        return uri
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
 
 
 def artifact_location(uri: str, experiment: str) -> str | None:
@@ -99,7 +91,7 @@ def check_reachable(uri: str) -> None:
     elif uri.startswith("sqlite:///"):
         folder = Path(uri.removeprefix("sqlite:///")).resolve().parent
         if not os.access(folder, os.W_OK):
-            raise UserError(f"the MLflow store {uri}: folder {folder} is not writable")
+            raise UserError(f"the MLflow store {public_uri(uri)}: folder {folder} is not writable")
 
 
 def check_login(uri: str) -> None:

@@ -10,7 +10,8 @@ from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any, Callable
 
-from rnnlab.tracking.store import first_line, public_uri, server_answers, server_gone
+from rnnlab.redact import public_uri
+from rnnlab.tracking.store import first_line, server_answers, server_gone
 
 
 class Tracker:

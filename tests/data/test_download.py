@@ -34,6 +34,9 @@ BODY = b"The Time Traveller (for so it will be convenient to speak of him)\n" * 
 BODY_SHA1 = hashlib.sha1(BODY).hexdigest()
 LYRICS = "想要有直升机\n想要和你飞到宇宙去\n想要和你融化在一起\n融化在宇宙里\n"
 FAST = dict(timeout=2.0, progress=False, backoff=0.0)  # no waiting between attempts in tests
+TOKEN = "planted-download-token"
+LOGINS = {"/token": f"Bearer {TOKEN}",   # path -> the Authorization header it wants
+          "/basic": "Basic " + __import__("base64").b64encode(b"ann:planted-netrc-password").decode()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -53,6 +56,7 @@ class Server:
 
     def __init__(self):
         self.hits: Counter[str] = Counter()
+        self.logins: list[str | None] = []  # the Authorization header of each request
         self.files: dict[str, bytes] = {"/good": BODY}
         self.release = threading.Event()  # wakes the slow handlers at teardown
         server = self
@@ -60,6 +64,7 @@ class Server:
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self):
                 server.hits[self.path] += 1
+                server.logins.append(self.headers.get("Authorization"))
                 try:
                     server.route(self, server.hits[self.path])
                 except (BrokenPipeError, ConnectionResetError):
@@ -91,6 +96,13 @@ class Server:
             _send(h, 500) if hit == 1 else _send(h, 200, BODY)
         elif h.path == "/down":
             _send(h, 503)
+        elif h.path in LOGINS:  # the file, for the right login only
+            _send(h, 200, BODY) if h.headers.get("Authorization") == LOGINS[h.path] else _send(h, 401)
+        elif h.path == "/elsewhere":  # a redirect to another host name of this machine
+            h.send_response(302)
+            h.send_header("Location", self.url.replace("127.0.0.1", "localhost") + "/good")
+            h.send_header("Content-Length", "0")
+            h.end_headers()
         else:
             _send(h, 404, b"not found")
 
@@ -213,6 +225,70 @@ def test_fetch_unknown_scheme(tmp_path):
 
 # ---------------------------------------------------------------------------------------------
 # prepare_raw: built-in corpora
+
+
+# ---------------------------------------------------------------------------------------------
+# a server that wants a login: RNNLAB_DOWNLOAD_TOKEN or ~/.netrc, never the URL
+
+
+@pytest.fixture
+def no_login(monkeypatch, tmp_path):
+    """No token, and a ~/.netrc of no one (requests reads the user's own otherwise)."""
+    monkeypatch.delenv("RNNLAB_DOWNLOAD_TOKEN", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+
+
+def test_fetch_sends_the_token_as_a_bearer_login(server, tmp_path, monkeypatch, no_login):
+    monkeypatch.setenv("RNNLAB_DOWNLOAD_TOKEN", TOKEN)
+    assert fetch(server.url + "/token", tmp_path / "f", BODY_SHA1, **FAST) == BODY_SHA1
+    assert server.logins == [f"Bearer {TOKEN}"]
+
+
+def test_fetch_reads_the_login_from_netrc(server, tmp_path, monkeypatch, no_login):
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine 127.0.0.1 login ann password planted-netrc-password\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))
+    assert fetch(server.url + "/basic", tmp_path / "f", BODY_SHA1, **FAST) == BODY_SHA1
+
+
+@pytest.mark.parametrize("token, said", [(None, "no login was sent"),
+                                         ("wrong", "the token in RNNLAB_DOWNLOAD_TOKEN was refused")])
+def test_fetch_refused_a_login_says_where_the_login_goes(server, tmp_path, monkeypatch, no_login,
+                                                         token, said):
+    if token:
+        monkeypatch.setenv("RNNLAB_DOWNLOAD_TOKEN", token)
+    with pytest.raises(UserError) as err:
+        fetch(server.url + "/token", tmp_path / "f", **FAST)
+    message = str(err.value)
+    assert "HTTP 401" in message and said in message
+    assert "~/.netrc" in message and "RNNLAB_DOWNLOAD_TOKEN" in message
+    assert server.hits["/token"] == 1  # a refusal is not retried
+    assert not (tmp_path / "f").exists()
+
+
+def test_the_token_does_not_follow_a_redirect_to_another_host(server, tmp_path, monkeypatch,
+                                                              no_login):
+    monkeypatch.setenv("RNNLAB_DOWNLOAD_TOKEN", TOKEN)
+    assert fetch(server.url + "/elsewhere", tmp_path / "f", BODY_SHA1, **FAST) == BODY_SHA1
+    assert server.logins == [f"Bearer {TOKEN}", None]  # 127.0.0.1 got it, localhost did not
+
+
+def test_the_token_never_goes_in_clear_text_to_another_machine(tmp_path, monkeypatch):
+    monkeypatch.setenv("RNNLAB_DOWNLOAD_TOKEN", TOKEN)
+    with pytest.raises(UserError, match="plain http to another machine") as err:
+        fetch("http://corpora.example.org/c.txt", tmp_path / "f", **FAST)
+    assert TOKEN not in str(err.value)
+
+
+def test_stage_refuses_a_source_with_a_secret_in_one_line_without_it(tmp_path):
+    url = "https://ann:planted-url-password@corpora.example.org/c.zip"
+    run = _stage(tmp_path, {"corpus": "custom", "source": url}, tmp_path / "raw")
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.count("\n") == 1 and run.stderr.startswith("error: ")
+    assert "planted-url-password" not in run.stdout + run.stderr
+    assert "https://ann:***@corpora.example.org/c.zip" in run.stderr and "~/.netrc" in run.stderr
+    assert not (tmp_path / "raw").exists()
 
 
 def _replace_builtin(monkeypatch, name: str, **changes) -> None:
