@@ -3,7 +3,11 @@ owner, with the databases MLflow needs (its store and its users and permissions)
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import os
+import secrets
 import shutil
 import subprocess
 from pathlib import Path
@@ -91,10 +95,12 @@ def start_postgres(stack: Stack, paths: Paths) -> None:
 
 
 def psql(stack: Stack, paths: Paths, bindir: Path, sql: str, database: str = "postgres") -> str:
+    """Run `sql` as the superuser; its result rows. The statement goes through stdin, never the
+    command line, where `ps` would show it to every user of the machine."""
     cmd = [str(bindir / "psql"), "-h", str(paths.run), "-p", str(stack.postgres_port), "-U", "postgres",
-           "-d", database, "-tAc", sql]
+           "-d", database, "-tA", "-v", "ON_ERROR_STOP=1", "-f", "-"]
     env = {**os.environ, "PGPASSWORD": stack.db_password}
-    result = subprocess.run(as_db_owner(cmd), capture_output=True, text=True, env=env)
+    result = subprocess.run(as_db_owner(cmd), input=sql, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         raise UserError(f"PostgreSQL: {result.stderr.strip()}")
     return result.stdout.strip()
@@ -103,10 +109,22 @@ def psql(stack: Stack, paths: Paths, bindir: Path, sql: str, database: str = "po
 def ensure_databases(stack: Stack, paths: Paths, bindir: Path) -> None:
     """Role `mlflow` (password from stack.json) owning databases `mlflow` and `mlflow_auth`."""
     if not psql(stack, paths, bindir, "SELECT 1 FROM pg_roles WHERE rolname = 'mlflow'"):
-        psql(stack, paths, bindir, f"CREATE ROLE mlflow LOGIN PASSWORD '{stack.db_password}'")
+        # the SCRAM verifier, not the password: the server, its log and psql never see that
+        psql(stack, paths, bindir, f"CREATE ROLE mlflow LOGIN PASSWORD '{scram_verifier(stack.db_password)}'")
     for db in ("mlflow", "mlflow_auth"):
         if not psql(stack, paths, bindir, f"SELECT 1 FROM pg_database WHERE datname = '{db}'"):
             psql(stack, paths, bindir, f"CREATE DATABASE {db} OWNER mlflow")
+
+
+def scram_verifier(password: str, iterations: int = 4096) -> str:
+    """What PostgreSQL stores for a SCRAM-SHA-256 password (RFC 5802/7677; what psql's
+    \\password sends): a role created with it logs in with `password`, which never leaves here."""
+    salt = secrets.token_bytes(16)
+    salted = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations)
+    client_key = hmac.new(salted, b"Client Key", "sha256").digest()
+    server_key = hmac.new(salted, b"Server Key", "sha256").digest()
+    b64 = [base64.b64encode(b).decode() for b in (salt, hashlib.sha256(client_key).digest(), server_key)]
+    return f"SCRAM-SHA-256${iterations}:{b64[0]}${b64[1]}:{b64[2]}"
 
 
 def stop_postgres(paths: Paths) -> bool:
