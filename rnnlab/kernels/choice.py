@@ -14,10 +14,22 @@ nn.GRU beats the fused path on a third CPU. So nothing here is decided by vendor
 
 `choose` times every candidate on the real shapes (a few rounds, alternated, medians) the first
 time a shape is met and keeps the fastest; the reference (the first candidate) unless another
-beats it by MARGIN. The decision is cached in `cache_dir() / kernels.json` under the CPU model,
-torch version, ISA level and thread count, so later runs on this machine take it without measuring
-and a run never changes its mind half-way (the codes differ in the last float digits). `report()`
-lists the decisions this process made or read, for the log and the MLflow run's tags.
+beats it by MARGIN. The decision is cached in `cache_dir() / kernels.json`, so later runs on this
+machine take it without measuring and a run never changes its mind half-way (the codes differ in
+the last float digits). `report()` lists the decisions this process made or read, for the log and
+the MLflow run's tags; `chosen()` gives them as a mapping, for a resumable training's state.
+
+The cache may be shared by the nodes of a cluster (one home folder), so a decision is keyed by
+all that its measurement holds for (`here()`):
+
+    <CPU> | torch <version> | <ISA level> | <n> threads | code <digest> | native <digest> | <kind> <key> | <candidates>
+
+<CPU> is rnnlab/kernels/cpu.py's identity (model name, family/model/stepping, a digest of the
+ISA flags: one model name covers CPUs whose winners differ); `code` a digest of the kernel code
+that measured (every .py and .cpp under rnnlab/kernels); `native` the compiled library's build
+key (native.build_key(), "none" under RNNLAB_NATIVE=0). The part before `code` is `machine()`,
+the readable line of the MLflow tag rnnlab.cpu and of `rnnlab kernels`. Storing a decision drops
+the entries of this CPU measured by other code or another library over a day ago (`_stale`).
 
 Forcing (tests, and anyone who wants a fixed path): RNNLAB_KERNEL=reference|fused|native and
 RNNLAB_PRODUCT=mkl|onednn; unset or `measure` measures. RNNLAB_CACHE_DIR moves the cache.
@@ -26,9 +38,9 @@ RNNLAB_PRODUCT=mkl|onednn; unset or `measure` measures. RNNLAB_CACHE_DIR moves t
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -42,36 +54,58 @@ from filelock import FileLock
 
 from rnnlab.errors import UserError
 from rnnlab.fileio import cache_dir, write_json
+from rnnlab.kernels import cpu, native
 
 FORCE_ENV = {"layer": "RNNLAB_KERNEL", "product": "RNNLAB_PRODUCT"}
 KNOWN = {"layer": ("reference", "fused", "native"), "product": ("mkl", "onednn")}  # what forcing may name
 MARGIN = 0.03  # another candidate must be this much faster than the reference to be chosen
 ROUNDS = 5  # timed rounds per candidate, alternated between them
 MIN_SECONDS = 0.004  # a round repeats a candidate until it takes at least this long
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: keyed by CPU identity, kernel code and library (1: by CPU model name)
+STALE_HOURS = 24  # this CPU's entries of other code are dropped when measured longer ago
+KERNEL_CODE = Path(__file__).resolve().parent  # rnnlab/kernels: what measures and what runs
 
 _decided: dict[str, dict] = {}  # this process's decisions, full key -> cache entry
+_forced: dict[str, str] = {}  # this process's forced choices, "<kind> <key>" -> candidate
 _cache_on = [True]  # off inside `afresh`
 _said: set[tuple[str, str, str]] = set()  # forced values this process found no candidate for
 _quiet = [0]  # > 0 inside `quiet`: decisions are made and kept, not printed
 
 
-@cache
 def cpu_model() -> str:
-    """The CPU's model name as the OS gives it (lscpu's), e.g. 'AMD EPYC' or 'Apple M2'."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
+    """The CPU's model name as the OS gives it, e.g. 'AMD EPYC' or 'Apple M2' (bench/'s reports)."""
+    return cpu.model_name()
 
 
 def machine() -> str:
-    """What a measurement holds for: the CPU model, torch, its ISA level and the threads."""
-    return (f"{cpu_model()} | torch {torch.__version__} | "
+    """The machine a measurement holds for, in words: the CPU (cpu.identity()), torch, its ISA
+    level and the threads. The MLflow tag rnnlab.cpu; the start of the cache key (`here`)."""
+    return (f"{cpu.identity()} | torch {torch.__version__} | "
             f"{torch.backends.cpu.get_cpu_capability()} | {torch.get_num_threads()} threads")
+
+
+@cache
+def code_digest() -> str:
+    """12 hex digits over the kernel code (every .py and .cpp under rnnlab/kernels, by path):
+    a decision that other code measured says nothing about this code."""
+    files = sorted(p for pattern in ("*.py", "*.cpp") for p in KERNEL_CODE.rglob(pattern))
+    h = hashlib.sha256()
+    for path in files:
+        h.update(f"{path.relative_to(KERNEL_CODE).as_posix()}\0".encode())
+        h.update(hashlib.sha256(path.read_bytes()).digest())
+    return h.hexdigest()[:12]
+
+
+def library_digest() -> str:
+    """The compiled library that a `native` candidate runs: its build key, or "none" when
+    RNNLAB_NATIVE=0 turns it off."""
+    return "none" if native.disabled() else native.build_key()
+
+
+def here() -> str:
+    """What a decision made now holds for, the cache key's first part: `machine()` and the code
+    that measures (the kernel code's digest, the compiled library's)."""
+    return f"{machine()} | code {code_digest()} | native {library_digest()}"
 
 
 def forced(kind: str, key: str, allowed: list[str]) -> str | None:
@@ -99,10 +133,11 @@ def choose(kind: str, key: str, candidates: dict[str, Callable[[], object]]) -> 
     names = list(candidates)
     force = forced(kind, key, names)
     if force:
+        _forced[f"{kind} {key}"] = force
         return force
     if len(names) == 1:
         return names[0]
-    full = f"{machine()} | {kind} {key} | {'/'.join(names)}"
+    full = f"{here()} | {kind} {key} | {'/'.join(names)}"
     entry = _decided.get(full) or _cached(full)
     if entry is None:
         seconds = measure(candidates)
@@ -110,7 +145,8 @@ def choose(kind: str, key: str, candidates: dict[str, Callable[[], object]]) -> 
         best = min(names, key=seconds.__getitem__)
         choice = best if seconds[best] < reference * (1 - MARGIN) else names[0]
         entry = {"kind": kind, "key": key, "choice": choice, "seconds": seconds,
-                 "when": datetime.datetime.now().isoformat(timespec="seconds")}
+                 "when": datetime.datetime.now().isoformat(timespec="seconds"),
+                 "cpu": cpu.identity(), "code": code_digest(), "native": library_digest()}
         entry = _store(full, entry)  # another process may have decided it first: theirs holds
     if full not in _decided:
         _decided[full] = entry
@@ -156,6 +192,12 @@ def line(entry: dict) -> str:
     return f"{entry['kind']} {entry['key']}: {entry['choice']} (against {reference}: {speed})"
 
 
+def chosen() -> dict[str, str]:
+    """What this process runs for each decision, forced or measured: {"<kind> <key>": choice}.
+    A resumable training records it, to tell which code trained its epochs."""
+    return {**{f"{e['kind']} {e['key']}": e["choice"] for e in _decided.values()}, **_forced}
+
+
 def summary() -> str:
     """The decisions in one short string for an MLflow tag: `layer=fused product=onednn,mkl`."""
     chosen: dict[str, list[str]] = {}
@@ -198,17 +240,19 @@ def afresh() -> Iterator[None]:
 def forget() -> None:
     """Drop this process's decisions (tests): the next `choose` reads the cache or measures."""
     _decided.clear()
+    _forced.clear()
 
 
 def cached_here() -> list[dict]:
-    """The cache's decisions for this machine (CPU, torch, ISA level, threads now)."""
-    prefix = machine() + " | "
+    """The cache's decisions for this machine now (`here()`: CPU, torch, ISA level, threads,
+    kernel code, compiled library)."""
+    prefix = here() + " | "
     return [entry for full, entry in _read().items() if full.startswith(prefix)]
 
 
 def forget_cached() -> int:
     """Remove this machine's decisions from the cache (`rnnlab kernels --forget`); how many."""
-    prefix = machine() + " | "
+    prefix = here() + " | "
     with FileLock(str(cache_file()) + ".lock", timeout=60):
         entries = _read()
         kept = {k: v for k, v in entries.items() if not k.startswith(prefix)}
@@ -235,7 +279,8 @@ def _cached(full: str) -> dict | None:
 
 def _store(full: str, entry: dict) -> dict:
     """Add the decision to the cache unless another process stored one first; -> the one that
-    holds. A cache that cannot be written costs a warning, not the run."""
+    holds. This CPU's stale entries (`_stale`) go on the way. A cache that cannot be written
+    costs a warning, not the run."""
     if not _cache_on[0]:
         return entry
     path = cache_file()
@@ -245,9 +290,22 @@ def _store(full: str, entry: dict) -> dict:
             entries = _read()
             if full in entries:
                 return entries[full]
+            entries = {k: v for k, v in entries.items() if not _stale(v)}
             entries[full] = entry
             write_json(path, {"version": CACHE_VERSION, "entries": entries})
     except (OSError, UserError, TimeoutError) as err:
         print(f"rnnlab: kernel choices not cached ({err}); this process keeps its own",
               file=sys.stderr)
     return entry
+
+
+def _stale(entry: dict) -> bool:
+    """Whether `entry` was measured on this CPU, over STALE_HOURS ago, by other kernel code or
+    another compiled library than this process runs: no key made here can reach it again (a
+    younger one may be another checkout's on this machine). Other CPUs' entries are theirs."""
+    try:
+        age = datetime.datetime.now() - datetime.datetime.fromisoformat(entry.get("when", ""))
+    except ValueError:
+        age = datetime.timedelta.max
+    return (entry.get("cpu") == cpu.identity() and age > datetime.timedelta(hours=STALE_HOURS)
+            and (entry.get("code"), entry.get("native")) != (code_digest(), library_digest()))

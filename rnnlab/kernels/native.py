@@ -20,13 +20,26 @@ Building takes ~25 s once per machine (torch's headers); later processes load th
 How: `build` runs the system C++ compiler ($CXX, else `c++`) directly (no ninja, no setuptools
 build) with -O3 -march=native against torch's headers and libraries, into a cache directory
 outside the repository ($RNNLAB_CACHE_DIR, else $XDG_CACHE_HOME/rnnlab, else ~/.cache/rnnlab,
-subfolder native/), under a name keyed by the source, torch's version, the compiler and its
-flags, and the CPU (model name and ISA flags: -march=native code runs only where it was built).
+subfolder native/), which the nodes of a cluster may share through one home folder. A build's
+name says what it is for: `recurrence-<target>-<build>.so`, where <target> (8 hex) is a digest of
+the compiler's -march=native macro set (rnnlab/kernels/cpu.py: exactly the ISA the code targets,
+and the compiler's version; no /proc/cpuinfo needed) and <build> (16 hex) a digest of that and
+the source, torch's version and folder, the compiler's command, its flags and the C++ ABI. So a
+node never loads a build made for another ISA, and a node's own builds are recognisable.
 A file lock keeps two processes from building at once; the library appears by an atomic rename.
 
-Fallback: `load()` is False when the build fails (no compiler, a compile error) or
-RNNLAB_NATIVE=0; `why_not()` says why in one line, and the fused path runs instead. Nothing here
-raises for want of a compiler. `python -m rnnlab.kernels.native build` builds ahead (make setup).
+Upkeep: a library that fails to load (a truncated file, a build for another machine) is compiled
+again once; each load touches the file, so that its time says when it was last used. After a
+build, `prune` removes this target's builds for other inputs (an old source, another torch) once
+unused for SUPERSEDED_DAYS (another checkout or venv on this machine may still load one: removed
+at once, the two would rebuild in turns), and anything else (other targets' builds, leftover
+temporary files, locks) unused for STALE_DAYS; another node's current build is in use, so it
+stays.
+
+Fallback: `load()` is False when the build fails (no compiler, a compile error), the library does
+not load even when rebuilt, or RNNLAB_NATIVE=0; `why_not()` says why in one line, and the fused
+path runs instead. Nothing here raises for want of a compiler.
+`python -m rnnlab.kernels.native build` builds ahead (make setup).
 """
 
 from __future__ import annotations
@@ -34,8 +47,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
-import platform
-import shlex
 import subprocess
 import sys
 import tempfile
@@ -43,14 +54,16 @@ import time
 from pathlib import Path
 
 import torch
+from filelock import FileLock, Timeout
 from torch.autograd.function import once_differentiable
 
-from rnnlab.kernels import choice
+from rnnlab.fileio import cache_dir
+from rnnlab.kernels import cpu
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "recurrence.cpp"
 DISABLE_ENV = "RNNLAB_NATIVE"  # "0": never load (the fused path runs)
 # Code generation; the include and library paths, the ABI define and the libraries are added by
-# `_command`. -march=native: built where it runs (the cache key holds the CPU). -fno-math-errno
+# `_command`. -march=native: built where it runs (the file name holds the target). -fno-math-errno
 # -fno-trapping-math (as torch's own build): without them GCC vectorizes none of the gate loops
 # (the clamps in the source's exp); they change no result. No -ffast-math: that exp relies on IEEE
 # rounding, and fast-math gained nothing measurable. -fopenmp: the C++ runs small batches on a team
@@ -60,6 +73,9 @@ CXXFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-f
 LIBS = ["-lc10", "-ltorch", "-ltorch_cpu"]
 BUILD_TIMEOUT = 900  # seconds: a compiler that hangs is a failure, not a hung training run
 LOCK_TIMEOUT = 1200  # seconds to wait for another process's build
+STALE_DAYS = 30  # a build (or leftover) nobody loaded for this long is removed by `prune`
+SUPERSEDED_DAYS = 1  # this target's builds of other inputs: removed once unused for this long
+PREFIX = "recurrence-"  # every file of native/ this module writes starts with it
 
 _why_not = ""  # why the last build or load failed, one line
 _build_log = ""  # the compiler's full output of the last failed build
@@ -76,36 +92,37 @@ def build_log() -> str:
     return _build_log
 
 
+def disabled() -> bool:
+    """Whether RNNLAB_NATIVE=0 turns the compiled path off."""
+    return os.environ.get(DISABLE_ENV, "").strip() == "0"
+
+
+def target_digest() -> str:
+    """8 hex digits for what -march=native code is built for here: the compiler's macro set (the
+    target ISA and the compiler's version). The first part of a build's name, so that this
+    machine's builds are recognisable in a folder other machines share."""
+    return cpu.digest(cpu.native_macros() or "no compiler")
+
+
+def build_key() -> str:
+    """16 hex digits for everything the library depends on: the source, torch (version, folder),
+    the compiler's command, its flags, the C++ ABI and the target (the -march=native macro set)."""
+    return _build_key(SOURCE, cpu.compiler(), cpu.native_macros() or "no compiler")
+
+
 @functools.cache
-def cpu_id() -> str:
-    """The CPU as -march=native sees it: model name and ISA flags (/proc/cpuinfo), else what
-    `platform` knows."""
-    model = flags = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            key = key.strip()
-            if key == "model name" and not model:
-                model = value.strip()
-            elif key in ("flags", "Features") and not flags:
-                flags = value.strip()
-    except OSError:
-        pass
-    return f"{model or platform.processor() or platform.machine()} | {flags}"
-
-
-def compiler() -> list[str]:
-    """The C++ compiler's command: $CXX (may hold arguments), else `c++`."""
-    return shlex.split(os.environ.get("CXX") or "c++")
+def _build_key(source: Path, command: tuple[str, ...], macros: str) -> str:
+    """build_key() for its inputs; cached, as kernel choices ask for it on every decision."""
+    key = "\n".join([source.read_text(encoding="utf-8"), torch.__version__,
+                     str(Path(torch.__file__).parent), " ".join(command),
+                     " ".join(CXXFLAGS + LIBS), str(torch._C._GLIBCXX_USE_CXX11_ABI), macros])
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 def library_path() -> Path:
-    """Where this source, torch, compiler and CPU's build lives (present or not)."""
-    key = "\n".join([SOURCE.read_text(encoding="utf-8"), torch.__version__,
-                     str(Path(torch.__file__).parent), " ".join(compiler()),
-                     " ".join(CXXFLAGS + LIBS), str(torch._C._GLIBCXX_USE_CXX11_ABI), cpu_id()])
-    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    return choice.cache_dir() / "native" / f"recurrence-{digest}.so"
+    """Where this machine's build of this source, torch and compiler lives (present or not):
+    native/recurrence-<target_digest>-<build_key>.so in the cache folder."""
+    return cache_dir() / "native" / f"{PREFIX}{target_digest()}-{build_key()}.so"
 
 
 def _command(source: Path, out: Path) -> list[str]:
@@ -114,7 +131,7 @@ def _command(source: Path, out: Path) -> list[str]:
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     includes = [f"-I{p}" for p in cpp_extension.include_paths()]
     libdirs = cpp_extension.library_paths()
-    return [*compiler(), *CXXFLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *includes, str(source),
+    return [*cpu.compiler(), *CXXFLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *includes, str(source),
             "-o", str(out), *(f"-L{d}" for d in libdirs),
             *(f"-Wl,-rpath,{d}" for d in libdirs), *LIBS]
 
@@ -131,28 +148,40 @@ def _first_error(log: str) -> str:
     return line if len(line) <= 300 else line[:297] + "..."
 
 
-def build(verbose: bool = True) -> Path | None:
+def build(verbose: bool = True, bad: os.stat_result | None = None) -> Path | None:
     """The compiled library's path, compiling it first if this machine's cache lacks it; None if
     it cannot be built (`why_not()` says why, `build_log()` holds the compiler's output). Never
-    raises. verbose: say on stderr that it compiles, and show the compiler's errors."""
+    raises. verbose: say on stderr that it compiles, and show the compiler's errors. bad: the
+    stat of the file at that path that failed to load: it is compiled again, unless another
+    process has replaced it meanwhile. After a build, `prune` tidies the folder."""
     try:
         target = library_path()
-        if target.exists():
+        if _usable(target, bad):
             return target
-        from filelock import FileLock, Timeout
-
         target.parent.mkdir(parents=True, exist_ok=True)
         try:
             with FileLock(str(target) + ".lock", timeout=LOCK_TIMEOUT):
-                if target.exists():  # another process built it while we waited
+                if _usable(target, bad):  # another process built it while we waited
                     return target
-                return _compile(target, verbose)
+                built = _compile(target, verbose)
         except Timeout:
             _fail(f"another process held the build lock {target}.lock for {LOCK_TIMEOUT} s")
             return None
+        if built is not None:
+            prune(built)
+        return built
     except Exception as err:  # noqa: BLE001 - a failed build means the fused path, not a crash
         _fail(f"build failed: {type(err).__name__}: {err}")
         return None
+
+
+def _usable(target: Path, bad: os.stat_result | None) -> bool:
+    """Whether `target` exists and is not the very file (same inode and time) that failed."""
+    try:
+        now = target.stat()
+    except FileNotFoundError:
+        return False
+    return bad is None or (now.st_ino, now.st_mtime_ns) != (bad.st_ino, bad.st_mtime_ns)
 
 
 def _compile(target: Path, verbose: bool) -> Path | None:
@@ -165,8 +194,8 @@ def _compile(target: Path, verbose: bool) -> Path | None:
             print(f"rnnlab: compiling {SOURCE.name} with {command[0]} (once per machine, "
                   "~30 s)", file=sys.stderr, flush=True)
         try:
-            done = subprocess.run(command, capture_output=True, text=True, timeout=BUILD_TIMEOUT,
-                                  stdin=subprocess.DEVNULL)
+            done = subprocess.run(command, check=False, capture_output=True, text=True,
+                                  timeout=BUILD_TIMEOUT, stdin=subprocess.DEVNULL)
         except OSError as err:  # no such compiler
             _fail(f"C++ compiler {command[0]!r} did not run: {err.strerror or err}")
             return None
@@ -187,12 +216,76 @@ def _compile(target: Path, verbose: bool) -> Path | None:
         tmp.unlink(missing_ok=True)
 
 
+def prune(current: Path) -> list[Path]:
+    """Remove the builds in `current`'s folder that nobody needs; -> what was removed. This
+    target's builds for other inputs (an old source, another torch: same <target>, other
+    <build>) once unused for SUPERSEDED_DAYS, with their locks; any other file of ours (other
+    targets' builds, temporary files a killed build left, locks) once unused for STALE_DAYS: a
+    node that shares the folder touches its current build on every load, so that one stays.
+    `current` and its lock stay. A file that cannot be removed stays too (another user's, a
+    read-only folder)."""
+    oldest = time.time() - STALE_DAYS * 86400
+    superseded_before = time.time() - SUPERSEDED_DAYS * 86400
+    mine = f"{PREFIX}{target_digest()}-"
+    keep = {current.name, current.name + ".lock"}
+    removed = []
+    for path in current.parent.glob(f"{PREFIX}*"):
+        if path.name in keep:
+            continue
+        superseded = path.name.startswith(mine) and not path.name.endswith(".tmp.so")
+        if _last_used(path) < (superseded_before if superseded else oldest):
+            try:
+                path.unlink()
+            except OSError:
+                continue
+            removed.append(path)
+    return removed
+
+
+def _last_used(path: Path) -> float:
+    """When `path` was last used: its mtime; for a lock, the later of its own and its build's
+    (a lock is only written when a build starts). Now if both are gone meanwhile."""
+    paths = [path]
+    if path.name.endswith(".so.lock"):
+        paths.append(path.with_name(path.name.removesuffix(".lock")))
+    return max((t for t in map(_mtime, paths) if t is not None), default=time.time())
+
+
+def _mtime(path: Path) -> float | None:
+    try:
+        return path.stat().st_mtime
+    except OSError:  # removed meanwhile
+        return None
+
+
+def _load_library(path: Path) -> bool:
+    """Load `path` into torch.ops and check that its ops registered; False (why_not says why)
+    if either fails."""
+    try:
+        torch.ops.load_library(str(path))
+        torch.ops.rnnlab.gru_backward  # noqa: B018 - raises if the library did not register
+    except Exception as err:  # noqa: BLE001
+        _fail(f"loading {path} failed: {type(err).__name__}: {_first_error(str(err))}")
+        return False
+    return True
+
+
+def _touch(path: Path) -> None:
+    """Mark `path` used now (its mtime), so that `prune` on a node sharing the folder keeps it.
+    A read-only cache only loses that mark."""
+    try:
+        os.utime(path)
+    except OSError:
+        pass
+
+
 @functools.cache
 def load() -> bool:
     """Whether the ops torch.ops.rnnlab.* are there, building and loading them if needed; once
-    per process. False if RNNLAB_NATIVE=0 or anything fails (`why_not()` says why)."""
+    per process. A library that does not load is compiled again once. False if RNNLAB_NATIVE=0
+    or anything fails (`why_not()` says why)."""
     global _loaded
-    if os.environ.get(DISABLE_ENV, "").strip() == "0":
+    if disabled():
         _fail(f"{DISABLE_ENV}=0")
         return False
     if _loaded is not None:
@@ -200,13 +293,21 @@ def load() -> bool:
     path = build(verbose=True)
     if path is None:
         return False
-    try:
-        torch.ops.load_library(str(path))
-        torch.ops.rnnlab.gru_backward  # noqa: B018 - raises if the library did not register
-    except Exception as err:  # noqa: BLE001
-        _fail(f"loading {path} failed: {type(err).__name__}: {_first_error(str(err))}")
-        return False
+    if not _load_library(path):
+        first = why_not()
+        try:
+            bad = path.stat()
+        except OSError:
+            bad = None  # gone meanwhile: whatever is there now is someone's new build
+        print(f"rnnlab: {first}; compiling it again", file=sys.stderr, flush=True)
+        path = build(verbose=True, bad=bad)
+        if path is None:
+            return False
+        if not _load_library(path):
+            _fail(f"{why_not()} (after compiling it again)")
+            return False
     _loaded = path
+    _touch(path)
     _fail("")  # a failure before this one no longer holds
     return True
 

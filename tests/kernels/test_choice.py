@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 
 import pytest
@@ -172,3 +173,137 @@ def test_rnnlab_kernels_lists_and_forgets_this_machine_s_choices(monkeypatch, ca
     assert "forgotten: 1" in capsys.readouterr().out
     main(["kernels", "--threads", threads])
     assert "0 choice(s)" in capsys.readouterr().out
+
+
+# --- a cache folder shared by machines (a cluster's one home folder) ---------------------------
+
+OTHER_CPU = "AMD EPYC (family 23 model 49 stepping 0) | isa 0badc0de"  # same model name, Zen 2
+OTHER_MACROS = "#define __AVX2__ 1\n#define __VERSION__ \"12.2.0\"\n#define __znver2__ 1"
+
+
+class Spy:
+    """choice.measure that counts its calls and gives fixed seconds."""
+
+    def __init__(self, seconds: dict[str, float]):
+        self.seconds, self.calls = seconds, 0
+
+    def __call__(self, candidates):
+        self.calls += 1
+        return dict(self.seconds)
+
+
+def as_other_machine(monkeypatch):
+    """Machine B: another CPU of the same model name, whose compiler targets another ISA."""
+    monkeypatch.setattr(choice.cpu, "identity", lambda: OTHER_CPU)
+    monkeypatch.setattr(choice.cpu, "native_macros", lambda: OTHER_MACROS)
+
+
+def stored(cache) -> dict:
+    return json.loads((cache / "kernels.json").read_text())["entries"]
+
+
+def test_machines_sharing_a_cache_folder_keep_their_own_choices(own_cache, monkeypatch):
+    from rnnlab.kernels import native
+
+    candidates = {"reference": None, "fused": None}
+    monkeypatch.setattr(choice, "measure", Spy({"reference": 2.0, "fused": 1.0}))
+    assert choice.choose("layer", "k", candidates) == "fused"  # machine A
+    a_build = native.library_path()
+
+    with monkeypatch.context() as b:
+        as_other_machine(b)
+        choice.forget()  # as a process on node B
+        spy = Spy({"reference": 1.0, "fused": 2.0})
+        b.setattr(choice, "measure", spy)
+        assert choice.choose("layer", "k", candidates) == "reference"  # not A's "fused"
+        assert spy.calls == 1
+        assert choice.machine().startswith(OTHER_CPU)
+        assert [e["choice"] for e in choice.cached_here()] == ["reference"]
+        b_build = native.library_path()
+    assert b_build != a_build and b_build.parent == a_build.parent  # B builds its own library
+    assert {e["cpu"] for e in stored(own_cache).values()} == {OTHER_CPU, choice.cpu.identity()}
+
+    choice.forget()  # node A again: its choice is there, unmeasured
+    monkeypatch.setattr(choice, "measure", lambda c: pytest.fail("A measured again"))
+    assert choice.choose("layer", "k", candidates) == "fused"
+    assert [e["choice"] for e in choice.cached_here()] == ["fused"]
+
+
+@pytest.mark.parametrize("change", ["code", "library"])
+@pytest.mark.parametrize("days", [2, 0.5])
+def test_a_choice_of_other_kernel_code_or_library_is_measured_again_and_dropped(
+        own_cache, monkeypatch, change, days):
+    """The key holds the kernel code's digest and the compiled library's build key: after a
+    change the choice is measured again, and the old entry, which nothing here can read any
+    more, leaves the cache once measured over a day ago (a younger one may be another checkout's
+    on this machine, which still reads it). Another CPU's entries stay."""
+    from rnnlab.kernels import native
+
+    candidates = {"reference": None, "fused": None}
+    with monkeypatch.context() as b:
+        as_other_machine(b)
+        b.setattr(choice, "measure", Spy({"reference": 1.0, "fused": 2.0}))
+        choice.choose("layer", "k", candidates)
+    choice.forget()
+    monkeypatch.setattr(choice, "measure", Spy({"reference": 2.0, "fused": 1.0}))
+    choice.choose("layer", "k", candidates)
+    old_key = choice.here()
+    choice.forget()
+    entries = stored(own_cache)
+    for key in entries:
+        if key.startswith(old_key):
+            when = datetime.datetime.now() - datetime.timedelta(days=days)
+            entries[key]["when"] = when.isoformat(timespec="seconds")
+    (own_cache / "kernels.json").write_text(json.dumps({"version": choice.CACHE_VERSION,
+                                                        "entries": entries}))
+    if change == "code":
+        monkeypatch.setattr(choice, "code_digest", lambda: "0" * 12)
+    else:
+        monkeypatch.setattr(native, "build_key", lambda: "f" * 16)
+        assert choice.library_digest() == "f" * 16
+    assert choice.here() != old_key
+    spy = Spy({"reference": 1.0, "fused": 2.0})
+    monkeypatch.setattr(choice, "measure", spy)
+    assert choice.choose("layer", "k", candidates) == "reference"
+    assert spy.calls == 1
+    keys = list(stored(own_cache))
+    assert any(k.startswith(old_key) for k in keys) == (days < 1)  # stale: dropped on store
+    assert sum(k.startswith(choice.here()) for k in keys) == 1
+    assert sum(k.startswith(OTHER_CPU) for k in keys) == 1  # node B's own, untouched
+
+
+def test_the_library_part_is_none_when_the_compiled_path_is_off(monkeypatch):
+    monkeypatch.setenv("RNNLAB_NATIVE", "0")
+    assert choice.library_digest() == "none"
+    assert choice.here().endswith(" | native none")
+    monkeypatch.delenv("RNNLAB_NATIVE")
+    assert choice.library_digest() != "none"
+
+
+def test_the_code_digest_follows_every_kernel_file(tmp_path, monkeypatch):
+    (tmp_path / "csrc").mkdir()
+    (tmp_path / "a.py").write_text("x = 1\n")
+    (tmp_path / "csrc" / "r.cpp").write_text("int f();\n")
+    (tmp_path / "notes.txt").write_text("not code\n")
+    monkeypatch.setattr(choice, "KERNEL_CODE", tmp_path)
+    digests = []
+    for path, text in [(None, None), (tmp_path / "notes.txt", "still not code\n"),
+                       (tmp_path / "csrc" / "r.cpp", "int g();\n"), (tmp_path / "a.py", "x = 2\n")]:
+        if path is not None:
+            path.write_text(text)
+        choice.code_digest.cache_clear()
+        digests.append(choice.code_digest())
+    choice.code_digest.cache_clear()
+    assert digests[0] == digests[1]  # a file that is not code changes nothing
+    assert len(set(digests[1:])) == 3  # the .cpp and the .py each do
+
+
+def test_chosen_names_every_decision_forced_or_measured(monkeypatch):
+    monkeypatch.setattr(choice, "measure", Spy({"reference": 2.0, "fused": 1.0}))
+    choice.choose("layer", "gru k", {"reference": None, "fused": None})
+    monkeypatch.setenv("RNNLAB_PRODUCT", "onednn")
+    choice.choose("product", "32x256", {"mkl": None, "onednn": None})
+    assert choice.chosen() == {"layer gru k": "fused", "product 32x256": "onednn"}
+    assert choice.summary() == "layer=fused"  # as before: the measured ones
+    choice.forget()
+    assert choice.chosen() == {}

@@ -4,7 +4,14 @@ never an exception."""
 
 from __future__ import annotations
 
+import json
+import os
+import re
 import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rnnlab.fileio import CACHE_ENV
-from rnnlab.kernels import fused, native
+from rnnlab.kernels import cpu, fused, native
 
 HAS_CXX = shutil.which("c++") is not None
 TIGHT = {"rtol": 0, "atol": 1e-10}  # float64, as tests/test_models.py
@@ -263,11 +270,13 @@ def test_wrong_shapes_raise(ops):
 
 
 def test_library_is_cached_outside_the_repo(ops, tmp_path, monkeypatch):
-    """The build lands in $RNNLAB_CACHE_DIR/native/, named by a key of source, torch, flags and
-    CPU; a second build finds it."""
+    """The build lands in $RNNLAB_CACHE_DIR/native/, named recurrence-<target>-<build>.so: the
+    compiler's -march=native target, then a key of that, source, torch, compiler and flags."""
     monkeypatch.setenv(CACHE_ENV, str(tmp_path))
     path = native.library_path()
     assert path.parent == tmp_path / "native" and path.suffix == ".so"
+    assert path.name == f"recurrence-{native.target_digest()}-{native.build_key()}.so"
+    assert re.fullmatch(r"recurrence-[0-9a-f]{8}-[0-9a-f]{16}\.so", path.name)
     monkeypatch.setenv("CXX", "c++ -DRNNLAB_OTHER_FLAGS")
     assert native.library_path() != path  # the compiler's command is part of the key
 
@@ -305,3 +314,147 @@ def test_disabled_by_the_environment(monkeypatch):
         assert native.why_not() == "RNNLAB_NATIVE=0"
     finally:
         native.load.cache_clear()  # the next load() decides again, without the variable
+
+
+
+# --- the build's key, a library that does not load, pruning ------------------------------------
+
+MACROS_A = "#define __AVX2__ 1\n#define __VERSION__ \"12.2.0\""
+MACROS_B = "#define __AVX512F__ 1\n#define __AVX2__ 1\n#define __VERSION__ \"12.2.0\""
+DAY = 86400
+
+
+def test_without_proc_cpuinfo_the_target_isa_still_keys_the_build(tmp_path, monkeypatch):
+    """An AVX-512 build must never load on an AVX2 machine, /proc/cpuinfo or not: the key is the
+    compiler's -march=native macro set, which holds the target ISA and the compiler's version."""
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
+    monkeypatch.setattr(cpu, "cpuinfo", dict)  # no /proc/cpuinfo: {}
+    paths = []
+    for macros in (MACROS_A, MACROS_B, MACROS_A.replace("12.2.0", "13.1.0")):
+        monkeypatch.setattr(cpu, "native_macros", lambda m=macros: m)
+        paths.append(native.library_path())
+    targets = {p.name.split("-")[1] for p in paths}
+    builds = {p.name.split("-")[2] for p in paths}
+    assert len(targets) == 3 and len(builds) == 3  # another ISA, another compiler version
+
+
+def fake_compiler(monkeypatch, library: Path) -> list[Path]:
+    """native's compiler replaced by a copy of `library`; -> the outputs it was asked for."""
+    outputs: list[Path] = []
+
+    def command(source, out):
+        outputs.append(Path(out))
+        return ["cp", str(library), str(out)]
+
+    monkeypatch.setattr(native, "_command", command)
+    return outputs
+
+
+def aged(path: Path, days: float, content: bytes = b"x") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)
+    t = time.time() - days * DAY
+    os.utime(path, (t, t))
+    return path
+
+
+def test_a_machine_s_build_leaves_other_machines_builds_alone(tmp_path, monkeypatch):
+    """Node B shares node A's cache folder: B compiles a build of its own (the compile faked),
+    and A's current build stays."""
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
+    monkeypatch.setattr(cpu, "native_macros", lambda: MACROS_A)
+    a_build = aged(native.library_path(), 2, b"A's library")
+    monkeypatch.setattr(cpu, "native_macros", lambda: MACROS_B)
+    outputs = fake_compiler(monkeypatch, aged(tmp_path / "b.so", 0, b"B's library"))
+    b_build = native.build(verbose=False)
+    assert b_build == native.library_path() != a_build
+    assert len(outputs) == 1 and b_build.read_bytes() == b"B's library"
+    assert a_build.read_bytes() == b"A's library"
+
+
+def test_pruning_after_a_build(tmp_path, monkeypatch):
+    """This target's builds for other inputs (with their locks) go once unused for a day; other
+    targets' builds, killed builds' temporary files and locks once unused for 30 days; another
+    node's current build, which its loads keep touching, stays; files not ours stay."""
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
+    monkeypatch.setattr(cpu, "native_macros", lambda: MACROS_A)
+    current = native.library_path()
+    folder, mine = current.parent, f"recurrence-{native.target_digest()}-"
+    gone = [aged(folder / f"{mine}{'0' * 16}.so", 2),  # this machine, an old source or torch
+            aged(folder / f"{mine}{'0' * 16}.so.lock", 2),
+            aged(folder / "recurrence-0badc0de-1111111111111111.so", 31),  # a node gone a month
+            aged(folder / "recurrence-0badc0de-1111111111111111.so.lock", 31),
+            aged(folder / f"{current.stem}.k1ll3d.tmp.so", 31),  # a build killed a month ago
+            aged(folder / "recurrence-0137d4207942b5e2.so", 40)]  # the older naming, unused
+    kept = [aged(folder / "recurrence-5eedf00d-2222222222222222.so", 3),  # another node's, used
+            aged(folder / "recurrence-5eedf00d-2222222222222222.so.lock", 90),  # its lock
+            aged(folder / f"{mine}{'3' * 16}.a1b2c3.tmp.so", 0),  # a build under way
+            aged(folder / f"{mine}{'4' * 16}.so", 0.5),  # another venv's here, used today
+            aged(folder / "notes.txt", 90)]  # not ours
+    fake_compiler(monkeypatch, aged(tmp_path / "good.so", 0))
+    assert native.build(verbose=False) == current
+    assert current.exists() and (folder / f"{current.name}.lock").exists()
+    assert [p.name for p in gone if p.exists()] == []
+    assert [p.name for p in kept if not p.exists()] == []
+
+
+def test_a_library_replaced_meanwhile_is_not_compiled_again(tmp_path, monkeypatch):
+    """Two processes failed to load the same file: the first compiles it again, the second finds
+    the new file (another inode) and takes it."""
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
+    path = aged(native.library_path(), 0, b"garbage")
+    bad = path.stat()
+    outputs = fake_compiler(monkeypatch, aged(tmp_path / "good.so", 0, b"good"))
+    aged(tmp_path / "other.so", 0, b"rebuilt by another process").replace(path)
+    assert native.build(verbose=False, bad=bad) == path
+    assert outputs == [] and path.read_bytes() == b"rebuilt by another process"
+    assert native.build(verbose=False, bad=path.stat()) == path  # the file that failed itself
+    assert len(outputs) == 1 and path.read_bytes() == b"good"
+
+
+LOAD_SCRIPT = """
+import json, sys
+from pathlib import Path
+from rnnlab.kernels import native
+
+case, good, garbage = sys.argv[1:]
+compiles = []
+def command(source, out):
+    compiles.append(str(out))
+    return ["cp", good if case != "rebuilt-garbage" else garbage, str(out)]
+native._command = command
+path = native.library_path()
+path.parent.mkdir(parents=True)
+path.write_bytes(Path(good if case == "good" else garbage).read_bytes())
+native.os.utime(path, (1e9, 1e9))
+ok = native.load()
+print(json.dumps({"ok": ok, "why": native.why_not(), "compiles": len(compiles), "path": str(path),
+                  "mtime": path.stat().st_mtime}))
+"""
+
+
+@pytest.mark.parametrize("case", ["good", "garbage", "rebuilt-garbage"])
+def test_a_library_that_does_not_load_is_compiled_again_once(ops, tmp_path, case):
+    """In a fresh process and cache: a good library loads as it is (and is marked used); one
+    that does not load (a truncated file) is compiled again once (the compiler faked: a copy of
+    this session's good library) and loads; if that one fails too, load() is False and
+    why_not() names the file and the reason, in one line."""
+    good = native._loaded
+    assert good is not None and good.exists()
+    garbage = tmp_path / "garbage.so"
+    garbage.write_bytes(b"\x7fELF not a library")
+    env = {**os.environ, CACHE_ENV: str(tmp_path / "cache")}
+    env.pop(native.DISABLE_ENV, None)
+    done = subprocess.run([sys.executable, "-c", LOAD_SCRIPT, case, str(good), str(garbage)],
+                          capture_output=True, text=True, env=env, timeout=300, check=True)
+    got = json.loads(done.stdout.splitlines()[-1])
+    if case == "good":
+        assert got["ok"] and got["compiles"] == 0 and got["why"] == ""
+        assert got["mtime"] > time.time() - DAY  # touched: in use
+    elif case == "garbage":
+        assert got["ok"] and got["compiles"] == 1 and got["why"] == ""
+        assert "compiling it again" in done.stderr
+    else:
+        assert not got["ok"] and got["compiles"] == 1
+        assert got["path"] in got["why"] and "failed" in got["why"]
+        assert "after compiling it again" in got["why"] and "\n" not in got["why"]
