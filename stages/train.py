@@ -36,6 +36,7 @@ from rnnlab.training.resume import (
     checkpointed_epochs,
     fingerprint,
     finished,
+    kernel_changes,
     load_resumable,
 )
 
@@ -50,6 +51,15 @@ def kernel_tags() -> dict[str, str]:
     """The code this run trains with, as measured fastest here (rnnlab/kernels/choice.py)."""
     return {"rnnlab.kernels": choice.summary(), "rnnlab.kernel_choices": "\n".join(choice.report()),
             "rnnlab.cpu": choice.machine()}
+
+
+def say_path_changed(name: str, epoch: int, changed: list[str], tracker) -> None:
+    """A resumed run trains on another kernel path than its first epochs (another CPU, a new
+    measurement): it goes on, and says so here and in the run's tags (docs/reliability.md)."""
+    print(f"{name}: the kernel path changed after epoch {epoch} ({'; '.join(changed)}); "
+          "continuing: the paths compute the same function and differ only in the last float "
+          "digits", flush=True)
+    tracker.set_tags({"rnnlab.kernels_changed": f"after epoch {epoch}: {'; '.join(changed)}"})
 
 
 def model_example(tokens) -> str:
@@ -105,10 +115,13 @@ def main() -> None:
         if state.history:  # resumed: the curves file DVC removed; the epochs this run lacks
             record_curves(args.curves, state.history, tracker, resumed=True)
         train_ids, val_ids = (torch.as_tensor(tokens.splits[s]) for s in ("train", "val"))
+        resumed_after = state.epoch if resume.snapshot else None
         for result in checkpointed_epochs(state, train_ids, val_ids, cfg, device, work, fp,
                                           tokens.vocab, name, tracker.run_id):
             record_curves(args.curves, state.history, tracker)
             tracker.set_tags(kernel_tags())  # what the first epoch chose: the same every epoch
+            if result.epoch - 1 == resumed_after and (changed := kernel_changes(resume.kernels)):
+                say_path_changed(name, resumed_after, changed, tracker)
             print(epoch_line(result, cfg.epochs), flush=True)
 
         with atomic_path(out / "best.pt") as tmp:

@@ -1,6 +1,13 @@
 """Resumable training: a run killed part-way (Ctrl-C, SIGTERM, even SIGKILL) continues after its
 last complete epoch, but only if the same settings, data and code made it; otherwise it starts
-over and says why.
+over and says why. "The code" is every project file the train stage runs, the C++ source of the
+compiled time loops included, and the PyTorch version.
+
+The kernel path (which code trained each layer, rnnlab/kernels/choice.py: measured per machine)
+is kept with the state too. A run resumed on another CPU, or after a new measurement, may take
+another path: it continues, and says so once (`kernel_changes`). The paths compute the same
+function; their results differ only in the last float digits (summation order), far below what
+a seed or an epoch changes, so starting over would throw work away for nothing.
 
 The train stage's work folder (`--work`, kept across runs until the variant finishes):
 
@@ -29,11 +36,13 @@ from rnnlab import codedeps
 from rnnlab.config import Train
 from rnnlab.data.vocab import Vocab
 from rnnlab.errors import UserError
+from rnnlab.kernels import choice
 from rnnlab.models.lm import ModelConfig
 from rnnlab.training.checkpoint import load_resume, save_checkpoint, save_resume
 from rnnlab.training.loop import EpochResult, TrainState, run_epochs
 
 TRAIN_MODULE = "stages.train"  # the code a resumed run must share: this module and its imports
+COMPILED = "rnnlab/kernels/csrc"  # and the C++ that rnnlab/kernels/native.py compiles
 
 
 @dataclass(frozen=True)
@@ -42,7 +51,8 @@ class Fingerprint:
 
     settings: str           # sha1 of the model config and the resolved training settings
     data: str               # sha1 of the tokenized data
-    code: dict[str, str]    # sha1 of each project file the train stage runs (rnnlab/codedeps.py)
+    code: dict[str, str]    # sha1 of each project file the train stage runs (rnnlab/codedeps.py),
+                            # the C++ of the compiled loops (COMPILED) too
     torch: str              # the PyTorch version
 
     def changes_from(self, saved: object) -> list[str]:
@@ -63,8 +73,29 @@ def fingerprint(model: ModelConfig, cfg: Train, data_sha1: str, code_root: Path)
     (stages/) and the project's code it imports (the working directory may be elsewhere)."""
     settings = json.dumps([asdict(model), cfg.model_dump()], sort_keys=True)
     return Fingerprint(settings=hashlib.sha1(settings.encode()).hexdigest(), data=data_sha1,
-                       code=codedeps.digest(TRAIN_MODULE, code_root),
+                       code={**codedeps.digest(TRAIN_MODULE, code_root), **compiled_digest(code_root)},
                        torch=str(torch.__version__))  # a TorchVersion would not load back
+
+
+def compiled_digest(code_root: Path) -> dict[str, str]:
+    """{relative path: sha1} of the C++ sources under COMPILED: no import names them."""
+    return {p.relative_to(code_root).as_posix(): hashlib.sha1(p.read_bytes()).hexdigest()
+            for p in sorted((code_root / COMPILED).glob("*")) if p.is_file()}
+
+
+def kernel_record() -> dict:
+    """Which path trained the epochs so far, and where: saved with each epoch's state."""
+    return {"paths": choice.chosen(), "machine": choice.machine()}
+
+
+def kernel_changes(saved: dict | None) -> list[str]:
+    """How this process's kernel paths differ from the saved ones, in words; [] when the same
+    (or when nothing was saved: a state from before the paths were kept)."""
+    if not saved:
+        return []
+    now = choice.chosen()
+    return [f"{key}: {was} -> {now[key]}" for key, was in saved.get("paths", {}).items()
+            if key in now and now[key] != was]
 
 
 @dataclass(frozen=True)
@@ -73,6 +104,7 @@ class Resumable:
 
     snapshot: dict | None = None   # TrainState.snapshot() of the last complete epoch
     run_id: str | None = None      # the MLflow run those epochs were logged to
+    kernels: dict | None = None    # kernel_record() of those epochs
     why_not: str | None = None     # why a saved state is not used (None: there was none)
 
 
@@ -87,7 +119,8 @@ def load_resumable(work: Path, fp: Fingerprint) -> Resumable:
     changes = fp.changes_from(payload.get("fingerprint"))
     if changes:
         return Resumable(why_not=f"{' and '.join(changes)} changed since {work / 'resume.pt'} was saved")
-    return Resumable(snapshot=payload, run_id=payload.get("mlflow_run_id"))
+    return Resumable(snapshot=payload, run_id=payload.get("mlflow_run_id"),
+                     kernels=payload.get("kernels"))
 
 
 def checkpointed_epochs(state: TrainState, train_ids: torch.Tensor, val_ids: torch.Tensor,
@@ -99,7 +132,8 @@ def checkpointed_epochs(state: TrainState, train_ids: torch.Tensor, val_ids: tor
         if result.is_best:
             save_checkpoint(work / "best.pt", state.model, vocab, variant=variant,
                             epoch=result.epoch, val_ppl=result.val_ppl)
-        save_resume(work / "resume.pt", state.snapshot(), asdict(fp), mlflow_run_id=run_id)
+        save_resume(work / "resume.pt", state.snapshot(), asdict(fp), mlflow_run_id=run_id,
+                    kernels=kernel_record())
         yield result
 
 

@@ -441,6 +441,26 @@ def test_a_run_killed_under_other_code_starts_over_saying_which_file(tmp_path, t
 
 
 @pytest.mark.slow  # trains
+def test_a_run_resumed_on_another_kernel_path_continues_saying_so(tmp_path, tiny_tokens):
+    """Killed after epoch 2 on the fused path; resumed where the reference path is what runs (as on
+    another CPU whose measurement picked it). It goes on, names the change, and finishes."""
+    write_params(tmp_path, tiny_params(train={"epochs": 4}, tracking={"enabled": True}))
+    env = {**stage_env(), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
+    cmd = [sys.executable, "-m", "stages.train", *map(str, train_args(tmp_path, tiny_tokens))]
+    kill_after_epoch(cmd, tmp_path, {**env, "RNNLAB_KERNEL": "fused"}, epoch=2)
+    saved = torch.load(tmp_path / "checkpoints/rnn/resume.pt", weights_only=True)["kernels"]
+    assert set(saved["paths"].values()) >= {"fused"}, saved  # the path of the epochs so far
+    again = in_process("train", *train_args(tmp_path, tiny_tokens), cwd=tmp_path,
+                       env={**env, **REFERENCE}, check=True).stdout
+    done = int(re.search(r"rnn: resuming after epoch (\d+) of 4", again).group(1))
+    line = re.search(rf"rnn: the kernel path changed after epoch {done} \((.+)\); continuing", again)
+    assert line and ": fused -> reference" in line.group(1), again
+    assert "epoch   4/4" in again
+    (run,) = mlflow_runs(tmp_path / "mlflow.db")
+    assert "fused -> reference" in run.data.tags["rnnlab.kernels_changed"]
+
+
+@pytest.mark.slow  # trains
 @pytest.mark.parametrize("damage", [b"", b"garbage"])
 def test_a_damaged_resume_file_starts_over(tmp_path, tiny_tokens, damage):
     write_params(tmp_path, tiny_params(train={"epochs": 2}))

@@ -13,7 +13,8 @@ import torch
 from rnnlab.config import Train
 from rnnlab.models.lm import ModelConfig
 from rnnlab.training.checkpoint import save_resume
-from rnnlab.training.resume import fingerprint, load_resumable
+from rnnlab.kernels import choice
+from rnnlab.training.resume import fingerprint, kernel_changes, kernel_record, load_resumable
 from tests.conftest import shipped
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,6 +34,12 @@ def test_the_fingerprint_covers_the_train_stage_code(fp):
     assert fp.torch == torch.__version__
 
 
+def test_the_fingerprint_covers_the_compiled_loops_source(fp):
+    """No import names rnnlab/kernels/csrc/recurrence.cpp, yet the native path runs it."""
+    assert "rnnlab/kernels/csrc/recurrence.cpp" in fp.code
+    assert len(fp.code["rnnlab/kernels/csrc/recurrence.cpp"]) == 40
+
+
 def test_the_same_fingerprint_resumes_with_its_run(tmp_path, fp):
     save_resume(tmp_path / "resume.pt", SNAPSHOT, asdict(fp), mlflow_run_id="abc")
     found = load_resumable(tmp_path, fp)
@@ -48,6 +55,8 @@ def test_nothing_saved_is_no_resume_and_no_reason(tmp_path, fp):
      "the code (rnnlab/training/loop.py) changed"),
     (lambda f: dataclasses.replace(f, code={**f.code, "rnnlab/new.py": "0" * 40}),
      "the code (rnnlab/new.py) changed"),
+    (lambda f: dataclasses.replace(f, code={**f.code, "rnnlab/kernels/csrc/recurrence.cpp": "0" * 40}),
+     "the code (rnnlab/kernels/csrc/recurrence.cpp) changed"),
     (lambda f: dataclasses.replace(f, settings="0" * 40), "the settings changed"),
     (lambda f: dataclasses.replace(f, data="0" * 40), "the data changed"),
     (lambda f: dataclasses.replace(f, torch="1.0"), f"PyTorch (1.0 -> {torch.__version__}) changed"),
@@ -59,6 +68,19 @@ def test_other_code_settings_data_or_torch_start_over_saying_why(tmp_path, fp, c
     assert found.snapshot is None and found.run_id is None
     assert found.why_not.startswith(reason), found.why_not
     assert found.why_not.endswith(f"since {tmp_path / 'resume.pt'} was saved")
+
+
+def test_the_kernel_path_is_saved_with_the_state_and_a_change_is_named(tmp_path, fp, monkeypatch):
+    paths = {"layer gru torch: 1 layer(s) x 16": "native", "product mkl x 64": "onednn"}
+    monkeypatch.setattr(choice, "chosen", lambda: dict(paths))
+    save_resume(tmp_path / "resume.pt", SNAPSHOT, asdict(fp), kernels=kernel_record())
+    saved = load_resumable(tmp_path, fp).kernels
+    assert saved["paths"] == paths and saved["machine"] == choice.machine()
+    assert kernel_changes(saved) == []  # the same paths again
+    paths["layer gru torch: 1 layer(s) x 16"] = "fused"  # another CPU measured another winner
+    paths["layer rnn torch: new shape"] = "native"  # a decision the saved epochs never made
+    assert kernel_changes(saved) == ["layer gru torch: 1 layer(s) x 16: native -> fused"]
+    assert kernel_changes(None) == []  # a state from before the paths were kept
 
 
 def test_a_state_saved_by_an_older_version_starts_over(tmp_path, fp):
