@@ -6,24 +6,47 @@
         team.cli("user", "bob")   # any deploy.stack command, output parsed when it exports
 
 PostgreSQL, moto's S3 server and `mlflow server --app-name basic-auth` run as the real programs;
-`down` runs at the end whatever happens.
+`down` runs at the end whatever happens. Every secret of the stack is planted: an unmistakable
+`planted-<what>-<tag>` (`PLANTED`), so that a leak test finds any of them by name.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import secrets
 import shlex
 import subprocess
 import sys
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
 
-from deploy.settings import Paths, Stack, free_port, load_stack
+from deploy.settings import Paths, Stack, free_port, load_stack, write_private
 
 PROJECT = Path(__file__).resolve().parents[2]
 QUIET = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", "DVC_NO_ANALYTICS": "1"}
+PLANTED = "planted-"  # every planted secret starts so
+
+
+def planted_stack() -> Stack:
+    """The stack's settings with each secret an unmistakable value of its own, on free ports."""
+    tag = secrets.token_hex(4)
+    return Stack(postgres_port=free_port(), s3_port=free_port(), mlflow_port=free_port(),
+                 user="researcher", user_password=f"{PLANTED}member-password-{tag}",
+                 admin_password=f"{PLANTED}admin-password-{tag}",
+                 db_password=f"{PLANTED}database-password-{tag}",
+                 s3_key=f"team{tag}", s3_secret=f"{PLANTED}s3-secret-{tag}",
+                 flask_secret=f"{PLANTED}flask-secret-{tag}")
+
+
+def stack_secrets(stack: Stack) -> dict[str, str]:
+    """The stack's secrets by name (the S3 key id is no secret: it names the key)."""
+    return {"the member's MLflow password": stack.user_password,
+            "the MLflow admin's password": stack.admin_password,
+            "the database password": stack.db_password, "the S3 secret": stack.s3_secret,
+            "the Flask secret": stack.flask_secret}
 
 
 def parse_exports(text: str) -> dict[str, str]:
@@ -84,11 +107,14 @@ def stack_env(root: Path) -> dict[str, str]:
 
 @contextmanager
 def team_stack(root: Path, cwd: Path | None = None) -> Iterator[TeamStack]:
-    """Start the stack under `root` (made readable for PostgreSQL's user) and stop it after."""
-    root.parent.mkdir(parents=True, exist_ok=True)
+    """Start the stack under `root` (made readable for PostgreSQL's user), its secrets planted
+    (`planted_stack`), and stop it after."""
+    root.mkdir(parents=True, exist_ok=True)
     for parent in [root.parent, *root.parent.parents]:  # let `postgres` reach its data folder
         if parent.stat().st_uid == os.geteuid() and str(parent).startswith(("/tmp", "/var/tmp")):
             parent.chmod(parent.stat().st_mode | 0o011)
+    if not Paths(root).config.exists():
+        write_private(Paths(root).config, json.dumps(asdict(planted_stack()), indent=2) + "\n")
     env = stack_env(root)
     up = subprocess.run([sys.executable, "-m", "deploy.stack", "up"], cwd=cwd or root.parent,
                         env=env, capture_output=True, text=True, timeout=300)

@@ -19,7 +19,7 @@ on free ports in a temporary folder. They show that:
    inputs or artifacts, in the files git tracks, or in the stack's server logs; the printed URIs
    (ours and MLflow's "View run at") carry no login.
 
-A fast unit test checks `rnnlab.tracking.public_uri` and `refusal_error` without a server.
+Fast unit tests check `refusal_error` without a server (tests/test_redact.py: the masking).
 """
 
 from __future__ import annotations
@@ -36,9 +36,10 @@ import pytest
 import requests
 import yaml
 
-from rnnlab.tracking.store import public_uri, refusal_error
+from rnnlab.tracking.store import refusal_error
 from tests.conftest import shipped_params
-from tests.deploy.teamstack import TeamStack, shell_env
+from tests.deploy.leaks import leaks, leaks_in_files
+from tests.deploy.teamstack import TeamStack, shell_env, stack_secrets
 from tests.stagerun import in_process
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -145,20 +146,6 @@ def the_error(proc: subprocess.CompletedProcess) -> str:
     return errors[0]
 
 
-def leaks(data: bytes | str, secrets: dict[str, str]) -> list[str]:
-    """The names of the secrets that occur in `data`."""
-    blob = data.encode() if isinstance(data, str) else data
-    return [name for name, value in secrets.items() if value.encode() in blob]
-
-
-def leaks_in_files(files, secrets: dict[str, str]) -> dict[str, list[str]]:
-    found = {}
-    for path in files:
-        if path.is_file() and (names := leaks(path.read_bytes(), secrets)):
-            found[str(path)] = names
-    return found
-
-
 # ---------------------------------------------------------------------------------------------
 # fixtures: one stack, one user bob, one small project, one tracked training of the member
 
@@ -171,9 +158,7 @@ def bob(team) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def secrets(team, bob) -> dict[str, str]:
-    return {"the member's password": team.env["MLFLOW_TRACKING_PASSWORD"],
-            "the admin's password": team.stack.admin_password,
-            "bob's password": bob["MLFLOW_TRACKING_PASSWORD"]}
+    return {**stack_secrets(team.stack), "bob's password": bob["MLFLOW_TRACKING_PASSWORD"]}
 
 
 @pytest.fixture(scope="module")
@@ -327,18 +312,6 @@ def test_no_password_in_the_repositorys_files_or_the_stacks_logs(team, member_ru
 
 # ---------------------------------------------------------------------------------------------
 # fast: what a refusal or a URI shows, without a server
-
-
-@pytest.mark.parametrize("uri, shown", [
-    ("http://ann:s3cret@127.0.0.1:5050", "http://ann:***@127.0.0.1:5050"),
-    ("https://ann:s3cret@mlflow.example.org/base/?x=1", "https://ann:***@mlflow.example.org/base/?x=1"),
-    ("http://ann@127.0.0.1:5050", "http://ann@127.0.0.1:5050"),
-    ("http://127.0.0.1:5050", "http://127.0.0.1:5050"),
-    ("http://ann:s3cret@[::1]:5050/x", "http://ann:***@[::1]:5050/x"),
-    ("sqlite:////tmp/mlflow.db", "sqlite:////tmp/mlflow.db"),
-])
-def test_public_uri_hides_only_the_password(uri, shown):
-    assert public_uri(uri) == shown
 
 
 def test_a_refusal_without_credentials_says_so(monkeypatch):

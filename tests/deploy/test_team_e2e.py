@@ -5,6 +5,12 @@
   remote; a third clone pulls both, compares them in `dvc exp show`, applies one without training
   again, and finds both MLflow runs FINISHED with DVC's numbers to the digit and their artifacts
   downloadable through the server;
+- no secret anywhere: every secret the stack and the stages handle is planted with an unmistakable
+  value (tests/deploy/teamstack.py; the corpus itself comes from a local server that wants a
+  bearer token, RNNLAB_DOWNLOAD_TOKEN), and after the three machines' work none of them is in any
+  file of the clones (their DVC caches and git objects too), the git origin, the DVC remote's
+  objects, the MLflow runs' params, tags and artifacts, any command's output, the stack's logs,
+  or any command line that `ps` showed while the stages ran;
 - faults: the MLflow server restarted while a training runs (nothing lost, the run ends FINISHED);
   the server gone for good (one error; `dvc repro` finishes the job later); the stack down and up
   again keeps every run, user and object. (A push while the object store is down is DVC's own
@@ -14,40 +20,88 @@
 from __future__ import annotations
 
 import hashlib
+import http.server
 import json
 import os
+import secrets
 import subprocess
 import sys
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from deploy.processes import stop
-from deploy.stack import remote_commands
-from tests.deploy.teamstack import shell_env
+from deploy.settings import ARTIFACT_BUCKET, DVC_BUCKET
+from deploy.stack import remote_commands, s3_client
+from rnnlab.corpora import BUILTIN
+from rnnlab.redact import TOKEN_ENV
+from tests.deploy.leaks import CommandLines, git_objects, leaks, leaks_in_files
+from tests.deploy.teamstack import PLANTED, shell_env, stack_secrets
 from tests.repos import copy_repo
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
 EXPERIMENT = "team-e2e"   # the lab's shared MLflow experiment
+TOKEN = f"{PLANTED}download-token-{secrets.token_hex(4)}"  # the corpus server's bearer token
+OUTPUTS: list[str] = []   # what every command printed (stdout and stderr), for the leak test
 
 
-def tiny(params: dict) -> None:
-    params["data"]["max_tokens"] = 3000
+class CorpusServer(http.server.ThreadingHTTPServer):
+    """The Time Machine over HTTP on 127.0.0.1, for requests that bear TOKEN (else 401)."""
+
+    def __init__(self):
+        text = BUILTIN["timemachine"].bundled_path().read_bytes()
+        self.served = self.refused = 0
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(handler):  # noqa: N805 - the server is `self` here
+                if handler.headers.get("Authorization") != f"Bearer {TOKEN}":
+                    self.refused += 1
+                    handler.send_error(401)
+                    return
+                self.served += 1
+                handler.send_response(200)
+                handler.send_header("Content-Length", str(len(text)))
+                handler.end_headers()
+                handler.wfile.write(text)
+
+            def log_message(handler, *args):  # noqa: N805
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/timemachine.txt"
+
+
+@pytest.fixture(scope="module")
+def corpus_server():
+    server = CorpusServer()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server
+    server.shutdown()
+
+
+def tiny(params: dict, source: str) -> None:
+    params["data"].update(max_tokens=3000, source=source)
     params["train"].update(epochs=2, hidden_size=16, num_steps=8, batch_size=8, threads=1)
     params["variants"] = {"rnn": {"cell": "rnn"}}
     params["tracking"]["experiment"] = EXPERIMENT
 
 
 def clean_env(login: dict[str, str]) -> dict[str, str]:
-    """A user's shell with the environment activated: the stack's exports, the venv's tools."""
-    return shell_env(login, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
+    """A user's shell with the environment activated: the stack's exports, the venv's tools, the
+    corpus server's token."""
+    return shell_env(login, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", **{TOKEN_ENV: TOKEN})
 
 
 def sh(*cmd: str, cwd: Path, env: dict, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess:
     result = subprocess.run(list(cmd), cwd=cwd, env=env, capture_output=True, text=True,
                             stdin=subprocess.DEVNULL, timeout=timeout)
+    OUTPUTS.append(result.stdout + result.stderr)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
@@ -83,10 +137,11 @@ def environment_restored():
 
 
 @pytest.fixture(scope="module")
-def origin(tmp_path_factory):
-    """A bare repository holding a tiny copy of the project on `main`."""
+def origin(tmp_path_factory, corpus_server):
+    """A bare repository holding a tiny copy of the project on `main`, its corpus from the
+    corpus server."""
     base = tmp_path_factory.mktemp("git")
-    project = copy_repo(base / "project", tiny)
+    project = copy_repo(base / "project", lambda params: tiny(params, corpus_server.url))
     bare = base / "origin.git"
     subprocess.run(["git", "init", "-q", "--bare", str(bare)], check=True)
     subprocess.run(["git", "push", "-q", str(bare), "HEAD:main"], cwd=project, check=True)
@@ -103,17 +158,33 @@ def exp_show(repo: Path, env: dict) -> dict[str, dict]:
     return found
 
 
-def test_two_machines_at_once_and_a_third_that_pulls_both(team, origin, tmp_path):
-    stack = team.stack
-    alice, ben = team.user_env("alice"), team.user_env("ben")
-    for user in ("alice", "ben"):  # the lab's shared experiment: both may add runs
+@dataclass
+class Lab:
+    """What the lab's three machines did: their clones and logins, the two experiments'
+    `dvc exp push` outputs, and every command line `ps` showed meanwhile."""
+
+    repos: dict[str, Path]           # alice, ben, carol -> the clone
+    logins: dict[str, dict]          # user -> the exports of `deploy.stack user`
+    pushed: dict[str, object]        # alice, ben -> `dvc exp push`'s output, or the error
+    ps: CommandLines
+
+
+MACHINES = {"alice": ("exp-alice", "0.01"), "ben": ("exp-ben", "0.02")}  # user: experiment, lr
+
+
+@pytest.fixture(scope="module")
+def lab(team, origin, tmp_path_factory) -> Lab:
+    """Two machines run an experiment each at the same time, tracked to the server and pushed to
+    the DVC remote; a third pulls both, applies one and reproduces it (nothing trains)."""
+    base = tmp_path_factory.mktemp("lab")
+    logins = {user: team.user_env(user) for user in ("alice", "ben", "carol")}
+    for user in MACHINES:  # the lab's shared experiment: both may add runs
         team.cli("grant", user, EXPERIMENT, "EDIT")
-    machines = {"alice": (alice, "exp-alice", "0.01"), "ben": (ben, "exp-ben", "0.02")}
-    repos = {u: machine(origin, tmp_path / u, clean_env(login), stack) for u, (login, _, _) in machines.items()}
+    repos = {u: machine(origin, base / u, clean_env(logins[u]), team.stack) for u in MACHINES}
 
     def work(user: str, results: dict) -> None:
-        login, exp, lr = machines[user]
-        env, repo = clean_env(login), repos[user]
+        exp, lr = MACHINES[user]
+        env, repo = clean_env(logins[user]), repos[user]
         try:
             sh(str(BIN / "dvc"), "exp", "run", "-n", exp, "-S", f"train.lr={lr}", "evaluate@rnn",
                cwd=repo, env=env)
@@ -121,37 +192,44 @@ def test_two_machines_at_once_and_a_third_that_pulls_both(team, origin, tmp_path
         except AssertionError as err:
             results[user] = err
 
-    results: dict = {}
-    threads = [threading.Thread(target=work, args=(u, results)) for u in machines]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    for user, result in results.items():
+    pushed: dict = {}
+    with CommandLines() as ps:
+        threads = [threading.Thread(target=work, args=(u, pushed)) for u in MACHINES]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if not any(isinstance(r, Exception) for r in pushed.values()):
+            env = clean_env(logins["carol"])
+            third = repos["carol"] = machine(origin, base / "carol", env, team.stack)
+            for exp, _ in MACHINES.values():
+                sh(str(BIN / "dvc"), "exp", "pull", "origin", exp, cwd=third, env=env)
+            sh(str(BIN / "dvc"), "exp", "apply", "exp-alice", cwd=third, env=env)
+    return Lab(repos, logins, pushed, ps)
+
+
+def test_two_machines_at_once_and_a_third_that_pulls_both(team, lab, tmp_path):
+    for user, result in lab.pushed.items():
         assert not isinstance(result, Exception), f"{user}: {result}"
         assert "Pushed experiment" in result
+    repos = lab.repos
 
-    # the third machine: pulls both, compares, applies one without training
-    carol = team.user_env("carol")
-    env = clean_env(carol)
-    third = machine(origin, tmp_path / "carol", env, stack)
-    for _, exp, _ in machines.values():
-        sh(str(BIN / "dvc"), "exp", "pull", "origin", exp, cwd=third, env=env)
+    # the third machine pulled both, compares them, applied one without training
+    env, third = clean_env(lab.logins["carol"]), repos["carol"]
     shown = exp_show(third, env)
     assert {"exp-alice", "exp-ben"} <= set(shown)
     assert shown["exp-alice"]["val_ppl"] != shown["exp-ben"]["val_ppl"]  # two different experiments
     table = sh(str(BIN / "dvc"), "exp", "show", "--md", cwd=third, env=env).stdout
     assert "exp-alice" in table and "exp-ben" in table
 
-    sh(str(BIN / "dvc"), "exp", "apply", "exp-alice", cwd=third, env=env)
     assert md5(third / "models/rnn/best.pt") == md5(repos["alice"] / "models/rnn/best.pt")
     repro = sh(str(BIN / "dvc"), "repro", "evaluate@rnn", cwd=third, env=env)
     assert "Running stage" not in repro.stdout, repro.stdout  # nothing trains again
     assert json.loads((third / "metrics/variants/rnn.json").read_text()) == shown["exp-alice"]
 
     # both MLflow runs, found from the experiments' names; DVC's numbers to the digit
-    client = mlflow_client(carol)  # carol only reads (default READ)
-    for user, (_, exp, lr) in machines.items():
+    client = mlflow_client(lab.logins["carol"])  # carol only reads (default READ)
+    for user, (exp, lr) in MACHINES.items():
         runs = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id],
                                   filter_string=f"tags.`rnnlab.dvc_exp` = '{exp}'")
         assert len(runs) == 1, f"{exp}: {len(runs)} runs"
@@ -170,6 +248,70 @@ def test_two_machines_at_once_and_a_third_that_pulls_both(team, origin, tmp_path
         assert md5(dest / "checkpoint/best.pt") == md5(repos[user] / "models/rnn/best.pt")
         assert (dest / "samples/rnn.md").read_text() == (repos[user] / "metrics/samples/rnn.md").read_text()
         assert (dest / "curves/curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def bucket_objects(stack, bucket: str) -> dict[str, bytes]:
+    """Every object of an S3 bucket of the stack, by key."""
+    client = s3_client(stack)
+    keys = [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+            for o in page.get("Contents", [])]
+    return {key: client.get_object(Bucket=bucket, Key=key)["Body"].read() for key in keys}
+
+
+def test_no_planted_secret_anywhere_a_tracked_pipeline_wrote_or_showed(team, lab, origin,
+                                                                      corpus_server):
+    planted = {**stack_secrets(team.stack), "the download token": TOKEN,
+               **{f"{user}'s MLflow password": login["MLFLOW_TRACKING_PASSWORD"]
+                  for user, login in lab.logins.items()}}
+    assert all(value.startswith(PLANTED) for value in stack_secrets(team.stack).values())
+    assert corpus_server.served >= 2 and corpus_server.refused == 0  # the token was sent, and taken
+    found: dict[str, list[str]] = {}
+
+    def search(where: str, blob: bytes | str) -> None:
+        if names := leaks(blob, planted):
+            found[where] = names
+
+    # every file of the three clones (DVC's cache, .dvc/tmp, .git), git's objects, the origin
+    for user, repo in lab.repos.items():
+        files = sorted(repo.rglob("*"))
+        assert repo / "dvc.lock" in files and any(".dvc/cache/files" in str(f) for f in files)
+        found |= leaks_in_files(files, planted)
+        search(f"{user}'s git objects", git_objects(repo))
+    found |= leaks_in_files(sorted(origin.rglob("*")), planted)
+    search("the origin's git objects", git_objects(origin))
+    assert TOKEN_ENV not in (lab.repos["alice"] / "dvc.lock").read_text()
+
+    # the DVC remote and MLflow's artifact store (both S3 buckets), and moto's recording of them
+    for bucket in (DVC_BUCKET, ARTIFACT_BUCKET):
+        objects = bucket_objects(team.stack, bucket)
+        assert objects, f"bucket {bucket} is empty: nothing was pushed or logged"
+        for key, body in objects.items():
+            search(f"s3://{bucket}/{key}", body)
+    found |= leaks_in_files([team.paths.recording], planted)
+
+    # MLflow's params, tags, names and inputs of every run of the lab's experiment
+    client = mlflow_client(lab.logins["carol"])
+    runs = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])
+    assert len(runs) >= 2  # one per experiment (evaluate@rnn continues train@rnn's run)
+    for run in runs:
+        record = json.dumps({"params": run.data.params, "tags": run.data.tags,
+                             "name": run.info.run_name, "artifact_uri": run.info.artifact_uri,
+                             "inputs": [(d.dataset.name, d.dataset.source, d.dataset.profile)
+                                        for d in run.inputs.dataset_inputs]})
+        search(f"MLflow run {run.info.run_id}", record)
+
+    # what every command printed, the stack's logs, and `ps` while the stages ran
+    assert any("Running stage 'download'" in out for out in OUTPUTS)
+    search("a command's output", "\n".join(OUTPUTS))
+    logs = sorted(team.paths.logs.glob("*.log"))
+    assert {p.name for p in logs} >= {"mlflow.log", "postgres.log", "s3.log"}
+    found |= leaks_in_files(logs, planted)
+    assert any("stages.train" in line for line in lab.ps.seen), f"{lab.ps.samples} samples"
+    assert any("mlflow" in line and "server" in line for line in lab.ps.seen)
+    for line in lab.ps.seen:
+        search(f"ps: {line[:200]}", line)
+
+    assert found == {}
 
 
 def start_training(repo: Path, env: dict, *settings: str) -> subprocess.Popen:
