@@ -43,9 +43,33 @@ MUTATIONS = {
     "resume-code": Mutation(
         "the resume fingerprint's code hash: left out",
         "rnnlab/training/resume.py",
-        "code=codedeps.digest(TRAIN_MODULE, code_root),",
+        "code={**codedeps.digest(TRAIN_MODULE, code_root), **compiled_digest(code_root)},",
         "code={},",
         ("tests/training/test_resume.py", "tests/stages/test_reliability.py")),
+    "resume-cpp": Mutation(
+        "the resume fingerprint: the compiled loops' C++ left out",
+        "rnnlab/training/resume.py",
+        "code={**codedeps.digest(TRAIN_MODULE, code_root), **compiled_digest(code_root)},",
+        "code={**codedeps.digest(TRAIN_MODULE, code_root)},",
+        ("tests/training/test_resume.py",)),
+    "secret-source": Mutation(
+        "a data.source with a login or a signature: accepted",
+        "rnnlab/config.py",
+        "        found = credentials_in(v)\n",
+        "        found = []\n",
+        ("tests/test_redact.py", "tests/data/test_download.py")),
+    "mask-query": Mutation(
+        "a shown URI: its signature left in",
+        "rnnlab/redact.py",
+        "    netloc, query = parts.netloc, _masked_query(parts.query)",
+        "    netloc, query = parts.netloc, parts.query",
+        ("tests/test_redact.py",)),
+    "native-target": Mutation(
+        "the compiled library's name: the target ISA and compiler left out",
+        "rnnlab/kernels/native.py",
+        'cache_dir() / "native" / f"{PREFIX}{target_digest()}-{build_key()}.so"',
+        'cache_dir() / "native" / f"{PREFIX}{build_key()}.so"',
+        ("tests/kernels/test_native.py",)),
     "evaluation-run": Mutation(
         "an evaluation may rewrite another experiment's run",
         "rnnlab/tracking/runs.py",
@@ -71,9 +95,9 @@ MUTATIONS = {
         "x = x < 88.3762626647949f ? x : 88.3762626647949f;",
         ("tests/kernels/test_native.py", "tests/models/test_models.py")),
     "kernel-key": Mutation(
-        "the kernel cache key: the machine left out",
+        "the kernel cache key: the machine, code and library left out",
         "rnnlab/kernels/choice.py",
-        '    full = f"{machine()} | {kind} {key} | {\'/\'.join(names)}"',
+        '    full = f"{here()} | {kind} {key} | {\'/\'.join(names)}"',
         '    full = f"{kind} {key} | {\'/\'.join(names)}"',
         ("tests/kernels/test_choice.py",)),
 }
