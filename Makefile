@@ -13,7 +13,7 @@ export DVC_NO_ANALYTICS := 1
 .PHONY: setup lock run test test-fast check-params preset sweep bench bench-sweep ui clean \
         team-up team-down team-env team-status bench-team
 
-# requirements.lock (README: Dependencies): every package '.[dev,team]' needs but torch, with hashes.
+# requirements.lock (README: Dependencies): every package '.[dev,team,cluster]' needs but torch, with hashes.
 # uv, pinned and hash-checked in the lock, installs it (pip took 4 minutes); torch comes from its pin
 # in pyproject.toml through pip. On Linux without an NVIDIA driver (no nvidia-smi), from PyTorch's
 # CPU index: PyPI's Linux torch is the CUDA build, several GB. pip's own config still applies (here:

@@ -2,6 +2,7 @@
 
     python -m bench.sweep                                   # 4 values of train.lr, rnn and lstm, -j 1 vs -j 2
     python -m bench.sweep --jobs 2 4 --epochs 4 --variants rnn gru
+    python -m bench.sweep --jobs 1 2 --dask 2 --variants rnn   # and `rnnlab sweep --local 2` (docs/cluster.md)
 
 Each mode runs in its own fresh clone of the committed code (its own DVC cache, so nothing is
 restored from the other's run cache) with `train.threads: auto`, as a user would run a sweep
@@ -19,6 +20,7 @@ import datetime as dt
 import json
 import os
 import platform
+import re
 import socket
 import subprocess
 import sys
@@ -75,6 +77,32 @@ def run_sweep(repo: Path, jobs: int, values: list[str], dvc: str) -> dict:
     sh(dvc, "exp", "run", "--run-all", "-j", str(jobs), cwd=repo, log=repo.parent / f"queue-j{jobs}.log")
     seconds = time.perf_counter() - start
     status = sh(dvc, "queue", "status", cwd=repo)
+    trainings = trainings_of(repo, dvc)
+    tokens = sum(t["tokens_per_sec"] * t["train_seconds"] for t in trainings)  # every training token
+    return {"jobs": jobs, "seconds": seconds, "succeeded": status.count("Success"),
+            "aggregate_tokens_per_sec": tokens / seconds, "trainings": trainings}
+
+
+def run_dask(repo: Path, workers: int, values: list[str], dvc: str) -> dict:
+    """`rnnlab sweep --local N` on the same experiments: wall time, and each experiment's steps
+    (clone, pull, run, push) as the sweep reports them."""
+    sh(dvc, "repro", "tokenize", cwd=repo)
+    sh("git", "-c", "user.name=bench", "-c", "user.email=bench@localhost", "commit", "-qam",
+       "shared inputs", cwd=repo)
+    start = time.perf_counter()
+    out = sh(sys.executable, "-m", "rnnlab.cli.main", "sweep", "--local", str(workers), "--cpus", "1",
+             "-S", f"train.lr={','.join(values)}", "--name", "bench", cwd=repo,
+             log=repo.parent / f"dask-{workers}.log")
+    seconds = time.perf_counter() - start
+    steps = [dict((k, float(v)) for k, v in re.findall(r"(\w+) (\d+)s", found))
+             for found in re.findall(r"^  bench-\w+ on .*\[(.*)\]$", out, re.M)]
+    trainings = trainings_of(repo, dvc)
+    tokens = sum(t["tokens_per_sec"] * t["train_seconds"] for t in trainings)
+    return {"jobs": f"dask {workers}", "seconds": seconds, "succeeded": len(steps), "steps": steps,
+            "aggregate_tokens_per_sec": tokens / seconds, "trainings": trainings}
+
+
+def trainings_of(repo: Path, dvc: str) -> list[dict]:
     trainings = []
     for baseline in json.loads(sh(dvc, "exp", "show", "--json", cwd=repo)):
         for exp in baseline.get("experiments") or []:
@@ -83,9 +111,7 @@ def run_sweep(repo: Path, jobs: int, values: list[str], dvc: str) -> dict:
                 if path.startswith("metrics/variants/"):
                     trainings.append({"experiment": exp["revs"][0]["name"], "variant": Path(path).stem,
                                       "lr": data["params"]["params.yaml"]["data"]["train"]["lr"], **m["data"]})
-    tokens = sum(t["tokens_per_sec"] * t["train_seconds"] for t in trainings)  # every training token
-    return {"jobs": jobs, "seconds": seconds, "succeeded": status.count("Success"),
-            "aggregate_tokens_per_sec": tokens / seconds, "trainings": trainings}
+    return trainings
 
 
 def mean_rate(result: dict, variant: str) -> float:
@@ -107,6 +133,15 @@ def markdown(report: dict) -> str:
         lines.append(f"| {r['jobs']} | {r['succeeded']}/{report['experiments']} | {r['seconds']:.0f} s | "
                      f"{r['seconds'] / base['seconds']:.2f}x | {r['aggregate_tokens_per_sec']:,.0f} | "
                      + " | ".join(f"{mean_rate(r, v):,.0f}" for v in report["variants"]) + " |")
+    for r in runs:
+        if r.get("steps"):
+            train = [t["train_seconds"] for t in r["trainings"]]
+            over = [s.get("clone", 0) + s.get("pull", 0) + s.get("push", 0) for s in r["steps"]]
+            run = [s.get("run", 0) for s in r["steps"]]
+            lines += ["", f"{r['jobs']}: per experiment, clone + pull + push {sum(over) / len(over):.1f} s "
+                      f"(of `dvc exp run` {sum(run) / len(run):.1f} s, the training itself "
+                      f"{sum(train) / len(train):.1f} s): {sum(over) / max(sum(train), 1e-9):.0%} of the "
+                      "training time"]
     return "\n".join(lines) + "\n"
 
 
@@ -131,6 +166,8 @@ def main() -> None:
                         help="queue workers to compare; the first is the baseline (default: 1 2)")
     parser.add_argument("--values", nargs="+", default=["0.001", "0.002", "0.005", "0.01"],
                         help="the swept values of train.lr (one experiment each)")
+    parser.add_argument("--dask", nargs="*", type=int, default=[],
+                        help="also `rnnlab sweep --local N` for each N (1 thread per experiment)")
     parser.add_argument("--variants", nargs="+", default=["rnn", "lstm"])
     parser.add_argument("--epochs", type=int, default=None, help="default: params.yaml's train.epochs")
     parser.add_argument("--out", type=Path, default=ROOT / "metrics" / "bench")
@@ -147,6 +184,13 @@ def main() -> None:
             result = run_sweep(repo, jobs, args.values, dvc)
             print(f"-j {jobs}: {result['succeeded']}/{len(args.values)} succeeded in {result['seconds']:.0f} s, "
                   f"{result['aggregate_tokens_per_sec']:,.0f} training tok/s in all", flush=True)
+            report["runs"].append(result)
+        for workers in args.dask:
+            repo = clone(Path(tmp) / f"dask{workers}" / "repo", args.variants, args.epochs)
+            print(f"rnnlab sweep --local {workers}: {len(args.values)} experiments ...", flush=True)
+            result = run_dask(repo, workers, args.values, dvc)
+            print(f"dask {workers}: {result['succeeded']}/{len(args.values)} in {result['seconds']:.0f} s",
+                  flush=True)
             report["runs"].append(result)
     table = markdown(report)
     print("\n" + table)

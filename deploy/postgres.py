@@ -107,13 +107,16 @@ def psql(stack: Stack, paths: Paths, bindir: Path, sql: str, database: str = "po
 
 
 def ensure_databases(stack: Stack, paths: Paths, bindir: Path) -> None:
-    """Role `mlflow` (password from stack.json) owning databases `mlflow` and `mlflow_auth`."""
-    if not psql(stack, paths, bindir, "SELECT 1 FROM pg_roles WHERE rolname = 'mlflow'"):
-        # the SCRAM verifier, not the password: the server, its log and psql never see that
-        psql(stack, paths, bindir, f"CREATE ROLE mlflow LOGIN PASSWORD '{scram_verifier(stack.db_password)}'")
-    for db in ("mlflow", "mlflow_auth"):
+    """Role `mlflow` (password from stack.json) owning databases `mlflow` and `mlflow_auth`; role
+    `optuna` owning database `optuna` (rnnlab tune's studies)."""
+    roles = {"mlflow": stack.db_password, "optuna": stack.optuna_password}
+    for role, password in roles.items():
+        if not psql(stack, paths, bindir, f"SELECT 1 FROM pg_roles WHERE rolname = '{role}'"):
+            # the SCRAM verifier, not the password: the server, its log and psql never see that
+            psql(stack, paths, bindir, f"CREATE ROLE {role} LOGIN PASSWORD '{scram_verifier(password)}'")
+    for db, owner in (("mlflow", "mlflow"), ("mlflow_auth", "mlflow"), ("optuna", "optuna")):
         if not psql(stack, paths, bindir, f"SELECT 1 FROM pg_database WHERE datname = '{db}'"):
-            psql(stack, paths, bindir, f"CREATE DATABASE {db} OWNER mlflow")
+            psql(stack, paths, bindir, f"CREATE DATABASE {db} OWNER {owner}")
 
 
 def scram_verifier(password: str, iterations: int = 4096) -> str:

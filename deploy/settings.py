@@ -50,6 +50,7 @@ class Stack:
     s3_key: str
     s3_secret: str
     flask_secret: str           # signs the auth app's CSRF tokens
+    optuna_password: str = ""   # role `optuna` of PostgreSQL: rnnlab tune's studies (made at `up`)
 
     @property
     def tracking_uri(self) -> str:
@@ -62,6 +63,11 @@ class Stack:
     @property
     def remote_url(self) -> str:
         return f"s3://{DVC_BUCKET}/rnnlab"
+
+    @property
+    def optuna_uri(self) -> str:
+        """rnnlab tune's study storage (docs/cluster.md); the password comes from PGPASSWORD."""
+        return f"postgresql+psycopg://optuna@127.0.0.1:{self.postgres_port}/optuna"
 
     def db_uri(self, database: str) -> str:
         """No password in the URI (it would show in `ps` and in logs): libpq reads it from
@@ -109,14 +115,18 @@ def write_private(path: Path, text: str) -> None:
 def load_stack(paths: Paths, user: str | None = None) -> Stack:
     """The stack's settings: read, or made with fresh secrets and free ports on first use."""
     if paths.config.exists():
-        return Stack(**json.loads(paths.config.read_text()))
+        stack = Stack(**json.loads(paths.config.read_text()))
+        if not stack.optuna_password:  # a stack made before rnnlab tune: its secret now
+            stack.optuna_password = secrets.token_urlsafe(18)
+            write_private(paths.config, json.dumps(asdict(stack), indent=2) + "\n")
+        return stack
     ports = {k: int(os.environ.get(f"TEAM_{k.upper()}_PORT") or pick_port(k, v))
              for k, v in DEFAULT_PORTS.items()}
     stack = Stack(postgres_port=ports["postgres"], s3_port=ports["s3"], mlflow_port=ports["mlflow"],
                   user=user or "researcher", user_password=secrets.token_urlsafe(18),
                   admin_password=secrets.token_urlsafe(18), db_password=secrets.token_urlsafe(18),
                   s3_key="team" + secrets.token_hex(8), s3_secret=secrets.token_urlsafe(30),
-                  flask_secret=secrets.token_hex(32))
+                  flask_secret=secrets.token_hex(32), optuna_password=secrets.token_urlsafe(18))
     paths.root.mkdir(parents=True, exist_ok=True)
     write_private(paths.config, json.dumps(asdict(stack), indent=2) + "\n")
     return stack

@@ -59,13 +59,15 @@ from rnnlab.errors import UserError, run_main
 
 
 def client_env(stack: Stack, user: str, password: str) -> dict[str, str]:
-    """What a client machine exports: MLflow's URI and this user's login, and the S3 endpoint and
-    keys for the DVC remote (MLflow's artifacts go through the server and need no S3 keys)."""
+    """What a client machine exports: MLflow's URI and this user's login, the S3 endpoint and
+    keys for the DVC remote (MLflow's artifacts go through the server and need no S3 keys), and
+    where `rnnlab tune` keeps its studies (PGPASSWORD: the database role `optuna`'s)."""
     return {"MLFLOW_TRACKING_URI": stack.tracking_uri,
             "MLFLOW_TRACKING_USERNAME": user, "MLFLOW_TRACKING_PASSWORD": password,
             "AWS_ENDPOINT_URL": stack.s3_endpoint,
             "AWS_ACCESS_KEY_ID": stack.s3_key, "AWS_SECRET_ACCESS_KEY": stack.s3_secret,
-            "AWS_DEFAULT_REGION": "us-east-1"}
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "RNNLAB_OPTUNA_STORAGE": stack.optuna_uri, "PGPASSWORD": stack.optuna_password}
 
 
 def export_lines(env: dict[str, str]) -> str:

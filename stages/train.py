@@ -39,6 +39,7 @@ from rnnlab.training.resume import (
     kernel_changes,
     load_resumable,
 )
+from rnnlab.training.trial import reporter
 
 
 def epoch_line(r: EpochResult, epochs: int) -> str:
@@ -116,6 +117,7 @@ def main() -> None:
             record_curves(args.curves, state.history, tracker, resumed=True)
         train_ids, val_ids = (torch.as_tensor(tokens.splits[s]) for s in ("train", "val"))
         resumed_after = state.epoch if resume.snapshot else None
+        report, pruned_at = reporter(name), None  # an Optuna trial's (rnnlab tune), or None
         for result in checkpointed_epochs(state, train_ids, val_ids, cfg, device, work, fp,
                                           tokens.vocab, name, tracker.run_id):
             record_curves(args.curves, state.history, tracker)
@@ -123,6 +125,11 @@ def main() -> None:
             if result.epoch - 1 == resumed_after and (changed := kernel_changes(resume.kernels)):
                 say_path_changed(name, resumed_after, changed, tracker)
             print(epoch_line(result, cfg.epochs), flush=True)
+            if report and report(result.epoch, result.val_ppl) and result.epoch < cfg.epochs:
+                pruned_at = result.epoch
+                print(f"{name}: pruned by the study after epoch {pruned_at} of {cfg.epochs}")
+                tracker.set_tags({"rnnlab.pruned": "true", "rnnlab.pruned_at": str(pruned_at)})
+                break
 
         with atomic_path(out / "best.pt") as tmp:
             shutil.copyfile(work / "best.pt", tmp)
@@ -132,6 +139,7 @@ def main() -> None:
             "best_val_ppl": state.best_val_ppl,
             "final_train_ppl": h[-1]["train_ppl"],
             "epochs": cfg.epochs,
+            **({"pruned_at": pruned_at} if pruned_at else {}),  # a study stopped it (rnnlab tune)
             "tokens_per_sec": sum(e["tokens_per_sec"] for e in h) / len(h),
             "train_seconds": sum(e["seconds"] for e in h),
             "parameters": n_params,

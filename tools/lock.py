@@ -1,6 +1,6 @@
 """Refresh requirements.lock from pyproject.toml: `make lock` (README: Dependencies).
 
-The lock pins every package that `pip install -e '.[dev,team]'` needs, each with the sha256 of
+The lock pins every package that `pip install -e '.[dev,team,cluster]'` needs, each with the sha256 of
 every file of its version, resolved for CPython 3.11 on Linux x86_64 (our machines and CI).
 All but torch: its file differs between machines (a local CPU wheel here, PyTorch's CPU index or
 PyPI's CUDA build elsewhere), so `make setup` installs it by its pin in pyproject.toml. torch is
@@ -29,7 +29,7 @@ from pathlib import Path
 UV = "uv==0.13.8"
 PYTHON_VERSION = "3.11"
 PLATFORM = "x86_64-manylinux_2_28"
-EXTRAS = ("dev", "team")
+EXTRAS = ("dev", "team", "cluster")
 ROOT = Path(__file__).resolve().parent.parent
 LOCK = ROOT / "requirements.lock"
 CPU_TORCH_PAGE = "https://download.pytorch.org/whl/cpu/torch/"
@@ -40,7 +40,7 @@ CUDA = re.compile(r"^(nvidia-|cuda-|triton==)")
 def header(project: dict) -> str:
     """The requirements the lock was made from: tests/test_lock.py checks they still match."""
     lines = [
-        "# requirements.lock: every package `pip install -e '.[dev,team]'` needs, with the sha256 of",
+        "# requirements.lock: every package `pip install -e '.[dev,team,cluster]'` needs, with the sha256 of",
         "# its files, for CPython 3.11 on Linux x86_64; torch is left out on purpose (README: Dependencies).",
         "# Made by `make lock` (tools/lock.py); do not edit by hand.",
         "# The requirements it was made from (tests/test_lock.py checks that pyproject.toml still has them):",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from rnnlab.cli import compare, generate, kernels
+from rnnlab.cli import compare, generate, kernels, sweep, tune
 from rnnlab.errors import run_main
 
 
@@ -18,6 +18,8 @@ def main(argv: list[str] | None = None) -> None:
     generate.add_parser(sub)
     compare.add_parser(sub)
     kernels.add_parser(sub)
+    sweep.add_parser(sub)
+    tune.add_parser(sub)
     args = parser.parse_args(argv)
     run_main(lambda: args.run(args))
 

@@ -34,6 +34,9 @@ def dvc_tags(stage: str, params_path: str | Path) -> dict[str, str]:
     }
     if os.environ.get("DVC_EXP_NAME"):
         tags["rnnlab.dvc_exp"] = os.environ["DVC_EXP_NAME"]
+    for name in ("sweep", "attempt", "worker"):  # set by a cluster sweep's worker (rnnlab/cluster)
+        if os.environ.get(f"RNNLAB_{name.upper()}"):
+            tags[f"rnnlab.{name}"] = os.environ[f"RNNLAB_{name.upper()}"]
     return tags
 
 

@@ -38,7 +38,8 @@ def planted_stack() -> Stack:
                  admin_password=f"{PLANTED}admin-password-{tag}",
                  db_password=f"{PLANTED}database-password-{tag}",
                  s3_key=f"team{tag}", s3_secret=f"{PLANTED}s3-secret-{tag}",
-                 flask_secret=f"{PLANTED}flask-secret-{tag}")
+                 flask_secret=f"{PLANTED}flask-secret-{tag}",
+                 optuna_password=f"{PLANTED}optuna-password-{tag}")
 
 
 def stack_secrets(stack: Stack) -> dict[str, str]:
@@ -46,7 +47,8 @@ def stack_secrets(stack: Stack) -> dict[str, str]:
     return {"the member's MLflow password": stack.user_password,
             "the MLflow admin's password": stack.admin_password,
             "the database password": stack.db_password, "the S3 secret": stack.s3_secret,
-            "the Flask secret": stack.flask_secret}
+            "the Flask secret": stack.flask_secret,
+            "the studies' database password": stack.optuna_password}
 
 
 def parse_exports(text: str) -> dict[str, str]:

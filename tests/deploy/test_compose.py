@@ -32,10 +32,10 @@ COMPOSE = PROJECT / "deploy" / "docker-compose.yml"
 SAMPLE = Stack(postgres_port=15432, s3_port=19000, mlflow_port=5050, user="researcher",
                user_password="sample-user-pw", admin_password="sample-admin-pw",
                db_password="sample-db-pw", s3_key="sample-s3-key", s3_secret="sample-s3-secret",
-               flask_secret="sample-flask-secret")
+               flask_secret="sample-flask-secret", optuna_password="sample-optuna-pw")
 SAMPLE_PATHS = Paths(Path("/sample/.team"))
 SECRETS = {SAMPLE.user_password, SAMPLE.admin_password, SAMPLE.db_password, SAMPLE.s3_key,
-           SAMPLE.s3_secret, SAMPLE.flask_secret}
+           SAMPLE.s3_secret, SAMPLE.flask_secret, SAMPLE.optuna_password}
 
 # `${VAR}` or `${VAR:?message}`; not `${VAR:-default}`, whose default would be a literal secret.
 COMPOSE_REF = re.compile(r"\$\{[A-Z][A-Z0-9_]*(:\?[^}]*)?\}")
@@ -166,10 +166,11 @@ def check_auth_ini(doc: dict) -> None:
 
 
 def check_databases(doc: dict) -> None:
-    """The init SQL makes the databases of both URIs, owned by their user."""
+    """The init SQL makes the databases of MLflow's two URIs and of the studies' (rnnlab tune),
+    each owned by its URI's user."""
     _, sql = config_content(doc, service(doc, "postgres"), ".sql")
     made = dict(re.findall(r"CREATE DATABASE (\w+) OWNER (\w+);", sql))
-    for uri in (SAMPLE.db_uri("mlflow"), SAMPLE.db_uri("mlflow_auth")):
+    for uri in (SAMPLE.db_uri("mlflow"), SAMPLE.db_uri("mlflow_auth"), SAMPLE.optuna_uri):
         parts = urlsplit(uri)
         assert made.get(parts.path.lstrip("/")) == parts.username, (uri, made)
         assert re.search(rf"CREATE ROLE {parts.username} LOGIN PASSWORD '[^']*';", sql), sql
