@@ -105,9 +105,9 @@ def add_remote(job: Job, folder: Path) -> None:
 
 
 def supersede(job: Job, env: dict[str, str]) -> None:
-    """Mark the MLflow runs of earlier attempts at this experiment that never finished (their
-    worker was killed) as KILLED, tagged rnnlab.superseded=true: one FINISHED run per variant
-    remains, this attempt's."""
+    """Mark every MLflow run of an earlier attempt at this experiment (its worker was killed, or
+    its push failed) KILLED, tagged rnnlab.superseded=true: this attempt runs every stage again,
+    and one FINISHED run per variant remains, its own."""
     saved = dict(os.environ)
     os.environ.update({k: v for k, v in env.items() if k.startswith(("MLFLOW_", "AWS_"))})
     try:
@@ -115,11 +115,12 @@ def supersede(job: Job, env: dict[str, str]) -> None:
 
         client = MlflowClient(job.tracking_uri)
         ids = [e.experiment_id for e in client.search_experiments()]
-        runs = client.search_runs(ids, filter_string=f"tags.`rnnlab.dvc_exp` = '{job.name}' and "
-                                  "attributes.status = 'RUNNING'") if ids else []
+        runs = client.search_runs(ids, filter_string=f"tags.`rnnlab.dvc_exp` = '{job.name}'") if ids else []
         for found in runs:
-            client.set_tag(found.info.run_id, "rnnlab.superseded", "true")
-            client.set_terminated(found.info.run_id, status="KILLED")
+            if found.data.tags.get("rnnlab.superseded") != "true":
+                client.set_tag(found.info.run_id, "rnnlab.superseded", "true")
+            if found.info.status != "KILLED":
+                client.set_terminated(found.info.run_id, status="KILLED")
     except Exception as err:  # noqa: BLE001 - named in one line below
         from rnnlab.tracking.store import first_line, is_refusal, refusal_error
 
