@@ -12,6 +12,8 @@ from typing import Iterator
 
 from rnnlab.errors import UserError
 
+CONNECT_SECONDS = 15  # a scheduler that does not answer by then is an error
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sweep", help="a grid of DVC experiments on a Dask cluster",
@@ -101,7 +103,12 @@ def cluster(args: argparse.Namespace, cpus: int) -> Iterator[object]:
                               silence_logs=50) as local, Client(local) as client:
                 yield client
         else:
-            with Client(address, timeout=15) as client:
+            try:
+                client = Client(address, timeout=CONNECT_SECONDS)
+            except (OSError, TimeoutError) as err:
+                raise UserError(f"cannot reach the Dask scheduler at {address} ({err}); start it "
+                                "(dask scheduler), or check --scheduler") from None
+            with client:
                 yield client
     except UserError:
         raise

@@ -12,8 +12,8 @@ what is missing), and sends one `Job` per experiment (rnnlab/cluster/worker.py).
 it prints what is done, running where, and failed. At the end `dvc exp pull` brings every
 experiment here: `dvc exp show`, `rnnlab compare` and `dvc exp apply` see the whole sweep.
 
-`--local N` starts N one-experiment workers on this machine (the cores shared among them), and
-without a git remote the repository itself is the remote (its own cache the DVC remote).
+`--local N` starts N one-experiment workers on this machine (the cores shared among them); the
+repository itself is their remote (its own cache the DVC remote) unless --remote names one.
 """
 
 from __future__ import annotations
@@ -93,8 +93,10 @@ def require_clean(repo: Path) -> None:
 
 
 def git_remote(repo: Path, name: str | None, local: bool) -> str:
-    """The git remote's URL: `name`, else the one the branch tracks, else (--local only) the
-    repository itself."""
+    """The git remote's URL: `name`; else with --local the repository itself (its workers share
+    this machine); else the one the branch tracks, or the only one."""
+    if name is None and local:
+        return str(repo)
     if name is None:
         tracked = git(repo, "rev-parse", "--abbrev-ref", "--symbolic-full-name", "@{u}", check=False)
         name = tracked.split("/", 1)[0] if tracked else None
@@ -102,8 +104,6 @@ def git_remote(repo: Path, name: str | None, local: bool) -> str:
         remotes = git(repo, "remote").split()
         if len(remotes) == 1:
             name = remotes[0]
-        elif local:
-            return str(repo)
         else:
             raise UserError("no git remote to run the sweep from: the branch tracks none; name one "
                             f"with --remote ({', '.join(remotes) or 'this repository has none'})")

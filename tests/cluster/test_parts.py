@@ -126,9 +126,12 @@ def test_a_sweep_refuses_uncommitted_changes_and_a_remote_with_a_login(tmp_path)
         sweep.git_remote(repo, "nope", local=False)
 
 
-def test_with_local_and_no_git_remote_the_repository_is_its_own_remote(tmp_path):
+def test_with_local_the_repository_is_its_own_remote(tmp_path):
     git(tmp_path, "init", "-q")
     assert sweep.git_remote(tmp_path, None, local=True) == str(tmp_path)
+    git(tmp_path, "remote", "add", "origin", "/srv/git/lab.git")
+    assert sweep.git_remote(tmp_path, None, local=True) == str(tmp_path)
+    assert sweep.git_remote(tmp_path, "origin", local=True) == "/srv/git/lab.git"
     with pytest.raises(UserError, match="no git remote to run the sweep from"):
         sweep.git_remote(tmp_path, None, local=False)
 
@@ -166,3 +169,19 @@ def alive(pid: int) -> bool:
         return False
     status = Path(f"/proc/{pid}/stat")
     return not (status.exists() and status.read_text().split()[2] == "Z")  # a zombie is dead
+
+
+def test_a_scheduler_that_does_not_answer_is_one_line(monkeypatch):
+    import argparse
+
+    from deploy.settings import free_port
+    from rnnlab.cli import sweep as cli
+    from rnnlab.cli.sweep import cluster
+
+    monkeypatch.setattr(cli, "CONNECT_SECONDS", 1)
+    address = f"tcp://127.0.0.1:{free_port()}"
+    with pytest.raises(UserError) as err:
+        with cluster(argparse.Namespace(scheduler=address, local=None), cpus=1):
+            pass
+    assert str(err.value).startswith(f"cannot reach the Dask scheduler at {address} (")
+    assert len(str(err.value).splitlines()) == 1
