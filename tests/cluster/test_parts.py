@@ -132,6 +132,8 @@ def test_with_local_the_repository_is_its_own_remote(tmp_path):
     git(tmp_path, "remote", "add", "origin", "/srv/git/lab.git")
     assert sweep.git_remote(tmp_path, None, local=True) == str(tmp_path)
     assert sweep.git_remote(tmp_path, "origin", local=True) == "/srv/git/lab.git"
+    assert sweep.git_remote(tmp_path, None, local=False) == "/srv/git/lab.git"  # the only one
+    git(tmp_path, "remote", "add", "backup", "/srv/git/backup.git")
     with pytest.raises(UserError, match="no git remote to run the sweep from"):
         sweep.git_remote(tmp_path, None, local=False)
 
