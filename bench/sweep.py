@@ -162,7 +162,7 @@ def machine() -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--jobs", nargs="+", type=int, default=[1, 2],
+    parser.add_argument("--jobs", nargs="*", type=int, default=[1, 2],
                         help="queue workers to compare; the first is the baseline (default: 1 2)")
     parser.add_argument("--values", nargs="+", default=["0.001", "0.002", "0.005", "0.01"],
                         help="the swept values of train.lr (one experiment each)")
