@@ -187,10 +187,11 @@ def main() -> None:
             report["runs"].append(result)
         for workers in args.dask:
             repo = clone(Path(tmp) / f"dask{workers}" / "repo", args.variants, args.epochs)
+            report["epochs"] = yaml.safe_load((repo / "params.yaml").read_text())["train"]["epochs"]
             print(f"rnnlab sweep --local {workers}: {len(args.values)} experiments ...", flush=True)
             result = run_dask(repo, workers, args.values, dvc)
-            print(f"dask {workers}: {result['succeeded']}/{len(args.values)} in {result['seconds']:.0f} s",
-                  flush=True)
+            print(f"dask {workers}: {result['succeeded']}/{len(args.values)} in {result['seconds']:.0f} s; "
+                  f"steps per experiment: {result['steps']}", flush=True)
             report["runs"].append(result)
     table = markdown(report)
     print("\n" + table)
