@@ -145,16 +145,12 @@ def dvc_remote_of(repo: Path) -> dict[str, str]:
 
 
 def sweep_tracking_uri(repo: Path, local: bool) -> str:
-    """Where the workers record runs: this shell's MLflow server (its login stays here: each
-    worker has its own), or for --local this repository's store."""
-    saved = os.environ.get("DVC_ROOT")
-    os.environ["DVC_ROOT"] = str(repo)
-    try:
-        from rnnlab.tracking.store import tracking_uri
+    """Where the workers record runs: this shell's MLflow server without the login (which stays
+    here: each worker has its own), or for --local the repository's store (the working
+    directory is the repository)."""
+    from rnnlab.tracking.store import tracking_uri
 
-        uri = tracking_uri()
-    finally:
-        os.environ.pop("DVC_ROOT") if saved is None else os.environ.__setitem__("DVC_ROOT", saved)
+    uri = tracking_uri()  # a login written into the URI moves to MLFLOW_TRACKING_USERNAME/_PASSWORD
     if uri.startswith("sqlite:") and not local:
         raise UserError("a sweep on a cluster records its runs on an MLflow server every worker "
                         "reaches: set MLFLOW_TRACKING_URI (the team set-up: docs/team.md), or use --local")
