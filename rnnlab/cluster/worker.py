@@ -62,7 +62,7 @@ def run(job: Job) -> Outcome:
     with timed("pull", seconds, job.name):
         pulled = sh(job, None, folder, env, dvc(), "pull", "-q", "--with-deps", SHARED, check=False)
     if job.tracking_uri:
-        supersede(job, env)
+        supersede(job)
     with timed("run", seconds, job.name):
         sh(job, "run it", folder, env, dvc(), "exp", "run", "-n", job.name,
            *[arg for s in settings(job) for arg in ("-S", s)], *job.targets, guard=True)
@@ -104,13 +104,11 @@ def add_remote(job: Job, folder: Path) -> None:
     (folder / ".dvc" / "config.local").write_text("\n".join(lines) + "\n")
 
 
-def supersede(job: Job, env: dict[str, str]) -> None:
+def supersede(job: Job) -> None:
     """Mark every MLflow run of an earlier attempt at this experiment (its worker was killed, or
     its push failed) KILLED, tagged rnnlab.superseded=true: this attempt runs every stage again,
     and one FINISHED run per variant remains, its own."""
-    saved = dict(os.environ)
-    os.environ.update({k: v for k, v in env.items() if k.startswith(("MLFLOW_", "AWS_"))})
-    try:
+    try:  # the login: this worker's own environment, as its stages see it
         from mlflow import MlflowClient
 
         client = MlflowClient(job.tracking_uri)
@@ -129,9 +127,6 @@ def supersede(job: Job, env: dict[str, str]) -> None:
                             ) from None
         raise UserError(f"{job.name}: cannot reach the MLflow server at "
                         f"{public_uri(job.tracking_uri or '')}: {public_text(first_line(err))}") from None
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
 
 
 def read_metrics(folder: Path) -> dict[str, dict]:
