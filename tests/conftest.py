@@ -197,11 +197,20 @@ SERVER_FIXTURES = {"team": "team-stack"}  # fixture -> the xdist group of the te
 
 def pytest_collection_modifyitems(config, items):
     """pytest-xdist's groups (--dist loadgroup): the tests that share a server run on one worker;
-    the others by file, so that a worker imports what a file needs (MLflow: seconds) once."""
+    the others by file, so that a worker imports what a file needs (MLflow: seconds) once.
+
+    The group goes into the test's id (`path::test@group`, what the scheduler groups by) here:
+    xdist 3.8 writes it to `item._nodeid`, which pytest 9 no longer reads (its ids live in
+    `item._id`), so its own marker handling groups nothing and each worker started its own team
+    stack."""
+    from _pytest.nodeid import coerce_node_id
+
     for item in items:
         group = next((g for f, g in SERVER_FIXTURES.items() if f in getattr(item, "fixturenames", ())),
                      item.nodeid.split("::")[0])
         item.add_marker(pytest.mark.xdist_group(group))
+        if config.getvalue("loadgroup") and "@" not in item.nodeid:
+            item._id = coerce_node_id(f"{item.nodeid}@{group}")
 
 
 SHIPPED = read_yaml(Path(__file__).resolve().parents[1] / "params.yaml")
