@@ -319,7 +319,3 @@ def dvc_bin() -> str:
 def quiet_env() -> dict[str, str]:
     return {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true",
             "DVC_NO_ANALYTICS": "1"}
-
-
-def elapsed(start: float) -> str:
-    return f"{time.monotonic() - start:.0f} s"
