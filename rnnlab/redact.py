@@ -31,6 +31,9 @@ SECRET_PARAMS = re.compile(
     re.IGNORECASE,
 )
 _URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+# Where a user name alone may be a secret (GitHub, GitLab take a token as the user name); for
+# ssh://git@host or postgresql://optuna@host it is only a name.
+TOKEN_AS_USER = {"http", "https"}
 _URI_IN_TEXT = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
 
 
@@ -48,7 +51,7 @@ def public_uri(uri: str) -> str:
     netloc, query = parts.netloc, _masked_query(parts.query)
     if password is not None:
         netloc = f"{parts.username}:{MASK}@{netloc.rpartition('@')[2]}"
-    elif "@" in netloc:  # a lone name may be a token (GitHub takes one as the user name)
+    elif "@" in netloc and parts.scheme.lower() in TOKEN_AS_USER:  # a lone name may be a token
         netloc = f"{MASK}@{netloc.rpartition('@')[2]}"
     if (netloc, query) == (parts.netloc, parts.query):
         return uri  # as written (urlunsplit would normalise `sqlite:////abs/path`)
@@ -70,9 +73,11 @@ def credentials_in(uri: str) -> list[str]:
     except ValueError:
         return ["an unreadable URL"]
     found = []
-    if "@" in parts.netloc:
-        found.append("a login (user:password@ before the host)"
-                     if ":" in parts.netloc.rpartition("@")[0] else "a login (user@ before the host)")
+    userinfo = parts.netloc.rpartition("@")[0] if "@" in parts.netloc else None
+    if userinfo is not None and ":" in userinfo:
+        found.append("a login (user:password@ before the host)")
+    elif userinfo is not None and parts.scheme.lower() in TOKEN_AS_USER:
+        found.append("a login (user@ before the host)")
     names = [name for name, _ in _params(parts.query) if SECRET_PARAMS.fullmatch(name)]
     if names:
         found.append(f"a signature or token in its query ({', '.join(dict.fromkeys(names))})")

@@ -209,7 +209,7 @@ def pytest_collection_modifyitems(config, items):
         group = next((g for f, g in SERVER_FIXTURES.items() if f in getattr(item, "fixturenames", ())),
                      item.nodeid.split("::")[0])
         item.add_marker(pytest.mark.xdist_group(group))
-        if config.getvalue("loadgroup") and "@" not in item.nodeid:
+        if getattr(config.option, "loadgroup", False) and "@" not in item.nodeid:  # an xdist worker
             item._id = coerce_node_id(f"{item.nodeid}@{group}")
 
 

@@ -15,6 +15,8 @@ from tests.conftest import shipped_params
     ("http://ann:s3cret@127.0.0.1:5050", "http://ann:***@127.0.0.1:5050"),
     ("https://ann:s3cret@mlflow.example.org/base/?x=1", "https://ann:***@mlflow.example.org/base/?x=1"),
     ("https://ghp_s3cret@github.com/lab/c.zip", "https://***@github.com/lab/c.zip"),  # a token as user
+    ("ssh://git@github.com/lab/repo.git", "ssh://git@github.com/lab/repo.git"),  # a name, no secret
+    ("postgresql+psycopg://optuna@db:5432/optuna", "postgresql+psycopg://optuna@db:5432/optuna"),
     ("http://127.0.0.1:5050", "http://127.0.0.1:5050"),
     ("http://ann:s3cret@[::1]:5050/x", "http://ann:***@[::1]:5050/x"),
     ("sqlite:////tmp/mlflow.db", "sqlite:////tmp/mlflow.db"),
@@ -53,6 +55,7 @@ def test_a_source_with_a_secret_is_refused_naming_what_but_not_the_secret(tmp_pa
 
 
 @pytest.mark.parametrize("uri", ["https://h/c.zip", "file:///data/c.zip", "/data/c.zip",
-                                 "https://h/c.zip?version=2"])
+                                 "https://h/c.zip?version=2", "ssh://git@github.com/lab/repo.git",
+                                 "postgresql+psycopg://optuna@db:5432/optuna"])
 def test_a_source_without_a_secret_carries_none(uri):
     assert credentials_in(uri) == []
