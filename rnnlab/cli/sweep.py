@@ -44,10 +44,15 @@ def add_cluster_args(p: argparse.ArgumentParser) -> None:
                    "on workers started with --resources gpus=K)")
 
 
+def cores(args: argparse.Namespace) -> int:
+    """Cores per experiment: --cpus; else with --local N this machine's cores / N; else 1."""
+    return args.cpus or (max(1, (os.cpu_count() or 1) // args.local) if args.local else 1)
+
+
 def run(args: argparse.Namespace) -> None:
     from rnnlab.cluster import sweep
 
-    cpus = args.cpus or (max(1, (os.cpu_count() or 1) // args.local) if args.local else 1)
+    cpus = cores(args)
     if args.local is not None and args.local < 1:
         raise UserError(f"--local {args.local}: give at least one worker")
     repo = Path.cwd()

@@ -4,10 +4,9 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
-from rnnlab.cli.sweep import add_cluster_args, cluster
+from rnnlab.cli.sweep import add_cluster_args, cluster, cores
 from rnnlab.errors import UserError
 from rnnlab.redact import public_uri
 
@@ -39,7 +38,7 @@ def run(args: argparse.Namespace) -> None:
     if args.trials < 1:
         raise UserError(f"--trials {args.trials}: give at least 1")
     repo = Path.cwd()
-    cpus = args.cpus or (max(1, (os.cpu_count() or 1) // args.local) if args.local else 1)
+    cpus = cores(args)
     local = args.local is not None
     plan = sweep.where(repo, remote=args.remote, cpus=cpus, gpus=args.gpus, local=local)
     study = tune.open_study(repo, args.space, name=args.study, storage=args.storage,
