@@ -24,19 +24,21 @@ ptb/ptb.train.txt) or else on a synthetic stream of 10,000 ids drawn by Zipf's l
 
 Each repeat times `--steps` minibatches of one side, then of the other (the order alternates), so
 whatever else the machine does slows both alike; the ratio is the median of the repeats' ratios.
-The FLOP bound of a row is its FLOPs per token (bench/flops.py) at the float32 matmul rate this
-machine reaches on the row's recurrent product, (batch x H) @ (H x gates*H), measured at start-up
-with torch.mm (MKL) and with oneDNN, the faster of the two; `% peak` uses the rate of a large
-product instead. A word row's bound adds up the time of each part at the rate of its own product
-(the head's, (steps*batch x H) @ (H x vocab), is three quarters of the FLOPs). Also measured, once
-per run: generation and evaluation speed, a no-op `dvc repro`, and the share of a training run
-spent in MLflow tracking.
+The bound of a row is the tokens/s at which every FLOP of its training step (bench/flops.py: the
+input, recurrent and output products, forward and backward) would run at the best rate this
+machine reaches on any product, measured at start-up with torch.mm (MKL) and with oneDNN on the
+rows' own shapes and a large one, in float32 and, where the hardware has it, bfloat16 (a bfloat16
+row's bound takes the better of the two). No row can pass it: `% bound` above 100% would mean a
+FLOP count that is wrong. Also measured, once per run: generation and evaluation speed, a no-op
+`dvc repro`, and the share of a training run spent in MLflow tracking.
 
 Our side runs what a training run would run on this machine: the layer path and the product
 libraries that rnnlab/kernels/choice.py measures fastest at first use, measured afresh for the benchmark
 (the cache neither read nor written) and listed in the report with their timings. The report names the CPU, its
 ISA flags, PyTorch's ISA level and the ISA oneDNN dispatches to. Where the CPU multiplies bfloat16
-in hardware (AMX, AVX512-BF16), or with --bf16, it also times the lstm under bfloat16 autocast.
+in hardware (AMX, AVX512-BF16), ours is also timed under bfloat16 autocast on every row for which
+train.bf16: auto picks it (rnnlab/training/precision.py), as a third side of the row (`ours
+bf16`); --bf16 times that side on every row, on any CPU.
 
 Writes metrics/bench/<machine kind>.md (the tables) and .json (every number), e.g.
 amd-epyc-avx2.md: one report per kind of CPU, the last full run on it; other settings than the
@@ -64,7 +66,6 @@ from bench.clone import ROOT  # noqa: E402
 from bench.extras import noop_repro_seconds, tracking_share  # noqa: E402
 from bench.flops import (  # noqa: E402
     GATES,
-    bound_by_part,
     bound_tokens_per_sec,
     forward_flops,
     train_flops,
@@ -85,7 +86,6 @@ from bench.timing import (  # noqa: E402
     inference_speeds,
     keep_freed_memory,
     matmul_rates,
-    time_bf16,
     time_pair,
     time_word_pair,
 )
@@ -93,6 +93,7 @@ from rnnlab.config import load_params, resolve_train  # noqa: E402
 from rnnlab.kernels import choice  # noqa: E402
 from rnnlab.models.lm import ModelConfig, model_config  # noqa: E402
 from rnnlab.training import loop as training  # noqa: E402
+from rnnlab.training.precision import bf16_hardware  # noqa: E402
 
 # --- the training step of each side ---------------------------------------------------------------
 
@@ -167,18 +168,23 @@ def _run(args: argparse.Namespace) -> dict:
     big = 512 if args.quick else 2048
     shapes.append((big, big, big))
     print(f"matmul rates: {len(shapes)} shapes ...", flush=True)
-    matmul = matmul_rates(shapes, 0.2 if args.quick else 1.0, device)
-    rates = {(r["m"], r["k"], r["n"]): r["best"] * 1e9 for r in matmul}  # FLOP/s
-    peak = rates[(big, big, big)]
+    seconds = 0.2 if args.quick else 1.0
+    matmul = matmul_rates(shapes, seconds, device)
+    bf16 = bf16_hardware(device) or args.bf16
+    matmul_bf16 = matmul_rates(shapes, seconds, device, torch.bfloat16) if bf16 else []
+    # The bound: every FLOP at the best rate the machine reached in the row's precision; a
+    # bfloat16 row's products may also run in float32 (autocast keeps some there).
+    best = max(r["best"] for r in matmul) * 1e9  # FLOP/s
+    best_bf16 = max([best] + [r["best"] * 1e9 for r in matmul_bf16])
 
     pairs = []
     for name, cfg in configs.items():
         for batch in args.batches:
             pair = Pair(name, batch, asdict(cfg), baseline_name(cfg), train_flops(cfg))
-            time_pair(pair, cfg, train_ids, args.steps, args.repeats, args.warmup, device)
-            rate = rates[(batch, cfg.hidden_size, GATES[cfg.cell] * cfg.hidden_size)]
-            s = summarize(pair, bound_tokens_per_sec(pair.flops_per_token, rate),
-                          bound_tokens_per_sec(pair.flops_per_token, peak))
+            time_pair(pair, cfg, train_ids, args.steps, args.repeats, args.warmup, device,
+                      True if args.bf16 else "auto")
+            s = summarize(pair, bound_tokens_per_sec(pair.flops_per_token, best),
+                          bound_tokens_per_sec(pair.flops_per_token, best_bf16))
             _progress(name, batch, "book", s)
             pairs.append(s)
 
@@ -190,23 +196,16 @@ def _run(args: argparse.Namespace) -> dict:
               "settings": {"steps": args.steps, "repeats": args.repeats, "warmup": args.warmup,
                            "batches": args.batches, **BOOK,
                            "tracking_variant": next(iter(configs), None)},
-              "matmul": matmul, "training": pairs, "full": args.full}
-
-    if configs and (args.bf16 or training.bf16_hardware(torch.device("cpu"))) \
-            and device.type == "cpu":
-        cfg = next((c for c in configs.values() if c.cell == "lstm"), next(iter(configs.values())))
-        result["bf16"] = time_bf16(cfg, train_ids, max(args.batches), args.steps, args.repeats,
-                                   args.warmup)
-        print(f"bf16: {result['bf16']}", flush=True)
+              "matmul": matmul, "matmul_bf16": matmul_bf16, "training": pairs, "full": args.full}
     result["kernels"] = choice.report()
 
     if not args.skip_word:
         pair = Pair(WORD_VARIANT, WORD["batch"], asdict(word_cfg), WORD_BASELINE,
                     train_flops(word_cfg))
-        time_word_pair(pair, word_cfg, word_ids, args.steps, args.repeats, args.warmup, device)
-        part_rates = {part: rates[shape] for part, shape in parts.items()}
-        s = summarize(pair, bound_by_part(forward_flops(word_cfg), part_rates),
-                      bound_tokens_per_sec(pair.flops_per_token, peak))
+        time_word_pair(pair, word_cfg, word_ids, args.steps, args.repeats, args.warmup, device,
+                           True if args.bf16 else "auto")
+        s = summarize(pair, bound_tokens_per_sec(pair.flops_per_token, best),
+                      bound_tokens_per_sec(pair.flops_per_token, best_bf16))
         s["shapes"] = parts
         s["flops_by_part"] = forward_flops(word_cfg)  # one forward pass; training: x3
         _progress(WORD_VARIANT, WORD["batch"], "wlm", s)
@@ -272,8 +271,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="the word rows' tokens: a zip holding ptb/ptb.train.txt "
                              "(default: a synthetic Zipf stream over 10,000 ids)")
     parser.add_argument("--bf16", action="store_true",
-                        help="also time the lstm under bfloat16 autocast where the CPU has no "
-                             "AMX or AVX512-BF16 (where it has, always)")
+                        help="time ours under bfloat16 autocast on every row, on any CPU (without "
+                             "it: the rows where train.bf16: auto picks it)")
     parser.add_argument("--out", type=Path, default=ROOT / "metrics" / "bench")
     args = parser.parse_args(argv)
     args.argv = list(argv if argv is not None else sys.argv[1:])

@@ -23,7 +23,8 @@ from bench.streams import time_machine
 from rnnlab.config import load_params, variant_train
 from rnnlab.kernels import choice
 from rnnlab.models.lm import new_model
-from rnnlab.training.loop import bf16_hardware, new_state, run_epochs
+from rnnlab.training.loop import new_state, run_epochs
+from rnnlab.training.precision import bf16_hardware
 
 
 def train_once(params, name: str, bf16: bool, train_ids, val_ids, vocab_size: int) -> dict:

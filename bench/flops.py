@@ -46,9 +46,3 @@ def bound_tokens_per_sec(flops_per_token: float, flops_per_sec: float) -> float:
     """The most tokens per second a machine doing `flops_per_sec` can train."""
     return flops_per_sec / flops_per_token
 
-
-def bound_by_part(flops_by_part: dict[str, int], flops_per_sec: dict[str, float]) -> float:
-    """The most tokens per second a machine can train when each part's products (`flops_by_part`,
-    one forward pass, as `forward_flops` gives them) run at that part's rate: the parts' times
-    add up, so a slow small product weighs more than its share of the FLOPs."""
-    return 1 / sum(TRAIN_FACTOR * f / flops_per_sec[part] for part, f in flops_by_part.items())

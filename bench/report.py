@@ -11,7 +11,8 @@ from bench.sides import BOOK
 from bench.timing import Pair
 
 TABLE_COLUMNS = ("variant", "batch", "code", "tok/s", "min", "max", "ratio", "FLOPs/token",
-                 "bound tok/s", "% bound", "% peak")
+                 "bound tok/s", "% bound")
+SIDES = {"book": None, "ours": "ours", "ours_bf16": "ours bf16"}  # side -> its name in the table
 
 
 def kilo(x: float) -> str:
@@ -21,13 +22,15 @@ def kilo(x: float) -> str:
 def _training_rows(pairs: list[dict]) -> list[str]:
     rows = []
     for p in pairs:
-        for side in ("book", "ours"):
-            s = p[side]
-            cells = [p["variant"], p["batch"], "ours" if side == "ours" else p["baseline"],
+        for side, name in SIDES.items():
+            if not p.get(side):
+                continue
+            s, bound = p[side], p["bound_bf16" if side == "ours_bf16" else "bound"]
+            ratio = {"book": 1.0, "ours": p["ratio"], "ours_bf16": p.get("ratio_bf16")}[side]
+            cells = [p["variant"], p["batch"], name or p["baseline"],
                      kilo(s["median"]), kilo(s["min"]), kilo(s["max"]),
-                     f"{p['ratio'] if side == 'ours' else 1.0:.2f}x", f"{p['flops_per_token']:,}",
-                     kilo(p["bound"]), f"{s['median'] / p['bound']:.0%}",
-                     f"{s['median'] / p['peak_bound']:.0%}"]
+                     f"{ratio:.2f}x", f"{p['flops_per_token']:,}",
+                     kilo(bound), f"{s['median'] / bound:.0%}"]
             rows.append("| " + " | ".join(str(c) for c in cells) + " |")
     return rows
 
@@ -55,9 +58,11 @@ def markdown(result: dict) -> str:
             f"Training: {settings['steps']} minibatches x {settings['repeats']} repeats per side, "
             f"{BOOK['num_steps']} steps, SGD lr {BOOK['lr']:g}, clip {BOOK['clip_theta']:g}, The "
             f"Time Machine characters (vocab {result['vocab_size']}). tok/s: median (min-max) of "
-            "the repeats; ratio: median of the repeats' ours/book; bound: FLOPs/token at the best "
-            "float32 matmul rate of the row's recurrent product; peak: at the large product's "
-            "rate.",
+            "the repeats; ratio: median of the repeats' ours/book; ours bf16: ours under bfloat16 "
+            "autocast, timed where train.bf16: auto picks it for the row; bound: every FLOP of "
+            "the step (input, recurrent and output products, forward and backward) at the best "
+            "rate this machine reached on any product of the row's precision (the table below): "
+            "a limit no row can pass.",
             "", *header, *_training_rows(result["training"])]
     if result.get("word"):
         w, (p,) = result["word"]["settings"], result["word"]["training"]
@@ -71,8 +76,8 @@ def markdown(result: dict) -> str:
             f"{w['batch']}, {w['num_steps']} steps, SGD lr {w['lr']:g}, clip {w['clip_theta']:g}, "
             f"on {result['word']['data']}; wlm: pytorch/examples word_language_model "
             "(bench/wlm.py). tok/s: median (min-max) of the repeats; ratio: median of the repeats' "
-            "ours/wlm; bound: each part's FLOPs at the best float32 rate of its own product "
-            f"({parts}), the parts' times added; peak: all at the large product's rate.",
+            "ours/wlm; bound: as above, every FLOP at the best rate of the row's precision "
+            f"(the parts' products: {parts}).",
             "", *header, *_training_rows(result["word"]["training"])]
     lines += [
         "",
@@ -84,15 +89,16 @@ def markdown(result: dict) -> str:
     for r in result["matmul"]:
         lines.append(f"| {r['m']} x {r['k']} @ {r['k']} x {r['n']} | {r['mkl']:.0f} | "
                      f"{r.get('onednn', float('nan')):.0f} | {r['best']:.0f} |")
+    if result.get("matmul_bf16"):
+        lines += ["", "bfloat16 matmul rates (GFLOP/s, median of 5 rounds):", "",
+                  "| m x k @ k x n | torch.mm | oneDNN | best |", "|---|---:|---:|---:|"]
+        for r in result["matmul_bf16"]:
+            lines.append(f"| {r['m']} x {r['k']} @ {r['k']} x {r['n']} | {r['mkl']:.0f} | "
+                         f"{r.get('onednn', float('nan')):.0f} | {r['best']:.0f} |")
     if result.get("kernels"):
         lines += ["", "What ran (rnnlab/kernels/choice.py: measured here at first use, then cached; "
                       "against the reference, times faster):", ""]
         lines += [f"- {line}" for line in result["kernels"]]
-    if result.get("bf16"):
-        b = result["bf16"]
-        lines += ["", f"bfloat16 autocast (train.bf16), ours {b['variant']} at batch {b['batch']}: "
-                      f"{kilo(b['bfloat16'])} tok/s against {kilo(b['float32'])} in float32, "
-                      f"{b['ratio']:.2f}x."]
     if result.get("inference"):
         lines += ["", "Generation (after `time traveller`), evaluation (`perplexity`, batch 1):",
                   "", "| variant | greedy chars/s | sampled chars/s | eval tok/s |",
@@ -117,14 +123,17 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def summarize(pair: Pair, bound: float, peak_bound: float) -> dict:
-    """`pair` as the report keeps it: each side's median, min, max, the ratio and the bounds."""
-    out = {k: v for k, v in asdict(pair).items() if k not in ("book", "ours")}
-    for side in ("book", "ours"):
+def summarize(pair: Pair, bound: float, bound_bf16: float) -> dict:
+    """`pair` as the report keeps it: each side's median, min, max, the ratios and the bounds
+    (tokens/s at the best float32 rate, and at the best bfloat16 one)."""
+    out = {k: v for k, v in asdict(pair).items() if k not in SIDES}
+    for side in SIDES:
         values = getattr(pair, side)
-        out[side] = {"median": statistics.median(values), "min": min(values), "max": max(values),
-                     "repeats": values}
+        if values:
+            out[side] = {"median": statistics.median(values), "min": min(values),
+                         "max": max(values), "repeats": values}
     out["ratio"] = pair.ratio
+    out["ratio_bf16"] = pair.ratio_bf16
     out["bound"] = bound
-    out["peak_bound"] = peak_bound
+    out["bound_bf16"] = bound_bf16
     return out

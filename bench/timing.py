@@ -6,19 +6,19 @@ from __future__ import annotations
 import ctypes
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
 from bench.baselines import book_step
-from bench.flops import train_flops
 from bench.machine import onednn_available
 from bench.sides import BOOK, WORD, StepFn, baseline_for, ours_step
 from bench.streams import minibatches, word_minibatches
 from bench.wlm import WordLM, wlm_step
 from rnnlab.models.lm import ModelConfig, build_model
 from rnnlab.training import loop as training
+from rnnlab.training.precision import training_bf16
 
 
 def synchronize(device: torch.device) -> None:
@@ -65,12 +65,14 @@ def _seconds_per_call(fn: Callable[[], object], min_seconds: float,
 
 
 def matmul_rates(shapes: list[tuple[int, int, int]], min_seconds: float,
-                 device: torch.device = torch.device("cpu")) -> list[dict]:
-    """float32 GFLOP/s of (m x k) @ (k x n) through torch.mm (MKL on the CPU) and, on the CPU,
-    through oneDNN."""
+                 device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32
+                 ) -> list[dict]:
+    """GFLOP/s of (m x k) @ (k x n) in `dtype` through torch.mm (MKL on the CPU, oneDNN for
+    bfloat16) and, on the CPU, through oneDNN's linear."""
     rows = []
     for m, k, n in shapes:
-        a, b = torch.randn(m, k, device=device), torch.randn(k, n, device=device)
+        a = torch.randn(m, k, device=device, dtype=dtype)
+        b = torch.randn(k, n, device=device, dtype=dtype)
         flops = 2 * m * k * n
         row = {"m": m, "k": k, "n": n,
                "mkl": flops / _seconds_per_call(lambda: torch.mm(a, b), min_seconds, device) / 1e9}
@@ -93,26 +95,34 @@ class Pair:
     baseline: str  # the baseline's name in the table
     flops_per_token: int  # the model's (no one-hot product), training: forward + backward
     book: list[float] = field(default_factory=list)  # the baseline: the book's code, or wlm's
-    ours: list[float] = field(default_factory=list)
+    ours: list[float] = field(default_factory=list)  # ours in float32
+    ours_bf16: list[float] = field(default_factory=list)  # ours under bfloat16 autocast, where
+    #                                                       train.bf16: auto picks it (else empty)
 
     @property
     def ratio(self) -> float:
         """Median of the repeats' ratios: each repeat's two timings saw the same machine."""
         return statistics.median(o / b for o, b in zip(self.ours, self.book))
 
+    @property
+    def ratio_bf16(self) -> float | None:
+        """The same for ours under bfloat16 autocast, where auto picks it; else None."""
+        return (statistics.median(o / b for o, b in zip(self.ours_bf16, self.book))
+                if self.ours_bf16 else None)
+
 
 def interleave(pair: Pair, sides: dict[str, tuple[StepFn, list]], tokens_per_batch: int,
                steps: int, repeats: int, warmup: int,
                device: torch.device = torch.device("cpu")) -> None:
-    """Warm both sides up, then alternate `steps` minibatches of each, `repeats` times, the order
-    swapped every repeat; tokens/s into `pair`. `sides`: "book" and "ours", each its step and its
-    `warmup + steps * repeats` minibatches."""
+    """Warm every side up, then alternate `steps` minibatches of each, `repeats` times, the order
+    reversed every repeat; tokens/s into `pair`. `sides`: "book", "ours" and perhaps
+    "ours_bf16", each its step and its `warmup + steps * repeats` minibatches."""
     for step, batches in sides.values():
         for x, y in batches[:warmup]:
             step(x, y)
     synchronize(device)
     for r in range(repeats):
-        for side in (("book", "ours") if r % 2 == 0 else ("ours", "book")):
+        for side in (list(sides) if r % 2 == 0 else list(reversed(sides))):
             step, batches = sides[side]
             t0 = time.perf_counter()
             for x, y in batches[warmup + r * steps : warmup + (r + 1) * steps]:
@@ -122,43 +132,39 @@ def interleave(pair: Pair, sides: dict[str, tuple[StepFn, list]], tokens_per_bat
 
 
 def time_pair(pair: Pair, cfg: ModelConfig, ids: torch.Tensor, steps: int, repeats: int,
-              warmup: int, device: torch.device = torch.device("cpu")) -> None:
-    """The book's step against ours on the same minibatches; tokens/s into `pair`."""
+              warmup: int, device: torch.device = torch.device("cpu"), bf16: bool | str = "auto"
+              ) -> None:
+    """The book's step against ours on the same minibatches, ours in float32 and, where `bf16`
+    (train.bf16: auto, or True) picks it, under bfloat16 autocast too; tokens/s into `pair`."""
     batches = minibatches(ids, pair.batch, BOOK["num_steps"], warmup + steps * repeats, device)
     torch.manual_seed(0)
     book_net = baseline_for(cfg, device)
-    torch.manual_seed(0)
-    sides = {"book": (book_step(book_net, BOOK["lr"], BOOK["clip_theta"]), batches),
-             "ours": (ours_step(build_model(cfg).to(device), BOOK["lr"], BOOK["clip_theta"]),
-                      batches)}
+    sides = {"book": (book_step(book_net, BOOK["lr"], BOOK["clip_theta"]), batches)}
+    for side, bf16 in (("ours", False), ("ours_bf16", True)):
+        torch.manual_seed(0)
+        model = build_model(cfg).to(device)
+        if side == "ours_bf16" and not training_bf16(bf16, model, *batches[0]):
+            continue  # float32 trains this model faster here: what a run would train in
+        sides[side] = (ours_step(model, BOOK["lr"], BOOK["clip_theta"], bf16), batches)
     interleave(pair, sides, pair.batch * BOOK["num_steps"], steps, repeats, warmup, device)
 
 
-def time_bf16(cfg: ModelConfig, ids: torch.Tensor, batch: int, steps: int, repeats: int,
-              warmup: int) -> dict:
-    """Our step in float32 against itself under bfloat16 autocast (train.bf16), same batches."""
-    pair = Pair(cfg.cell, batch, asdict(cfg), "float32", train_flops(cfg))
-    batches = minibatches(ids, batch, BOOK["num_steps"], warmup + steps * repeats)
-    sides = {}
-    for side, bf16 in (("book", False), ("ours", True)):
-        torch.manual_seed(0)
-        sides[side] = (ours_step(build_model(cfg), BOOK["lr"], BOOK["clip_theta"], bf16), batches)
-    interleave(pair, sides, batch * BOOK["num_steps"], steps, repeats, warmup)
-    return {"variant": pair.variant, "batch": batch, "float32": statistics.median(pair.book),
-            "bfloat16": statistics.median(pair.ours), "ratio": pair.ratio}
-
-
 def time_word_pair(pair: Pair, cfg: ModelConfig, ids: torch.Tensor, steps: int, repeats: int,
-                   warmup: int, device: torch.device = torch.device("cpu")) -> None:
+                   warmup: int, device: torch.device = torch.device("cpu"),
+                   bf16: bool | str = "auto") -> None:
     """wlm's step against ours on the same tokens, each in its own layout; tokens/s into `pair`."""
     wlm_batches, our_batches = word_minibatches(ids, pair.batch, WORD["num_steps"],
                                                 warmup + steps * repeats, device)
     lr, clip = WORD["lr"], WORD["clip_theta"]
     torch.manual_seed(0)
     wlm = WordLM(cfg.vocab_size, cfg.embed_size, cfg.hidden_size, cfg.num_layers, dropout=0.0)
-    torch.manual_seed(0)
-    sides = {"book": (wlm_step(wlm.to(device), lr, clip), wlm_batches),
-             "ours": (ours_step(build_model(cfg).to(device), lr, clip), our_batches)}
+    sides = {"book": (wlm_step(wlm.to(device), lr, clip), wlm_batches)}
+    for side, bf16 in (("ours", False), ("ours_bf16", True)):
+        torch.manual_seed(0)
+        model = build_model(cfg).to(device)
+        if side == "ours_bf16" and not training_bf16(bf16, model, *our_batches[0]):
+            continue
+        sides[side] = (ours_step(model, lr, clip, bf16), our_batches)
     interleave(pair, sides, pair.batch * WORD["num_steps"], steps, repeats, warmup, device)
 
 

@@ -143,7 +143,7 @@ def _bf16_in_one_line(value: Any, handler: Any) -> Any:
                          "true or false") from None
 
 
-# auto: where the device multiplies bfloat16 in hardware (rnnlab/training/loop.py: use_bf16) | bool
+# auto: measured per model where the device multiplies bfloat16 in hardware (rnnlab/training/precision.py) | bool
 Bf16 = Annotated[Literal["auto"] | bool, WrapValidator(_bf16_in_one_line)]
 
 

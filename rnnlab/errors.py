@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Callable
+
+from rnnlab import phases
 
 
 class UserError(Exception):
@@ -16,9 +19,12 @@ class UserError(Exception):
 
 
 def run_main(main: Callable[[], None]) -> None:
-    """Run a stage's main(); show a UserError once, without a traceback."""
+    """Run a stage's main(); show a UserError once, without a traceback. With RNNLAB_PROFILE set,
+    record where its time went (rnnlab/phases.py)."""
+    phases.begin()
     try:
         main()
+        phases.record(os.environ.get("DVC_STAGE") or main.__module__)
     except UserError as err:
         for line in str(err).splitlines():  # several problems: one `error:` line each
             print(f"error: {line}", file=sys.stderr)

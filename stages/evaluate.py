@@ -13,6 +13,7 @@ import torch
 
 from rnnlab.config import flatten, load_params, variant_train
 from rnnlab.data.corpus import SPLITS, load_tokens
+from rnnlab import phases
 from rnnlab.errors import UserError, run_main
 from rnnlab.fileio import read_json, write_text
 from rnnlab.models.lm import ModelConfig, model_config
@@ -20,7 +21,8 @@ from rnnlab.tracking.records import record_summary, run_params
 from rnnlab.tracking.runs import tracked_run
 from rnnlab.tracking.tags import dvc_tags, folder_sha1, git_tags
 from rnnlab.training.checkpoint import load_checkpoint
-from rnnlab.training.loop import perplexity, prepare_torch, use_bf16
+from rnnlab.training.loop import perplexity, prepare_torch, streamed_perplexity
+from rnnlab.training.precision import scoring_bf16
 from rnnlab.training.sampling import continue_text, prefix_tokens
 
 
@@ -98,18 +100,22 @@ def main() -> None:
         prefix_tokens(vocab, prefix, warn=False)
 
     start = time.perf_counter()
-    # the protocol of docs/evaluation.md: each split as one sequence, whatever the training batches
-    ppl = {s: perplexity(model, torch.as_tensor(tokens.splits[s]), device, use_bf16(cfg.bf16, device)) for s in SPLITS}
-    gen = torch.Generator().manual_seed(ev.seed)
-    samples = {
-        prefix: {
-            "greedy": continue_text(model, vocab, prefix, ev.num_tokens, exclude_unk=ev.exclude_unk),
-            "sampled": [continue_text(model, vocab, prefix, ev.num_tokens, ev.temperature, gen, warn=False,
-                                      exclude_unk=ev.exclude_unk)
-                        for _ in range(ev.num_samples)],
+    with phases.phase("evaluation"):
+        # the protocol of docs/evaluation.md: each held-out split as one sequence, whatever the
+        # training batches; the (long) training split as 16 streams, each with context
+        ppl = {s: (streamed_perplexity if s == "train" else perplexity)(
+                   model, torch.as_tensor(tokens.splits[s]), device, scoring_bf16(cfg.bf16))
+               for s in SPLITS}
+        gen = torch.Generator().manual_seed(ev.seed)
+        samples = {
+            prefix: {
+                "greedy": continue_text(model, vocab, prefix, ev.num_tokens, exclude_unk=ev.exclude_unk),
+                "sampled": [continue_text(model, vocab, prefix, ev.num_tokens, ev.temperature, gen, warn=False,
+                                          exclude_unk=ev.exclude_unk)
+                            for _ in range(ev.num_samples)],
+            }
+            for prefix in ev.prefixes
         }
-        for prefix in ev.prefixes
-    }
     metrics = {
         "train_ppl": ppl["train"], "val_ppl": ppl["val"], "test_ppl": ppl["test"],
         "uniform_ppl": len(vocab),

@@ -30,8 +30,8 @@ from rnnlab.training.loop import (
     check_fits,
     new_state,
     prepare_torch,
-    use_bf16,
 )
+from rnnlab.training.precision import bf16_hardware
 from rnnlab.training.resume import (
     checkpointed_epochs,
     fingerprint,
@@ -97,7 +97,8 @@ def main() -> None:
     elif resume.why_not:
         print(f"{name}: starting over, not resuming: {resume.why_not}")
     n_params = sum(p.numel() for p in model.parameters())
-    bf16 = " (bfloat16 autocast)" if use_bf16(cfg.bf16, device) else ""
+    bf16 = (" (bfloat16 autocast)" if cfg.bf16 is True else " (bfloat16 autocast if it measures faster)"
+            if cfg.bf16 == "auto" and bf16_hardware(device) else "")
     print(f"{name}: {model.config.cell} ({model.config.impl}), {model.config.num_layers} layer(s) x "
           f"{model.config.hidden_size}{', tied embedding' if model.config.tie_weights else ''}, "
           f"{n_params:,} parameters, on {device}{bf16}; "
@@ -144,6 +145,7 @@ def main() -> None:
             "train_seconds": sum(e["seconds"] for e in h),
             "parameters": n_params,
             "device": str(device),
+            "precision": state.precision,  # train.bf16: what the steps ran in
             "mlflow_run_id": tracker.run_id,
         }, tracker)
         record_curves_png(out / "curves.png", h, tracker, title=name)

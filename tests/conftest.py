@@ -77,7 +77,7 @@ def pytest_runtest_makereport(item, call):
 @pytest.fixture(autouse=True)
 def reference_kernels(request, monkeypatch):
     """In this process, what runs is the reference path and MKL's products, as if forced
-    (RNNLAB_KERNEL=reference, RNNLAB_PRODUCT=mkl), unless the environment forces something or the
+    (RNNLAB_KERNEL=reference, RNNLAB_PRODUCT=mkl, RNNLAB_PRECISION=float32), unless the environment forces something or the
     test is marked `measured`: a test's result must not depend on which code measured fastest on
     this machine (and measuring every tiny shape of the suite cost a third of its fast tests). The
     other paths have tests of their own that name them; stages run as subprocesses measure, as a
@@ -87,7 +87,7 @@ def reference_kernels(request, monkeypatch):
     from rnnlab.kernels import choice
 
     real = choice.forced
-    default = {"layer": "reference", "product": "mkl"}
+    default = {"layer": "reference", "product": "mkl", "precision": "float32"}
 
     def forced(kind: str, key: str, allowed: list[str]) -> str | None:
         chosen = real(kind, key, allowed)

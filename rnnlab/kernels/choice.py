@@ -11,6 +11,9 @@ nn.GRU beats the fused path on a third CPU. So nothing here is decided by vendor
     product   which library makes one float32 product of the fused path:
                 mkl        torch's matmul (MKL, or whatever BLAS the build has)
                 onednn     oneDNN's linear, the weight laid out once where it serves many products
+    precision what a model trains in under train.bf16: auto (rnnlab/training/precision.py):
+                float32    float32 throughout
+                bfloat16   bfloat16 autocast of the products, where the hardware has it
 
 `choose` times every candidate on the real shapes (a few rounds, alternated, medians) the first
 time a shape is met and keeps the fastest; the reference (the first candidate) unless another
@@ -31,8 +34,8 @@ key (native.build_key(), "none" under RNNLAB_NATIVE=0). The part before `code` i
 the readable line of the MLflow tag rnnlab.cpu and of `rnnlab kernels`. Storing a decision drops
 the entries of this CPU measured by other code or another library over a day ago (`_stale`).
 
-Forcing (tests, and anyone who wants a fixed path): RNNLAB_KERNEL=reference|fused|native and
-RNNLAB_PRODUCT=mkl|onednn; unset or `measure` measures. RNNLAB_CACHE_DIR moves the cache.
+Forcing (tests, and anyone who wants a fixed path): RNNLAB_KERNEL=reference|fused|native,
+RNNLAB_PRODUCT=mkl|onednn and RNNLAB_PRECISION=float32|bfloat16; unset or `measure` measures. RNNLAB_CACHE_DIR moves the cache.
 """
 
 from __future__ import annotations
@@ -52,12 +55,14 @@ from pathlib import Path
 import torch
 from filelock import FileLock
 
+from rnnlab import phases
 from rnnlab.errors import UserError
 from rnnlab.fileio import cache_dir, write_json
 from rnnlab.kernels import cpu, native
 
-FORCE_ENV = {"layer": "RNNLAB_KERNEL", "product": "RNNLAB_PRODUCT"}
-KNOWN = {"layer": ("reference", "fused", "native"), "product": ("mkl", "onednn")}  # what forcing may name
+FORCE_ENV = {"layer": "RNNLAB_KERNEL", "product": "RNNLAB_PRODUCT", "precision": "RNNLAB_PRECISION"}
+KNOWN = {"layer": ("reference", "fused", "native"), "product": ("mkl", "onednn"),  # what forcing may name
+         "precision": ("float32", "bfloat16")}
 MARGIN = 0.03  # another candidate must be this much faster than the reference to be chosen
 ROUNDS = 5  # timed rounds per candidate, alternated between them
 MIN_SECONDS = 0.004  # a round repeats a candidate until it takes at least this long
@@ -158,7 +163,7 @@ def choose(kind: str, key: str, candidates: dict[str, Callable[[], object]]) -> 
 def measure(candidates: dict[str, Callable[[], object]]) -> dict[str, float]:
     """Median seconds per call of each candidate: one untimed call each (which may make nested
     decisions), then ROUNDS rounds in alternating order. Torch's random state is left as it was."""
-    with torch.random.fork_rng(devices=[]):
+    with phases.phase("measurement"), torch.random.fork_rng(devices=[]):
         first = {}
         for name, fn in candidates.items():
             fn()

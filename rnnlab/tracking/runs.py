@@ -34,6 +34,7 @@ from typing import Any, Iterator
 
 import requests
 
+from rnnlab import phases
 from rnnlab.config import Tracking
 from rnnlab.errors import UserError
 from rnnlab.redact import public_uri
@@ -71,28 +72,9 @@ def tracked_run(cfg: Tracking, experiment: str, run_name: str, tags: dict[str, A
         print("tracking: off (tracking.enabled: false in params.yaml); nothing goes to MLflow")
         yield Tracker(None)
         return
-    uri = tracking_uri()
-    check_reachable(uri)
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    mlflow.set_tracking_uri(uri)
-    name = cfg.experiment or experiment
-    tags = {k: str(v) for k, v in tags.items()}  # a server takes strings only (SQLite, anything)
-    lock = store_lock(uri)
-    try:
-        with lock:  # a new store is created here, by one stage at a time
-            run_id = continue_run if continue_run and may_continue(continue_run, evaluation) else None
-            # an evaluation added to its training's run leaves the run's times the training's
-            # (the UI's Duration); its own time is its metric eval_seconds
-            trained_until = mlflow.get_run(run_id).info.end_time if run_id and evaluation else None
-            run = mlflow.start_run(run_id=run_id,
-                                   experiment_id=None if run_id else _experiment_id(name, uri),
-                                   run_name=None if run_id else run_name, tags=tags)
-    except MlflowException as err:
-        if is_refusal(err):
-            raise refusal_error(err, uri, f"to add a run to experiment {name!r}", name) from None
-        raise
+    with phases.phase("tracking"):
+        uri, name, lock, run_id, trained_until, run = _start(cfg, experiment, run_name, tags,
+                                                              continue_run, evaluation)
     print(f"tracking: MLflow run {run.info.run_id} ({'reopened' if run_id else 'new'}) in "
           f"experiment '{name}' at {public_uri(uri)}", flush=True)
     on_main_thread = threading.current_thread() is threading.main_thread()  # signals: main only
@@ -128,6 +110,34 @@ def tracked_run(cfg: Tracking, experiment: str, run_name: str, tags: dict[str, A
         end("FINISHED")
 
 
+def _start(cfg: Tracking, experiment: str, run_name: str, tags: dict[str, Any],
+           continue_run: str | None, evaluation: bool):
+    """`tracked_run`'s opening: the store, the experiment, the run started or reopened."""
+    uri = tracking_uri()
+    check_reachable(uri)
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    mlflow.set_tracking_uri(uri)
+    name = cfg.experiment or experiment
+    tags = {k: str(v) for k, v in tags.items()}  # a server takes strings only (SQLite, anything)
+    lock = store_lock(uri)
+    try:
+        with lock:  # a new store is created here, by one stage at a time
+            run_id = continue_run if continue_run and may_continue(continue_run, evaluation) else None
+            # an evaluation added to its training's run leaves the run's times the training's
+            # (the UI's Duration); its own time is its metric eval_seconds
+            trained_until = mlflow.get_run(run_id).info.end_time if run_id and evaluation else None
+            run = mlflow.start_run(run_id=run_id,
+                                   experiment_id=None if run_id else _experiment_id(name, uri),
+                                   run_name=None if run_id else run_name, tags=tags)
+    except MlflowException as err:
+        if is_refusal(err):
+            raise refusal_error(err, uri, f"to add a run to experiment {name!r}", name) from None
+        raise
+    return uri, name, lock, run_id, trained_until, run
+
+
 def may_continue(run_id: str, evaluation: bool = False) -> bool:
     """Whether this stage execution may add to the run `run_id`: it exists, it belongs to the
     DVC experiment now running (tag `rnnlab.dvc_exp`; none = the workspace's `dvc repro`), and,
@@ -160,7 +170,7 @@ def _end_run(status: str, on_main_thread: bool, previous, lock: AbstractContextM
     if on_main_thread:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
-        with lock:
+        with phases.phase("tracking"), lock:
             run_id = mlflow.active_run().info.run_id
             mlflow.end_run(status)
             if end_time is not None:

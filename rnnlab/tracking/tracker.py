@@ -10,6 +10,7 @@ from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any, Callable
 
+from rnnlab import phases
 from rnnlab.redact import public_uri
 from rnnlab.tracking.store import first_line, server_answers, server_gone
 
@@ -49,6 +50,10 @@ class Tracker:
 
     def flush(self) -> bool:
         """Send the waiting writes in order; False if the server still does not answer."""
+        with phases.phase("tracking"):
+            return self._flush()
+
+    def _flush(self) -> bool:
         if self._pending and self._outage_reported and not server_answers(self._uri or ""):
             return False  # still away: ask /health (fast), not the client (it retries for seconds)
         while self._pending:

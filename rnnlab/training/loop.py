@@ -13,19 +13,24 @@ from dataclasses import asdict, dataclass, field
 from typing import Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from rnnlab import phases
 from rnnlab.config import Train
 from rnnlab.data.batches import SAMPLERS, min_tokens, num_batches
 from rnnlab.errors import UserError
 from rnnlab.fileio import repo_root
 from rnnlab.models.dispatch import detach_state
 from rnnlab.models.lm import RNNLM
+from rnnlab.training.precision import scoring_bf16, training_bf16
 from rnnlab.training.threads import auto_threads
 
 MAX_LOSS = 700.0  # exp(700) is near float64's limit: a mean loss beyond it means divergence
 EVAL_CHUNK = 2048  # tokens per forward pass of `perplexity`: bounds memory, not the result
+TRAIN_STREAMS = 16  # the training split's perplexity: read as this many streams at once
+STREAM_CONTEXT = 256  # tokens each stream but the first reads, unscored, before its own
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,12 @@ class TrainState:
     best_val_ppl: float = math.inf
     best_epoch: int = 0
     lr_scale: float = 1.0                # lr_schedule plateau: the product of its decays so far
+    bf16: bool | None = None             # trains under bfloat16 autocast; None: not decided yet
+
+    @property
+    def precision(self) -> str:
+        """What the steps ran in: float32 | bfloat16 (train.bf16, decided on the first minibatch)."""
+        return "bfloat16" if self.bf16 else "float32"
 
     def snapshot(self) -> dict:
         """Everything needed to continue after the last completed epoch, bit for bit."""
@@ -97,22 +108,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("train.device = 'cuda' but no CUDA device is available; use auto or cpu")
     return torch.device(name)
-
-
-def bf16_hardware(device: torch.device) -> bool:
-    """Whether `device` multiplies bfloat16 in hardware: a CUDA GPU that supports it, a CPU with
-    AMX or AVX512-BF16. Elsewhere oneDNN emulates it: 10x slower than float32 for rnn and gru on
-    an AMD EPYC with AVX2 (docs/benchmark.md), so `auto` leaves it off there."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
-    return False
-
-
-def use_bf16(setting: bool | str, device: torch.device) -> bool:
-    """train.bf16 on `device`: true, false, or auto (where the hardware has it)."""
-    return bf16_hardware(device) if setting == "auto" else bool(setting)
 
 
 def make_optimizer(model: nn.Module, cfg: Train) -> torch.optim.Optimizer:
@@ -173,65 +168,74 @@ def run_epochs(state: TrainState, train_ids: torch.Tensor, val_ids: torch.Tensor
                device: torch.device) -> Iterator[EpochResult]:
     """Train from `state.epoch + 1` to `cfg.epochs`, yielding each epoch's numbers."""
     check_fits(len(train_ids), cfg)
-    model, opt = state.model, state.optimizer
     train_ids, val_ids = train_ids.to(device), val_ids.to(device)
     sampler = SAMPLERS[cfg.sampling]
     per_epoch = num_batches(len(train_ids), cfg.batch_size, cfg.num_steps)
-    bf16 = use_bf16(cfg.bf16, device)
+    scoring = scoring_bf16(cfg.bf16)
 
     for epoch in range(state.epoch + 1, cfg.epochs + 1):
-        start = time.perf_counter()
-        model.train()
-        window, norms = [], []  # per-step tensors, looked at every 25 steps: few host syncs
-        loss_sum = torch.zeros((), device=device)
-        n_tokens, lr, h = 0, cfg.lr, None
-        batches = sampler(train_ids, cfg.batch_size, cfg.num_steps, state.gen)
-        for step, (x, y) in enumerate(tqdm(batches, total=per_epoch, leave=False, disable=None,
-                                           desc=f"epoch {epoch}", unit="batch"), start=1):
-            lr = lr_at(cfg, (epoch - 1 + step / per_epoch) / cfg.epochs, epoch, state.lr_scale)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            # sequential: carry the state across minibatches, detached to truncate BPTT;
-            # random: rows are unrelated to the previous minibatch's, so start from zeros.
-            h = detach_state(h) if (cfg.sampling == "sequential" and h is not None) else None
-            h, loss, norm = train_step(model, x, y, h, opt, cfg.clip_theta, bf16)
-            norms.append(norm)
-            window.append(loss)
-            n_tokens += y.numel()
-            if step % 25 == 0:
-                loss_sum += _checked_sum(window, epoch, step - len(window) + 1)
-                window = []
-        loss_sum += _checked_sum(window, epoch, len(norms) - len(window) + 1)
-        train_seconds = time.perf_counter() - start
-
-        norms_t = torch.stack(norms)
-        train_loss = float(loss_sum) / len(norms)  # every minibatch has the same size
-        val_ppl = perplexity(model, val_ids, device, bf16)
-        if not math.isfinite(val_ppl) or train_loss > MAX_LOSS:
-            raise UserError(
-                f"training diverged: after epoch {epoch} the training loss is {train_loss:.4g} and "
-                f"the validation perplexity {val_ppl:.4g}; lower train.lr or train.clip_theta and "
-                "run again (nothing of this epoch was saved)"
-            )
-        is_best = val_ppl < state.best_val_ppl
-        if is_best:
-            state.best_val_ppl, state.best_epoch = val_ppl, epoch
-        elif cfg.lr_schedule == "plateau":  # PyTorch's word_language_model: anneal when stuck
-            state.lr_scale *= cfg.lr_decay
-        result = EpochResult(
-            epoch=epoch,
-            train_ppl=math.exp(train_loss),
-            val_ppl=val_ppl,
-            tokens_per_sec=n_tokens / train_seconds,
-            grad_norm=float(norms_t.mean()),
-            clipped_frac=float((norms_t > cfg.clip_theta).float().mean()),
-            lr=lr,
-            seconds=time.perf_counter() - start,
-            is_best=is_best,
-        )
+        with phases.phase("training"):  # the epoch and its validation; not what the caller does after
+            result = _epoch(state, train_ids, val_ids, cfg, device, epoch, sampler, per_epoch, scoring)
         state.epoch = epoch
         state.history.append(asdict(result))
         yield result
+
+
+def _epoch(state: TrainState, train_ids: torch.Tensor, val_ids: torch.Tensor, cfg: Train,
+           device: torch.device, epoch: int, sampler, per_epoch: int, scoring: bool) -> EpochResult:
+    """One epoch of `run_epochs`: its minibatches, then the validation score."""
+    model, opt = state.model, state.optimizer
+    start = time.perf_counter()
+    model.train()
+    window, norms = [], []  # per-step tensors, looked at every 25 steps: few host syncs
+    loss_sum = torch.zeros((), device=device)
+    n_tokens, lr, h = 0, cfg.lr, None
+    batches = sampler(train_ids, cfg.batch_size, cfg.num_steps, state.gen)
+    for step, (x, y) in enumerate(tqdm(batches, total=per_epoch, leave=False, disable=None,
+                                       desc=f"epoch {epoch}", unit="batch"), start=1):
+        lr = lr_at(cfg, (epoch - 1 + step / per_epoch) / cfg.epochs, epoch, state.lr_scale)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        # sequential: carry the state across minibatches, detached to truncate BPTT;
+        # random: rows are unrelated to the previous minibatch's, so start from zeros.
+        h = detach_state(h) if (cfg.sampling == "sequential" and h is not None) else None
+        if state.bf16 is None:  # decided on the first minibatch, kept for the whole run
+            state.bf16 = training_bf16(cfg.bf16, model, x, y, h)
+        h, loss, norm = train_step(model, x, y, h, opt, cfg.clip_theta, state.bf16)
+        norms.append(norm)
+        window.append(loss)
+        n_tokens += y.numel()
+        if step % 25 == 0:
+            loss_sum += _checked_sum(window, epoch, step - len(window) + 1)
+            window = []
+    loss_sum += _checked_sum(window, epoch, len(norms) - len(window) + 1)
+    train_seconds = time.perf_counter() - start
+
+    norms_t = torch.stack(norms)
+    train_loss = float(loss_sum) / len(norms)  # every minibatch has the same size
+    val_ppl = perplexity(model, val_ids, device, scoring)
+    if not math.isfinite(val_ppl) or train_loss > MAX_LOSS:
+        raise UserError(
+            f"training diverged: after epoch {epoch} the training loss is {train_loss:.4g} and "
+            f"the validation perplexity {val_ppl:.4g}; lower train.lr or train.clip_theta and "
+            "run again (nothing of this epoch was saved)"
+        )
+    is_best = val_ppl < state.best_val_ppl
+    if is_best:
+        state.best_val_ppl, state.best_epoch = val_ppl, epoch
+    elif cfg.lr_schedule == "plateau":  # PyTorch's word_language_model: anneal when stuck
+        state.lr_scale *= cfg.lr_decay
+    return EpochResult(
+        epoch=epoch,
+        train_ppl=math.exp(train_loss),
+        val_ppl=val_ppl,
+        tokens_per_sec=n_tokens / train_seconds,
+        grad_norm=float(norms_t.mean()),
+        clipped_frac=float((norms_t > cfg.clip_theta).float().mean()),
+        lr=lr,
+        seconds=time.perf_counter() - start,
+        is_best=is_best,
+    )
 
 
 def _checked_sum(losses: list[torch.Tensor], epoch: int, first_step: int) -> torch.Tensor | float:
@@ -275,6 +279,50 @@ def perplexity(model: RNNLM, ids: torch.Tensor, device: torch.device | None = No
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             loss, h = model.loss(x, y, h)  # h carried: chunking changes nothing
         total += loss.double()  # bf16 logits are scored in float32, float64 models in float64
+    model.train(was_training)
+    mean = float(total) / n
+    return math.exp(mean) if mean <= MAX_LOSS else math.inf
+
+
+@torch.no_grad()
+def streamed_perplexity(model: RNNLM, ids: torch.Tensor, device: torch.device | None = None,
+                        bf16: bool = False, streams: int = TRAIN_STREAMS,
+                        context: int = STREAM_CONTEXT, chunk: int = EVAL_CHUNK) -> float:
+    """`perplexity` of a long split read as `streams` contiguous pieces at once (a batch), for
+    the training split's number (docs/evaluation.md): each token after the first is still
+    predicted once, and each piece but the first starts `context` tokens early, those predictions
+    unscored, so that its state has read text before its first scored one. A batch of one spends
+    its time in the time loop's per-step overhead; 16 streams cost little more per step and take
+    1/16th of the steps. Splits shorter than `streams` pieces of `context` tokens are read as one
+    sequence (`perplexity` itself)."""
+    n = len(ids) - 1  # predictions
+    per = -(-n // streams)  # scored predictions per stream (the last may have fewer)
+    if streams <= 1 or per <= context:
+        return perplexity(model, ids, device, bf16, chunk)
+    was_training = model.training
+    model.eval()
+    device = device or next(model.parameters()).device
+    ids = ids.to(device)
+    width = context + per  # every stream's inputs, padded at the end
+    x = torch.zeros((streams, width), dtype=ids.dtype, device=device)
+    y = torch.zeros_like(x)
+    scored = torch.zeros((streams, width), dtype=torch.bool, device=device)
+    for k in range(streams):
+        first, end = k * per, min((k + 1) * per, n)  # scored predictions [first, end)
+        begin = max(0, first - context)  # the stream's first input
+        if end <= first:
+            continue
+        x[k, : end - begin] = ids[begin:end]
+        y[k, : end - begin] = ids[begin + 1 : end + 1]
+        scored[k, first - begin : end - begin] = True
+    total, h = torch.zeros((), dtype=torch.float64, device=device), None
+    step = max(1, chunk // streams)
+    for i in range(0, width, step):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits, h = model(x[:, i : i + step], h)  # h carried: chunking changes nothing
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16: scored in float32
+        losses = F.cross_entropy(logits.flatten(0, 1), y[:, i : i + step].flatten(), reduction="none")
+        total += losses[scored[:, i : i + step].flatten()].double().sum()
     model.train(was_training)
     mean = float(total) / n
     return math.exp(mean) if mean <= MAX_LOSS else math.inf

@@ -15,7 +15,7 @@ from torch import nn
 
 from bench import benchmark, report, sides, streams
 from bench.baselines import BookScratchRNN, book_model, grad_clipping
-from bench.flops import bound_by_part, bound_tokens_per_sec, forward_flops, train_flops
+from bench.flops import bound_tokens_per_sec, forward_flops, train_flops
 from bench.wlm import WordLM, batchify, get_batch, wlm_step
 from rnnlab.models.dispatch import detach_state
 from rnnlab.models.lm import CELLS, ModelConfig, build_model
@@ -74,14 +74,6 @@ def test_the_word_rows_count():
 
 def test_bound():
     assert bound_tokens_per_sec(flops_per_token=500, flops_per_sec=1e9) == 2e6
-
-
-def test_bound_by_part_adds_the_parts_times():
-    """Training is 3x the forward: 3*100 FLOPs at 1e9/s (3e-7 s) + 3*200 at 2e9/s (3e-7 s) =
-    6e-7 s per token; at one rate for both it is the plain bound."""
-    assert bound_by_part({"a": 100, "b": 200}, {"a": 1e9, "b": 2e9}) == pytest.approx(1 / 6e-7)
-    assert bound_by_part({"a": 100, "b": 200}, {"a": 1e9, "b": 1e9}) == pytest.approx(
-        bound_tokens_per_sec(900, 1e9))
 
 
 # --- the baseline computes what our models compute ------------------------------------------------
@@ -251,13 +243,17 @@ def test_markdown_table_has_every_column():
                     "load_average": 0.1, "load_average_before": 0.2},
         "settings": {"steps": 2, "repeats": 2, "tracking_variant": "rnn"},
         "matmul": [{"m": 32, "k": 256, "n": 256, "mkl": 100.0, "onednn": 150.0, "best": 150.0}],
+        "matmul_bf16": [{"m": 32, "k": 256, "n": 256, "mkl": 90.0, "onednn": 310.0, "best": 310.0}],
         "training": [{"variant": "rnn", "batch": 32, "baseline": "d2l RNNModel(nn.RNN)",
                       "flops_per_token": 436224, "book": side, "ours": side, "ratio": 1.5,
-                      "bound": 3e5, "peak_bound": 6e5}],
+                      "bound": 3e5, "bound_bf16": 6e5},
+                     {"variant": "lstm", "batch": 32, "baseline": "d2l RNNModel(nn.LSTM)",
+                      "flops_per_token": 1e6, "book": side, "ours": side, "ours_bf16": side,
+                      "ratio": 1.1, "ratio_bf16": 1.7, "bound": 3e5, "bound_bf16": 8e5}],
         "word": {"data": "a synthetic Zipf stream", "settings": sides.WORD, "training": [
             {"variant": "word lstm", "batch": 20, "baseline": "wlm RNNModel(LSTM)",
              "config": {"vocab_size": 10_000}, "flops_per_token": 15_840_000, "book": side,
-             "ours": side, "ratio": 0.9, "bound": 3e5, "peak_bound": 6e5,
+             "ours": side, "ratio": 0.9, "bound": 3e5, "bound_bf16": 6e5,
              "shapes": {"output": (400, 200, 10_000)}}]},
         "inference": {"rnn": {"greedy_chars_per_sec": 1e4, "sampled_chars_per_sec": 9e3,
                               "eval_tokens_per_sec": 4e5}},
@@ -272,11 +268,15 @@ def test_markdown_table_has_every_column():
     assert header.split("|")[1:-1] == [f" {c} " for c in report.TABLE_COLUMNS]
     rows = [line for line in text.splitlines() if line.startswith("| rnn | 32 |")]
     assert len(rows) == 2 and all(len(r.split("|")) == len(header.split("|")) for r in rows)
+    lstm = [line for line in text.splitlines() if line.startswith("| lstm | 32 |")]
+    assert [r.split("|")[3].strip() for r in lstm] == ["d2l RNNModel(nn.LSTM)", "ours", "ours bf16"]
+    assert "| 1.70x |" in lstm[2] and "| 800.0k | 25% |" in lstm[2]  # its bound: bfloat16's
+    assert "| 300.0k | 67% |" in lstm[1]
     word = [line for line in text.splitlines() if line.startswith("| word lstm | 20 |")]
     assert len(word) == 2 and all(len(r.split("|")) == len(header.split("|")) for r in word)
     assert "| wlm RNNModel(LSTM) |" in word[0] and "| ours |" in word[1] and "| 0.90x |" in word[1]
     assert "output 400 x 200 @ 200 x 10000" in text
-    assert "| 150 |" in text and "No-op `dvc repro`: 0.50 s" in text and "Tracking:" in text
+    assert "| 150 |" in text and "| 310 |" in text and "No-op `dvc repro`: 0.50 s" in text and "Tracking:" in text
 
 
 # --- the command ----------------------------------------------------------------------------------
@@ -293,23 +293,25 @@ def _tiny_ptb(path):
 
 @pytest.mark.slow  # the benchmark's command, end to end
 def test_word_only_quick_run(tmp_path):
-    """`--word-only --quick --ptb`: only the word rows, on the zip's words, written to the table
-    and the JSON (no speed is checked; the ratio is finite and positive)."""
+    """`--word-only --quick --ptb --bf16`: only the word rows, on the zip's words, ours also under
+    bfloat16 autocast (a third side, on any CPU), written to the table and the JSON (no speed is
+    checked; the ratios are finite and positive)."""
     ptb = _tiny_ptb(tmp_path / "ptb.zip")
     benchmark.main(["--word-only", "--quick", "--steps", "1", "--threads", "1", "--ptb", str(ptb),
-                    "--out", str(tmp_path / "out")])
+                    "--bf16", "--out", str(tmp_path / "out")])
     (md,) = (tmp_path / "out").glob("*.md")
     (js,) = (tmp_path / "out").glob("*.json")
     text = md.read_text()
-    assert sum(line.startswith("| word lstm | 20 |") for line in text.splitlines()) == 2
+    assert sum(line.startswith("| word lstm | 20 |") for line in text.splitlines()) == 3
     assert "Time Machine" not in text and "ptb.zip: 480 tokens, 40 words" in text
     result = json.loads(js.read_text())
     assert result["training"] == [] and "inference" not in result and "tracking" not in result
     (p,) = result["word"]["training"]
     assert p["config"]["vocab_size"] == 40 and p["flops_per_token"] == train_flops(
         sides.word_config(40))
-    assert math.isfinite(p["ratio"]) and p["ratio"] > 0 and 0 < p["bound"] < p["peak_bound"] * 10
-    assert len(p["book"]["repeats"]) == len(p["ours"]["repeats"]) == 2
+    assert math.isfinite(p["ratio"]) and p["ratio"] > 0 and 0 < p["bound"] <= p["bound_bf16"]
+    assert len(p["book"]["repeats"]) == len(p["ours"]["repeats"]) == len(p["ours_bf16"]["repeats"]) == 2
+    assert math.isfinite(p["ratio_bf16"]) and p["ratio_bf16"] > 0
 
 
 def test_word_only_rejects_variants():
@@ -330,15 +332,19 @@ def test_quick_run_writes_the_table(tmp_path):
     (js,) = tmp_path.glob("*.json")
     text = md.read_text()
     assert "| " + " | ".join(report.TABLE_COLUMNS) + " |" in text
-    for variant in ("rnn", "lstm"):
-        assert sum(line.startswith(f"| {variant} | 32 |") for line in text.splitlines()) == 2
-    assert sum(line.startswith("| word lstm | 20 |") for line in text.splitlines()) == 2
     result = json.loads(js.read_text())
+    pairs = {p["variant"]: p for p in [*result["training"], *result["word"]["training"]]}
+    for variant, batch in (("rnn", 32), ("lstm", 32), ("word lstm", 20)):  # + ours bf16 where auto picks it
+        assert sum(line.startswith(f"| {variant} | {batch} |") for line in text.splitlines()) == \
+            2 + bool(pairs[variant].get("ours_bf16"))
     assert [(p["variant"], p["batch"]) for p in result["training"]] == [("rnn", 32), ("lstm", 32)]
     for p in result["training"]:
         assert p["ratio"] > 0 and p["bound"] > 0 and p["flops_per_token"] > 0
-        for side in ("book", "ours"):
-            assert p[side]["min"] <= p[side]["median"] <= p[side]["max"]
+        for side in ("book", "ours", "ours_bf16"):
+            if side in p:
+                assert p[side]["min"] <= p[side]["median"] <= p[side]["max"]
+                # the bound is one: every FLOP at the machine's best rate cannot be beaten
+                assert p[side]["median"] < p["bound_bf16" if side == "ours_bf16" else "bound"]
     (w,) = result["word"]["training"]
     assert w["config"]["vocab_size"] == 10_000 and w["flops_per_token"] == 15_840_000
     assert math.isfinite(w["ratio"]) and w["ratio"] > 0 and w["bound"] > 0

@@ -17,7 +17,7 @@ import torch
 
 from rnnlab.data.vocab import build_vocab
 from rnnlab.models.lm import ModelConfig, build_model
-from rnnlab.training.loop import perplexity
+from rnnlab.training.loop import perplexity, streamed_perplexity
 from tests.stagerun import eval_args, in_process, one_error, tiny_params, write_params
 
 VOCAB = build_vocab(list("the time traveller was expounding a recondite matter to us "))
@@ -65,6 +65,34 @@ def test_chunked_perplexity_equals_a_token_by_token_loop(cell, impl, num_layers)
     # chunks of 7 (the last one short), of 64, and the whole split in one
     for chunk in (7, 64, len(IDS)):
         assert perplexity(model, IDS, chunk=chunk) == pytest.approx(expected, rel=1e-9, abs=0)
+
+
+@pytest.mark.parametrize("streams, context", [(4, 8), (7, 3), (16, 5)])
+def test_streamed_perplexity_scores_every_prediction_once(streams, context):
+    """The training split's reading in streams: with a state that forgets at once (no recurrent
+    weight: each prediction depends on its input token alone) it equals the one-sequence number,
+    so each of the n - 1 predictions counts exactly once, whatever the streams and the padding."""
+    model = tiny("rnn", "torch").double()
+    with torch.no_grad():
+        model.rnn.rnn.weight_hh_l0.zero_()
+    expected = perplexity(model, IDS)
+    got = streamed_perplexity(model, IDS, streams=streams, context=context, chunk=13)
+    assert got == pytest.approx(expected, rel=1e-12, abs=0)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_streamed_perplexity_is_near_the_one_sequence_number(cell):
+    """With memory, each stream starts from `context` tokens of the text before it: the number
+    moves by less than a part in a thousand; without that context (each stream cold) more;
+    a split too short for the streams is read as one sequence."""
+    model = tiny(cell, "torch").double()
+    ids = IDS.repeat(8)
+    exact = perplexity(model, ids)
+    warm = streamed_perplexity(model, ids, streams=8, context=64)
+    assert warm == pytest.approx(exact, rel=1e-3)
+    cold = streamed_perplexity(model, ids, streams=8, context=0)
+    assert abs(cold / exact - 1) > abs(warm / exact - 1)
+    assert streamed_perplexity(model, IDS, streams=8, context=64) == pytest.approx(perplexity(model, IDS), rel=1e-12)
 
 
 def test_perplexity_restores_training_mode_and_needs_two_tokens():

@@ -13,7 +13,8 @@ from rnnlab.data.vocab import Vocab, build_vocab
 from rnnlab.errors import UserError
 from rnnlab.models.lm import ModelConfig, build_model
 from rnnlab.training.checkpoint import load_checkpoint, save_checkpoint
-from rnnlab.training.loop import new_state, run_epochs, train_step, use_bf16
+from rnnlab.training import loop, precision
+from rnnlab.training.loop import new_state, run_epochs, train_step
 from rnnlab.training.sampling import continue_text, prefix_tokens
 from tests.conftest import shipped
 
@@ -252,15 +253,66 @@ def test_generation_leaves_out_unk_for_word_tokens_by_default():
 
 @pytest.mark.parametrize("amx, avx512_bf16, expected", [
     (False, False, False), (True, False, True), (False, True, True)])
-def test_bf16_auto_is_on_where_the_cpu_multiplies_bfloat16(amx, avx512_bf16, expected, monkeypatch):
-    """train.bf16: auto follows the hardware (AMX or AVX512-BF16 on a CPU); true and false are
-    what they say, on any device."""
+def test_bf16_hardware_is_amx_or_avx512_bf16_on_a_cpu(amx, avx512_bf16, expected, monkeypatch):
+    """Where train.bf16: auto measures at all: a CPU with AMX or AVX512-BF16."""
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
-    cpu = torch.device("cpu")
-    assert use_bf16("auto", cpu) is expected
-    assert use_bf16(True, cpu) is True and use_bf16(False, cpu) is False
-    assert use_bf16(cfg(bf16="auto").bf16, cpu) is expected  # the schema takes auto
+    assert precision.bf16_hardware(torch.device("cpu")) is expected
+
+
+def test_bf16_auto_without_the_hardware_is_float32_unmeasured(monkeypatch):
+    """auto on a CPU that emulates bfloat16 trains in float32 and measures nothing; true and
+    false are what they say; scores are bfloat16 only under true."""
+    monkeypatch.setattr(precision, "bf16_hardware", lambda device: False)
+    monkeypatch.setattr(precision.choice, "choose", lambda *a: pytest.fail("measured"))
+    model, x, y = tiny("lstm"), IDS[:32].view(4, 8), IDS[1:33].view(4, 8)
+    assert precision.training_bf16("auto", model, x, y) is False
+    assert precision.training_bf16(True, model, x, y) is True
+    assert precision.training_bf16(False, model, x, y) is False
+    assert [precision.scoring_bf16(s) for s in ("auto", True, False)] == [False, True, False]
+
+
+@pytest.mark.parametrize("faster", ["float32", "bfloat16"])
+def test_bf16_auto_trains_in_the_precision_that_measured_faster(faster, monkeypatch):
+    """auto times one step of the model each way on the first minibatch (both really run: the
+    candidates leave the gradients as they were) and trains in the faster, scores in float32;
+    the decision is a kernel choice, listed like the others and kept in the state."""
+    monkeypatch.setattr(precision, "bf16_hardware", lambda device: True)
+    ran, real_step = [], precision._step
+    monkeypatch.setattr(precision, "_step", lambda *a: (ran.append(a[-1]), real_step(*a)))
+    monkeypatch.setattr(precision.choice, "forced", lambda kind, key, allowed: None)
+    monkeypatch.setattr(precision.choice, "measure", lambda candidates: (
+        [fn() for fn in candidates.values()],
+        {name: 1.0 if name == faster else 2.0 for name in candidates})[1])
+    monkeypatch.setattr(precision.choice, "_store", lambda full, entry: entry)  # no cache file
+    scored = []
+    real_ppl = loop.perplexity
+    monkeypatch.setattr(loop, "perplexity", lambda *a, **k: (scored.append(a[3]), real_ppl(*a, **k))[1])
+    precision.choice.forget()
+    try:
+        model = tiny("lstm")
+        results, state = train(model, cfg(bf16="auto", epochs=1))
+        assert sorted(ran) == [False, True]  # each candidate timed, then not again
+        assert state.precision == faster and state.bf16 is (faster == "bfloat16")
+        assert all(p.grad is None or p.dtype == torch.float32 for p in model.parameters())
+        assert scored == [False]  # the validation score: float32 either way
+        assert any(line.startswith("precision lstm torch: 1 layer(s) x 16, one-hot input, "
+                                   f"vocabulary {len(VOCAB)}, 8 steps x batch 4: {faster}")
+                   for line in precision.choice.report())
+    finally:
+        precision.choice.forget()
+
+
+def test_bf16_can_be_forced_by_the_environment(monkeypatch):
+    """RNNLAB_PRECISION names the precision auto trains in, as RNNLAB_KERNEL names a path."""
+    monkeypatch.setattr(precision, "bf16_hardware", lambda device: True)
+    model, x, y = tiny("gru"), IDS[:32].view(4, 8), IDS[1:33].view(4, 8)
+    for value, expected in (("bfloat16", True), ("float32", False)):
+        monkeypatch.setenv("RNNLAB_PRECISION", value)
+        assert precision.training_bf16("auto", model, x, y) is expected
+    monkeypatch.setenv("RNNLAB_PRECISION", "fp8")
+    with pytest.raises(UserError, match="RNNLAB_PRECISION = 'fp8': allowed: measure, float32, bfloat16"):
+        precision.training_bf16("auto", model, x, y)
 
 
 def test_bf16_trains_under_autocast_on_the_cpu(monkeypatch):
