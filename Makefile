@@ -74,6 +74,9 @@ sweep: setup                          ## a parallel sweep: ARGS="-S train.lr=0.0
 bench: setup                          ## our training step against the book's, in one run (docs/benchmark.md)
 	$(BIN)/python -m bench.benchmark
 
+profile-run: setup                    ## where a fresh clone's `dvc repro` spends its time, stage by stage (bench/run_profile.py)
+	$(BIN)/python -m bench.run_profile
+
 bench-sweep: setup                    ## 4 queued experiments with -j 1, then -j 2 (bench/sweep.py)
 	$(BIN)/python -m bench.sweep
 

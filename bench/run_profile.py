@@ -1,6 +1,7 @@
 """Where the default run's wall time goes: `dvc repro` of a fresh clone, stage by stage.
 
     python -m bench.run_profile                 # a clone of HEAD, params.yaml as committed
+    python -m bench.run_profile --set train.bf16=false   # one setting changed, as `-S` does
     make profile-run
 
 Runs `dvc repro` in a git clone of HEAD (in a temporary folder, tracking to its own SQLite store)
@@ -26,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import yaml
+
 from bench.clone import ROOT
 from bench.machine import machine
 from rnnlab.phases import PHASES, PROFILE_ENV
@@ -47,14 +50,32 @@ def profile(repo: Path, env: dict[str, str], log: Path) -> dict:
         rows.append({"stage": s["stage"], **s["seconds"], "process": process,
                      "dvc": max(0.0, s["started"] - previous_end)})
         previous_end = s["ended"]
-    trainings = {p.parent.name: json.loads(p.read_text())["train_seconds"]
-                 for p in sorted((repo / "models").glob("*/train.json"))}
+    trained = {p.parent.name: json.loads(p.read_text())
+               for p in sorted((repo / "models").glob("*/train.json"))}
     evaluations = {p.stem: json.loads(p.read_text())
                    for p in sorted((repo / "metrics" / "variants").glob("*.json"))}
     best = min(evaluations.items(), key=lambda kv: kv[1]["test_ppl"])
+    variants = {name: {"precision": t.get("precision", "float32"), "train_seconds": t["train_seconds"],
+                       **{k: evaluations[name][k] for k in ("train_ppl", "val_ppl", "test_ppl")}}
+                for name, t in trained.items()}
     return {"wall": wall, "tail_dvc": max(0.0, start_wall + wall - previous_end), "rows": rows,
-            "train_seconds": trainings, "sum_train_seconds": sum(trainings.values()),
+            "variants": variants, "sum_train_seconds": sum(v["train_seconds"] for v in variants.values()),
             "best_test_ppl": {"variant": best[0], "test_ppl": best[1]["test_ppl"]}}
+
+
+def change_params(path: Path, settings: list[str]) -> None:
+    """Set each `section.key=value` (value read as YAML) in the params file at `path`."""
+    params = yaml.safe_load(path.read_text())
+    for setting in settings:
+        key, sep, value = setting.partition("=")
+        *parents, last = key.split(".")
+        node = params
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not sep or not isinstance(node, dict) or last not in node:
+            raise SystemExit(f"--set {setting}: not KEY=VALUE with KEY a key of params.yaml")
+        node[last] = yaml.safe_load(value)
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
 def markdown(result: dict) -> str:
@@ -79,6 +100,11 @@ def markdown(result: dict) -> str:
               "", "`dvc` is the wall time outside the stage processes (DVC's start-up, status, "
               "hashing, dvc.lock, each process's exit); `startup` a process's time before its "
               "main (the interpreter and the imports)."]
+    if result.get("variants"):
+        lines += ["", "| variant | precision | train_seconds | train ppl | val ppl | test ppl |",
+                  "|---|---|---:|---:|---:|---:|"]
+        lines += [f"| {name} | {v['precision']} | {v['train_seconds']:.1f} | {v['train_ppl']:.3f} | "
+                  f"{v['val_ppl']:.3f} | {v['test_ppl']:.3f} |" for name, v in result["variants"].items()]
     return "\n".join(lines) + "\n"
 
 
@@ -86,6 +112,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--fresh-cache", action="store_true",
                         help="an empty kernel cache: every choice measured (the native build too)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="change one setting of the clone's params.yaml (a YAML value)")
     parser.add_argument("--out", type=Path, default=ROOT / "metrics" / "bench")
     args = parser.parse_args()
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true",
@@ -96,16 +124,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="rnnlab-profile-") as tmp:
         repo = Path(tmp) / "repo"
         subprocess.run(["git", "clone", "-q", str(ROOT), str(repo)], check=True)
+        if args.set:
+            change_params(repo / "params.yaml", args.set)
         if args.fresh_cache:
             env["RNNLAB_CACHE_DIR"] = str(Path(tmp) / "cache")
         result = profile(repo, env, Path(tmp) / "profile.jsonl")
     info = machine()
-    result.update(date=time.strftime("%Y-%m-%d %H:%M"), machine=info,
-                  command="python -m bench.run_profile" + (" --fresh-cache" if args.fresh_cache else ""))
+    result.update(date=time.strftime("%Y-%m-%d %H:%M"), machine=info, settings=args.set,
+                  command=" ".join(["python -m bench.run_profile", *sys.argv[1:]]))
     text = markdown(result)
     print("\n" + text)
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"run-profile-{info['kind']}"
+    stem = args.out / f"run-profile-{info['kind']}{'-set' if args.set else ''}"
     stem.with_suffix(".md").write_text(text)
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {stem}.md and .json")

@@ -34,14 +34,13 @@ class TorchRNN(nn.Module):
 
     Paths (`run`): `reference` runs the nn.* module itself; `fused` (rnn, gru) and `native` (rnn,
     gru, lstm) compute the same function from the same parameters (rnnlab/fused.py,
-    rnnlab/native.py). `forward` takes the path `training_path` measured fastest while gradients
-    are recorded on the CPU, the module everywhere else: without gradients nn.RNN's / nn.GRU's own
-    kernel is faster (2.7x the fused path at batch 1, 256 hidden); cuDNN on a GPU already runs the
-    whole sequence in one kernel.
+    rnnlab/native.py). `forward` takes the path `training_path` measured fastest on the CPU, with
+    gradients and without (there nn.RNN's / nn.GRU's own kernel beats the fused path 2.7x at batch
+    1, the compiled loop beats both 4x); the module everywhere else: cuDNN on a GPU already runs
+    the whole sequence in one kernel.
     """
 
     CELLS = {nn.RNN: "rnn", nn.GRU: "gru", nn.LSTM: "lstm"}
-    no_grad_path = "reference"
 
     def __init__(self, module: type[nn.RNNBase], input_size: int, hidden_size: int,
                  num_layers: int, dropout: float):

@@ -46,23 +46,32 @@ def recurrence_of(cell: str, path: str):
 
 
 def training_path(stack: nn.Module, x: torch.Tensor, state: State) -> str:
-    """The path `stack` runs x by: on the CPU outside autocast with gradients recorded, the one
-    measured fastest for this shape (rnnlab/kernels/choice.py); without gradients the stack's
-    `no_grad_path`; `reference` on other devices and under autocast."""
+    """The path `stack` runs x by: on the CPU outside autocast, the one measured fastest for this
+    shape (rnnlab/kernels/choice.py), forward and backward while gradients are recorded, the
+    forward alone without them (scores, text: at batch 1 the compiled loop ran 4x nn.GRU's
+    kernel); `reference` on other devices and under autocast."""
     if not fused_applies(x):
         return "reference"
-    if not torch.is_grad_enabled():
-        return stack.no_grad_path
     paths = stack.paths()
     if len(paths) == 1:
         return paths[0]
+    grad = torch.is_grad_enabled()
     p = next(stack.parameters())
     key = (f"{stack.cell} {type(stack).__name__.removesuffix('RNN').lower()}: "
            f"{state[0].shape[0]} layer(s) x {state[0].shape[-1]}, "
            f"{'one-hot' if not x.is_floating_point() else f'{x.shape[-1]}-wide'} input, "
-           f"{x.shape[0]} steps x batch {x.shape[1]}, {str(p.dtype)[6:]}")
-    return choice.choose("layer", key, {path: functools.partial(_train_pass, stack, x, state, path)
+           f"{x.shape[0]} steps x batch {x.shape[1]}, {str(p.dtype)[6:]}"
+           f"{'' if grad else ', no gradients'}")
+    run = _train_pass if grad else _forward_pass
+    return choice.choose("layer", key, {path: functools.partial(run, stack, x, state, path)
                                          for path in paths})
+
+
+def _forward_pass(stack: nn.Module, x: torch.Tensor, state: State, path: str) -> None:
+    """One forward of `stack` by `path` without gradients: what `training_path` times for
+    scoring and generation."""
+    with torch.no_grad():
+        stack.run(x, state, path)
 
 
 def _train_pass(stack: nn.Module, x: torch.Tensor, state: State, path: str) -> None:

@@ -178,10 +178,8 @@ class LSTMCell(nn.Module):
 
 class ScratchRNN(nn.Module):
     """Stacked scratch cells: each layer runs its cell over time; its outputs feed the next.
-    Without gradients (evaluation, generation) a cell with `all_steps` takes the fused path, far
-    faster than the loop; with them, the path `training_path` measured fastest."""
-
-    no_grad_path = "fused"
+    A cell with `all_steps` (rnn, gru) runs by the path `training_path` measured fastest, with
+    gradients and without (evaluation, generation)."""
 
     def __init__(self, cell: type[nn.Module], input_size: int, hidden_size: int,
                  num_layers: int, dropout: float):

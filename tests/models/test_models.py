@@ -400,8 +400,8 @@ def test_fused_path_backward_twice_with_retain_graph(cell, impl):
 @pytest.mark.parametrize("impl", IMPL_NAMES)
 @pytest.mark.parametrize("cell", CELLS)
 def test_forward_takes_the_fused_path_on_the_cpu_only(cell, impl, monkeypatch):
-    """rnn and gru on the CPU, the fused path forced: fused; under autocast, on another device,
-    and for lstm: nn.* or the loop over steps; the torch impl without gradients: nn.*."""
+    """rnn and gru on the CPU, the fused path forced: fused, with gradients and without; under
+    autocast, on another device, and for lstm: nn.* or the loop over steps."""
     monkeypatch.setenv("RNNLAB_KERNEL", "fused")
     calls = []
     for recurrence in (fused.TanhRecurrence, fused.GRURecurrence):
@@ -410,14 +410,14 @@ def test_forward_takes_the_fused_path_on_the_cpu_only(cell, impl, monkeypatch):
     idx = torch.randint(0, 7, (2, 3))
     model(idx)
     on_cpu = len(calls)
-    with torch.no_grad():  # evaluation: torch's own kernel for the torch impl, the fused one for scratch
+    with torch.no_grad():  # evaluation: the forced path too
         model(idx)
     no_grad = len(calls) - on_cpu
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model(idx)
     model.to("meta")(idx.to("meta"))  # another device: shapes only, as a stand-in for CUDA
     assert on_cpu == (1 if cell in FUSED_CELLS else 0)
-    assert no_grad == (1 if cell in FUSED_CELLS and impl == "scratch" else 0)
+    assert no_grad == (1 if cell in FUSED_CELLS else 0)
     assert len(calls) == on_cpu + no_grad
 
 
@@ -452,9 +452,13 @@ def test_training_takes_the_path_that_measured_fastest(impl, faster, monkeypatch
     monkeypatch.setattr(dispatch, "recurrence_of", lambda cell, path: Counting(path))
     model = make("gru", impl)
     model.loss(torch.randint(0, 7, (2, 3)), torch.randint(0, 7, (2, 3)))[0].backward()
-    choice.forget()
     assert [names for names in timed if "reference" in names] == [["reference", "fused", "native"]]
     assert calls == ([] if faster in ("reference", "none") else [faster])
+    with torch.no_grad():  # scoring: a decision of its own (forward only), measured the same way
+        model.loss(torch.randint(0, 7, (2, 3)), torch.randint(0, 7, (2, 3)))
+    choice.forget()
+    assert [names for names in timed if "reference" in names] == [["reference", "fused", "native"]] * 2
+    assert calls == ([] if faster in ("reference", "none") else [faster] * 2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

@@ -105,7 +105,7 @@ def test_a_resume_file_written_before_the_package_layout_starts_over_naming_the_
     work = tmp_path / "work"
     work.mkdir()
     shutil.copy(ROOT / "tests/fixtures/premove/resume.pt", work / "resume.pt")
-    cfg = shipped(Train, hidden_size=8, threads=1)
+    cfg = shipped(Train, hidden_size=8, threads=1, epochs=12, bf16=False)  # the defaults of then
     model = ModelConfig(vocab_size=24, cell="gru", impl="torch", hidden_size=8)
     found = load_resumable(work, fingerprint(model, cfg, "0" * 40, ROOT))
     assert found.snapshot is None
