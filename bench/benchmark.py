@@ -136,7 +136,10 @@ def char_configs(params, names: list[str], vocab_size: int) -> dict[str, ModelCo
 def _progress(name: str, batch: int, baseline: str, s: dict) -> None:
     print(f"{name:>14} batch {batch:>4}: {baseline} {kilo(s['book']['median']):>8}  ours "
           f"{kilo(s['ours']['median']):>8} tok/s  {s['ratio']:.2f}x  "
-          f"{s['ours']['median'] / s['bound']:.0%} of bound", flush=True)
+          f"{s['ours']['median'] / s['bound']:.0%} of bound"
+          + (f"; ours bf16 {kilo(s['ours_bf16']['median']):>8} tok/s  {s['ratio_bf16']:.2f}x  "
+             f"{s['ours_bf16']['median'] / s['bound_bf16']:.0%} of its bound"
+             if s.get("ours_bf16") else ""), flush=True)
 
 
 def run(args: argparse.Namespace) -> dict:

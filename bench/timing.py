@@ -140,12 +140,12 @@ def time_pair(pair: Pair, cfg: ModelConfig, ids: torch.Tensor, steps: int, repea
     torch.manual_seed(0)
     book_net = baseline_for(cfg, device)
     sides = {"book": (book_step(book_net, BOOK["lr"], BOOK["clip_theta"]), batches)}
-    for side, bf16 in (("ours", False), ("ours_bf16", True)):
+    for side, autocast in (("ours", False), ("ours_bf16", True)):
         torch.manual_seed(0)
         model = build_model(cfg).to(device)
-        if side == "ours_bf16" and not training_bf16(bf16, model, *batches[0]):
+        if autocast and not training_bf16(bf16, model, *batches[0]):
             continue  # float32 trains this model faster here: what a run would train in
-        sides[side] = (ours_step(model, BOOK["lr"], BOOK["clip_theta"], bf16), batches)
+        sides[side] = (ours_step(model, BOOK["lr"], BOOK["clip_theta"], autocast), batches)
     interleave(pair, sides, pair.batch * BOOK["num_steps"], steps, repeats, warmup, device)
 
 
@@ -159,12 +159,12 @@ def time_word_pair(pair: Pair, cfg: ModelConfig, ids: torch.Tensor, steps: int, 
     torch.manual_seed(0)
     wlm = WordLM(cfg.vocab_size, cfg.embed_size, cfg.hidden_size, cfg.num_layers, dropout=0.0)
     sides = {"book": (wlm_step(wlm.to(device), lr, clip), wlm_batches)}
-    for side, bf16 in (("ours", False), ("ours_bf16", True)):
+    for side, autocast in (("ours", False), ("ours_bf16", True)):
         torch.manual_seed(0)
         model = build_model(cfg).to(device)
-        if side == "ours_bf16" and not training_bf16(bf16, model, *our_batches[0]):
+        if autocast and not training_bf16(bf16, model, *our_batches[0]):
             continue
-        sides[side] = (ours_step(model, lr, clip, bf16), our_batches)
+        sides[side] = (ours_step(model, lr, clip, autocast), our_batches)
     interleave(pair, sides, pair.batch * WORD["num_steps"], steps, repeats, warmup, device)
 
 
