@@ -27,7 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
+from dvc.exceptions import DvcException
+from dvc.utils.hydra import apply_overrides
 
 from bench.clone import ROOT
 from bench.machine import machine
@@ -61,21 +62,6 @@ def profile(repo: Path, env: dict[str, str], log: Path) -> dict:
     return {"wall": wall, "tail_dvc": max(0.0, start_wall + wall - previous_end), "rows": rows,
             "variants": variants, "sum_train_seconds": sum(v["train_seconds"] for v in variants.values()),
             "best_test_ppl": {"variant": best[0], "test_ppl": best[1]["test_ppl"]}}
-
-
-def change_params(path: Path, settings: list[str]) -> None:
-    """Set each `section.key=value` (value read as YAML) in the params file at `path`."""
-    params = yaml.safe_load(path.read_text())
-    for setting in settings:
-        key, sep, value = setting.partition("=")
-        *parents, last = key.split(".")
-        node = params
-        for part in parents:
-            node = node.get(part) if isinstance(node, dict) else None
-        if not sep or not isinstance(node, dict) or last not in node:
-            raise SystemExit(f"--set {setting}: not KEY=VALUE with KEY a key of params.yaml")
-        node[last] = yaml.safe_load(value)
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
 def markdown(result: dict) -> str:
@@ -113,7 +99,7 @@ def main() -> None:
     parser.add_argument("--fresh-cache", action="store_true",
                         help="an empty kernel cache: every choice measured (the native build too)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="change one setting of the clone's params.yaml (a YAML value)")
+                        help="change one setting of the clone's params.yaml, as dvc exp run -S")
     parser.add_argument("--out", type=Path, default=ROOT / "metrics" / "bench")
     args = parser.parse_args()
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true",
@@ -124,8 +110,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="rnnlab-profile-") as tmp:
         repo = Path(tmp) / "repo"
         subprocess.run(["git", "clone", "-q", str(ROOT), str(repo)], check=True)
-        if args.set:
-            change_params(repo / "params.yaml", args.set)
+        if args.set:  # exactly as `dvc exp run -S` applies them
+            try:
+                apply_overrides(repo / "params.yaml", args.set)
+            except DvcException as err:
+                cause = f" ({err.__cause__})" if err.__cause__ else ""
+                raise SystemExit(f"--set {' '.join(args.set)}: {err}{cause}") from None
         if args.fresh_cache:
             env["RNNLAB_CACHE_DIR"] = str(Path(tmp) / "cache")
         result = profile(repo, env, Path(tmp) / "profile.jsonl")

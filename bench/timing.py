@@ -131,6 +131,20 @@ def interleave(pair: Pair, sides: dict[str, tuple[StepFn, list]], tokens_per_bat
             getattr(pair, side).append(steps * tokens_per_batch / (time.perf_counter() - t0))
 
 
+def our_sides(cfg: ModelConfig, batches: list, lr: float, clip: float, bf16: bool | str,
+              device: torch.device) -> dict[str, tuple[StepFn, list]]:
+    """Ours in float32 ("ours") and, where `bf16` (train.bf16: auto, or True) picks it for this
+    model on the first minibatch, under bfloat16 autocast ("ours_bf16"), each from seed 0."""
+    sides = {}
+    for side, autocast in (("ours", False), ("ours_bf16", True)):
+        torch.manual_seed(0)
+        model = build_model(cfg).to(device)
+        if autocast and not training_bf16(bf16, model, *batches[0]):
+            continue  # float32 trains this model faster here: what a run would train in
+        sides[side] = (ours_step(model, lr, clip, autocast), batches)
+    return sides
+
+
 def time_pair(pair: Pair, cfg: ModelConfig, ids: torch.Tensor, steps: int, repeats: int,
               warmup: int, device: torch.device = torch.device("cpu"), bf16: bool | str = "auto"
               ) -> None:
@@ -139,13 +153,8 @@ def time_pair(pair: Pair, cfg: ModelConfig, ids: torch.Tensor, steps: int, repea
     batches = minibatches(ids, pair.batch, BOOK["num_steps"], warmup + steps * repeats, device)
     torch.manual_seed(0)
     book_net = baseline_for(cfg, device)
-    sides = {"book": (book_step(book_net, BOOK["lr"], BOOK["clip_theta"]), batches)}
-    for side, autocast in (("ours", False), ("ours_bf16", True)):
-        torch.manual_seed(0)
-        model = build_model(cfg).to(device)
-        if autocast and not training_bf16(bf16, model, *batches[0]):
-            continue  # float32 trains this model faster here: what a run would train in
-        sides[side] = (ours_step(model, BOOK["lr"], BOOK["clip_theta"], autocast), batches)
+    sides = {"book": (book_step(book_net, BOOK["lr"], BOOK["clip_theta"]), batches),
+             **our_sides(cfg, batches, BOOK["lr"], BOOK["clip_theta"], bf16, device)}
     interleave(pair, sides, pair.batch * BOOK["num_steps"], steps, repeats, warmup, device)
 
 
@@ -158,13 +167,8 @@ def time_word_pair(pair: Pair, cfg: ModelConfig, ids: torch.Tensor, steps: int, 
     lr, clip = WORD["lr"], WORD["clip_theta"]
     torch.manual_seed(0)
     wlm = WordLM(cfg.vocab_size, cfg.embed_size, cfg.hidden_size, cfg.num_layers, dropout=0.0)
-    sides = {"book": (wlm_step(wlm.to(device), lr, clip), wlm_batches)}
-    for side, autocast in (("ours", False), ("ours_bf16", True)):
-        torch.manual_seed(0)
-        model = build_model(cfg).to(device)
-        if autocast and not training_bf16(bf16, model, *our_batches[0]):
-            continue
-        sides[side] = (ours_step(model, lr, clip, autocast), our_batches)
+    sides = {"book": (wlm_step(wlm.to(device), lr, clip), wlm_batches),
+             **our_sides(cfg, our_batches, lr, clip, bf16, device)}
     interleave(pair, sides, pair.batch * WORD["num_steps"], steps, repeats, warmup, device)
 
 
