@@ -175,6 +175,8 @@ def _run(args: argparse.Namespace) -> dict:
     matmul = matmul_rates(shapes, seconds, device)
     bf16 = bf16_hardware(device) or args.bf16
     matmul_bf16 = matmul_rates(shapes, seconds, device, torch.bfloat16) if bf16 else []
+    for reason in {r["onednn_skipped"] for r in matmul_bf16 if "onednn_skipped" in r}:
+        print(f"bf16 matmul rates: {reason}; torch.mm's emulated rate only", flush=True)
     # The bound: every FLOP at the best rate the machine reached in the row's precision; a
     # bfloat16 row's products may also run in float32 (autocast keeps some there).
     best = max(r["best"] for r in matmul) * 1e9  # FLOP/s

@@ -95,6 +95,8 @@ def markdown(result: dict) -> str:
         for r in result["matmul_bf16"]:
             lines.append(f"| {r['m']} x {r['k']} @ {r['k']} x {r['n']} | {r['mkl']:.0f} | "
                          f"{r.get('onednn', float('nan')):.0f} | {r['best']:.0f} |")
+        skipped = {r["onednn_skipped"] for r in result["matmul_bf16"] if "onednn_skipped" in r}
+        lines += [f"\noneDNN: {reason} (torch.mm emulates bfloat16 here)." for reason in skipped]
     if result.get("kernels"):
         lines += ["", "What ran (rnnlab/kernels/choice.py: measured here at first use, then cached; "
                       "against the reference, times faster):", ""]

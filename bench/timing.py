@@ -18,7 +18,12 @@ from bench.streams import minibatches, word_minibatches
 from bench.wlm import WordLM, wlm_step
 from rnnlab.models.lm import ModelConfig, build_model
 from rnnlab.training import loop as training
-from rnnlab.training.precision import training_bf16
+from rnnlab.training.precision import bf16_hardware, training_bf16
+
+# Why a bfloat16 row has no oneDNN rate on a CPU without bfloat16 hardware: oneDNN's linear
+# builds no bfloat16 primitive there ("could not create a primitive descriptor"); torch.mm
+# still runs, emulated.
+NO_BF16_ONEDNN = "no oneDNN bfloat16 linear on a CPU without AVX512-BF16 or AMX"
 
 
 def synchronize(device: torch.device) -> None:
@@ -68,7 +73,12 @@ def matmul_rates(shapes: list[tuple[int, int, int]], min_seconds: float,
                  device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32
                  ) -> list[dict]:
     """GFLOP/s of (m x k) @ (k x n) in `dtype` through torch.mm (MKL on the CPU, oneDNN for
-    bfloat16) and, on the CPU, through oneDNN's linear."""
+    bfloat16) and, on the CPU, through oneDNN's linear: in bfloat16 only where the CPU has
+    bfloat16 hardware; elsewhere the row's "onednn_skipped" says why."""
+    onednn = device.type == "cpu" and onednn_available()
+    skipped = None
+    if onednn and dtype == torch.bfloat16 and not bf16_hardware(device):
+        onednn, skipped = False, NO_BF16_ONEDNN
     rows = []
     for m, k, n in shapes:
         a = torch.randn(m, k, device=device, dtype=dtype)
@@ -76,7 +86,9 @@ def matmul_rates(shapes: list[tuple[int, int, int]], min_seconds: float,
         flops = 2 * m * k * n
         row = {"m": m, "k": k, "n": n,
                "mkl": flops / _seconds_per_call(lambda: torch.mm(a, b), min_seconds, device) / 1e9}
-        if device.type == "cpu" and onednn_available():
+        if skipped:
+            row["onednn_skipped"] = skipped
+        if onednn:
             w, lin = b.t().contiguous(), torch.ops.mkldnn._linear_pointwise
             row["onednn"] = flops / _seconds_per_call(
                 lambda: lin(a, w, None, "none", [], ""), min_seconds) / 1e9

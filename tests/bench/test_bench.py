@@ -362,3 +362,35 @@ def test_a_second_repro_runs_nothing_and_is_timed(pipeline, tmp_path):
     repo = pipeline.copy(tmp_path / "repo")
     seconds, out = timed_repro(repo, user_env(repo), str(Path(sys.executable).parent / "dvc"))
     assert seconds > 0 and "Running stage" not in out and "up to date" in out
+
+
+def test_bf16_matmul_rates_without_bf16_hardware(monkeypatch):
+    """Where the CPU has no bfloat16 hardware, oneDNN's linear is not asked for a bfloat16
+    primitive (it has none there): torch.mm's rate only, and the row says why."""
+    from bench import timing
+    monkeypatch.setattr(timing, "bf16_hardware", lambda device: False)
+    (row,) = timing.matmul_rates([(8, 16, 32)], 0.01, dtype=torch.bfloat16)
+    assert "onednn" not in row and row["onednn_skipped"] == timing.NO_BF16_ONEDNN
+    assert row["best"] == row["mkl"] > 0
+    (f32,) = timing.matmul_rates([(8, 16, 32)], 0.01)  # float32: oneDNN as before
+    assert "onednn_skipped" not in f32 and ("onednn" in f32) == timing.onednn_available()
+
+
+def test_bf16_matmul_rates_with_bf16_hardware(monkeypatch):
+    """Where it has, oneDNN's linear is timed in bfloat16 (the op is replaced by a counting one,
+    so that this runs on any CPU)."""
+    from bench import timing
+    calls = []
+
+    class Ops:  # torch.ops.mkldnn stand-in: records the dtype it was called with
+        @staticmethod
+        def _linear_pointwise(a, w, *rest):
+            calls.append(a.dtype)
+            return a @ w.t()
+
+    monkeypatch.setattr(timing, "bf16_hardware", lambda device: True)
+    monkeypatch.setattr(timing, "onednn_available", lambda: True)
+    monkeypatch.setattr(timing.torch.ops, "mkldnn", Ops)
+    (row,) = timing.matmul_rates([(8, 16, 32)], 0.01, dtype=torch.bfloat16)
+    assert row["onednn"] > 0 and "onednn_skipped" not in row
+    assert calls and set(calls) == {torch.bfloat16}
