@@ -17,10 +17,12 @@ from urllib.parse import parse_qsl, unquote_plus, urlsplit, urlunsplit
 
 MASK = "***"
 TOKEN_ENV = "RNNLAB_DOWNLOAD_TOKEN"  # a download's bearer token (rnnlab/data/fetch.py)
+TOKEN_HOSTS_ENV = "RNNLAB_DOWNLOAD_TOKEN_HOSTS"  # the hosts it is sent to
 CREDENTIALS_HOWTO = (
     f"through ~/.netrc (`machine HOST login USER password SECRET`) or the environment variable "
-    f"{TOKEN_ENV} (sent as `Authorization: Bearer`, over https or to this machine only); a "
-    "presigned URL cannot be split so: download the file and point data.source at the copy")
+    f"{TOKEN_ENV} (sent as `Authorization: Bearer` to the hosts in {TOKEN_HOSTS_ENV} only, over "
+    "https or to this machine); a presigned URL cannot be split so: download the file and point "
+    "data.source at the copy")
 
 # Query parameters whose value is a credential: presigned URLs (S3, GCS), SAS tokens (Azure),
 # and the names APIs use for tokens and keys. Matched whole, case-insensitively.

@@ -5,8 +5,9 @@ a progress bar on a terminal, and one `UserError` line for everything else; `fil
 plain paths are copied. The download stage (rnnlab/data/download.py) is its user.
 
 A server that wants a login gets it from ~/.netrc (requests reads it; NETRC names another file) or
-from RNNLAB_DOWNLOAD_TOKEN, sent as `Authorization: Bearer` over https or to this machine only,
-and never to another host a redirect leads to. Never from the URL: data.source is refused with a
+from RNNLAB_DOWNLOAD_TOKEN, sent as `Authorization: Bearer` only to the hosts that
+RNNLAB_DOWNLOAD_TOKEN_HOSTS names (a data.source of a teammate's commit or a sweep's -S may name
+any host), over https or to this machine only, and never to another host a redirect leads to. Never from the URL: data.source is refused with a
 secret in it (rnnlab/config.py), and every URL shown here passes through `public_uri`.
 """
 
@@ -27,7 +28,7 @@ from tqdm import tqdm
 
 from rnnlab.errors import UserError
 from rnnlab.fileio import atomic_path
-from rnnlab.redact import CREDENTIALS_HOWTO, TOKEN_ENV, public_text, public_uri
+from rnnlab.redact import CREDENTIALS_HOWTO, TOKEN_ENV, TOKEN_HOSTS_ENV, public_text, public_uri
 
 CHUNK = 1 << 16  # bytes per read while streaming or copying
 
@@ -93,13 +94,23 @@ def fetch(
     )
 
 
+def token_hosts() -> list[str]:
+    """RNNLAB_DOWNLOAD_TOKEN_HOSTS: the hosts (HOST or HOST:PORT, whitespace or commas between)
+    that may receive the token, lower-cased."""
+    return [h.lower() for h in re.split(r"[\s,]+", os.environ.get(TOKEN_HOSTS_ENV, "")) if h]
+
+
 def token_auth(url: str) -> _Bearer | None:
-    """RNNLAB_DOWNLOAD_TOKEN as a bearer login for `url`; None when unset (requests then reads
-    ~/.netrc). A token is never sent in clear text to another machine."""
+    """RNNLAB_DOWNLOAD_TOKEN as a bearer login for `url`; None when unset or when `url`'s host is
+    not in RNNLAB_DOWNLOAD_TOKEN_HOSTS (requests then reads ~/.netrc). A token is never sent in
+    clear text to another machine."""
     token = os.environ.get(TOKEN_ENV, "").strip()
     if not token:
         return None
     parts = urlparse(url)
+    host = (parts.hostname or "").lower()
+    if not {host, f"{host}:{parts.port}"} & set(token_hosts()):
+        return None
     if parts.scheme.lower() != "https" and parts.hostname not in LOOPBACK:
         raise UserError(
             f"{TOKEN_ENV} is set, but {public_uri(url)} is plain http to another machine, where the "
@@ -162,7 +173,10 @@ def _download_once(
             if resp.status_code >= 500:
                 raise _Transient(f"HTTP {resp.status_code} {resp.reason}")
             if resp.status_code in (401, 403):
+                host = urlparse(url).hostname
                 sent = (f"the token in {TOKEN_ENV} was refused" if auth else
+                        f"{TOKEN_ENV} is not sent to {host}: it is not in {TOKEN_HOSTS_ENV}"
+                        if os.environ.get(TOKEN_ENV, "").strip() else
                         "no login was sent, or ~/.netrc's was refused")
                 raise UserError(
                     f"download of {shown} failed: HTTP {resp.status_code} {resp.reason} ({sent}); "

@@ -233,8 +233,10 @@ def test_fetch_unknown_scheme(tmp_path):
 
 @pytest.fixture
 def no_login(monkeypatch, tmp_path):
-    """No token, and a ~/.netrc of no one (requests reads the user's own otherwise)."""
+    """No token, and a ~/.netrc of no one (requests reads the user's own otherwise); the token,
+    once set, may go to the test server's host."""
     monkeypatch.delenv("RNNLAB_DOWNLOAD_TOKEN", raising=False)
+    monkeypatch.setenv("RNNLAB_DOWNLOAD_TOKEN_HOSTS", "127.0.0.1")
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
 
 
@@ -242,6 +244,23 @@ def test_fetch_sends_the_token_as_a_bearer_login(server, tmp_path, monkeypatch, 
     monkeypatch.setenv("RNNLAB_DOWNLOAD_TOKEN", TOKEN)
     assert fetch(server.url + "/token", tmp_path / "f", BODY_SHA1, **FAST) == BODY_SHA1
     assert server.logins == [f"Bearer {TOKEN}"]
+
+
+@pytest.mark.parametrize("hosts", ["", "data.lab.example", "127.0.0.1:1"])
+def test_the_token_goes_only_to_the_hosts_named_for_it(server, tmp_path, monkeypatch, no_login,
+                                                       hosts):
+    """Unset, another host, or this host on another port: the request goes without the token,
+    and the refusal says why."""
+    monkeypatch.setenv("RNNLAB_DOWNLOAD_TOKEN", TOKEN)
+    monkeypatch.setenv("RNNLAB_DOWNLOAD_TOKEN_HOSTS", hosts)
+    with pytest.raises(UserError, match="RNNLAB_DOWNLOAD_TOKEN is not sent to 127.0.0.1: it is "
+                                        "not in RNNLAB_DOWNLOAD_TOKEN_HOSTS"):
+        fetch(server.url + "/token", tmp_path / "f", **FAST)
+    assert server.logins == [None]
+    port = server.url.rsplit(':', 1)[1]
+    monkeypatch.setenv("RNNLAB_DOWNLOAD_TOKEN_HOSTS", f"data.lab.example, 127.0.0.1:{port}")
+    assert fetch(server.url + "/token", tmp_path / "f", BODY_SHA1, **FAST) == BODY_SHA1
+    assert server.logins[-1] == f"Bearer {TOKEN}"
 
 
 def test_fetch_reads_the_login_from_netrc(server, tmp_path, monkeypatch, no_login):
@@ -275,7 +294,9 @@ def test_the_token_does_not_follow_a_redirect_to_another_host(server, tmp_path, 
 
 
 def test_the_token_never_goes_in_clear_text_to_another_machine(tmp_path, monkeypatch):
+    """Even to a host named for it."""
     monkeypatch.setenv("RNNLAB_DOWNLOAD_TOKEN", TOKEN)
+    monkeypatch.setenv("RNNLAB_DOWNLOAD_TOKEN_HOSTS", "corpora.example.org")
     with pytest.raises(UserError, match="plain http to another machine") as err:
         fetch("http://corpora.example.org/c.txt", tmp_path / "f", **FAST)
     assert TOKEN not in str(err.value)

@@ -36,7 +36,7 @@ from deploy.processes import stop
 from deploy.settings import ARTIFACT_BUCKET, DVC_BUCKET
 from deploy.stack import remote_commands, s3_client
 from rnnlab.corpora import BUILTIN
-from rnnlab.redact import TOKEN_ENV
+from rnnlab.redact import TOKEN_ENV, TOKEN_HOSTS_ENV
 from tests.deploy.leaks import CommandLines, git_objects, leaks, leaks_in_files
 from tests.deploy.teamstack import PLANTED, shell_env, stack_secrets
 from tests.repos import copy_repo
@@ -95,7 +95,8 @@ def tiny(params: dict, source: str) -> None:
 def clean_env(login: dict[str, str]) -> dict[str, str]:
     """A user's shell with the environment activated: the stack's exports, the venv's tools, the
     corpus server's token."""
-    return shell_env(login, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", **{TOKEN_ENV: TOKEN})
+    return shell_env(login, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}",
+                     **{TOKEN_ENV: TOKEN, TOKEN_HOSTS_ENV: "127.0.0.1"})
 
 
 def sh(*cmd: str, cwd: Path, env: dict, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess:
