@@ -75,6 +75,7 @@ _forced: dict[str, str] = {}  # this process's forced choices, "<kind> <key>" ->
 _cache_on = [True]  # off inside `afresh`
 _said: set[tuple[str, str, str]] = set()  # forced values this process found no candidate for
 _quiet = [0]  # > 0 inside `quiet`: decisions are made and kept, not printed
+_unmeasured = [0]  # > 0 inside `unmeasured`: an undecided shape takes the reference, untimed
 
 
 def cpu_model() -> str:
@@ -144,6 +145,8 @@ def choose(kind: str, key: str, candidates: dict[str, Callable[[], object]]) -> 
         return names[0]
     full = f"{here()} | {kind} {key} | {'/'.join(names)}"
     entry = _decided.get(full) or _cached(full)
+    if entry is None and _unmeasured[0]:
+        return names[0]
     if entry is None:
         seconds = measure(candidates)
         reference = seconds[names[0]]
@@ -227,6 +230,18 @@ def quiet() -> Iterator[None]:
         yield
     finally:
         _quiet[0] -= 1
+
+
+@contextmanager
+def unmeasured() -> Iterator[None]:
+    """Inside: decisions already made (this process, the cache) hold, and a shape met for the
+    first time runs the reference without measuring or storing anything (a served model: a
+    request's prefix length must not buy seconds of measurement)."""
+    _unmeasured[0] += 1
+    try:
+        yield
+    finally:
+        _unmeasured[0] -= 1
 
 
 @contextmanager

@@ -11,6 +11,13 @@ params of `rnnlab.sampling.Options` (num_tokens, temperature, top_k, seed) are t
 params, with the same defaults as `rnnlab generate`:
 
     model.predict(["time traveller"], params={"temperature": 0.8, "seed": 1})
+
+A request has bounds, so that none can tie the server up: at most RNNLAB_SERVE_MAX_ROWS prefixes
+(default 16) of at most RNNLAB_SERVE_MAX_PREFIX_CHARS characters each (default 2,000), and
+num_tokens at most RNNLAB_SERVE_MAX_TOKENS (default 500). Set them in the environment of
+`mlflow models serve` (lower for a larger model: a request's work grows with rows x num_tokens).
+A request beyond one is refused before any generation, in one line; a shape met for the first
+time runs without a kernel measurement (`choice.unmeasured`).
 """
 
 from __future__ import annotations
@@ -36,6 +43,41 @@ from rnnlab.training.sampling import Options, continuation
 NAME = "model"            # the model's name in its run: runs:/<run id>/model
 CHECKPOINT = "best.pt"    # the checkpoint file inside the model's data folder
 _PARAM_TYPES = {int: "long", float: "double", bool | None: "boolean"}  # Options' field types
+# A request's bounds: (environment variable, default, what it bounds)
+CAPS = {"rows": ("RNNLAB_SERVE_MAX_ROWS", 16, "prefixes per request"),
+        "prefix": ("RNNLAB_SERVE_MAX_PREFIX_CHARS", 2000, "characters per prefix"),
+        "tokens": ("RNNLAB_SERVE_MAX_TOKENS", 500, "num_tokens")}
+
+
+def caps() -> dict[str, int]:
+    """The bounds of one request, from the environment (CAPS); a bad value is a UserError."""
+    import os
+
+    out = {}
+    for key, (env, default, _) in CAPS.items():
+        text = os.environ.get(env, "").strip()
+        if not text:
+            out[key] = default
+        elif text.isdigit() and int(text) >= 1:
+            out[key] = int(text)
+        else:
+            raise UserError(f"{env} = {text!r}: an integer >= 1 (default {default})")
+    return out
+
+
+def check_request(prefixes: list[str], opts: Options, bounds: dict[str, int]) -> None:
+    """Refuse a request beyond `bounds` (caps()): one line naming the bound and its variable."""
+    def over(key: str, value: int) -> str:
+        env, _, what = CAPS[key]
+        return f"{what}: {value} is over the server's bound {bounds[key]} ({env})"
+
+    if len(prefixes) > bounds["rows"]:
+        raise UserError(over("rows", len(prefixes)))
+    longest = max((len(p) for p in prefixes), default=0)
+    if longest > bounds["prefix"]:
+        raise UserError(over("prefix", longest))
+    if opts.num_tokens > bounds["tokens"]:
+        raise UserError(over("tokens", opts.num_tokens))
 
 
 class RNNLMPredictor:
@@ -44,6 +86,7 @@ class RNNLMPredictor:
     def __init__(self, checkpoint: str | Path):
         self.model, self.vocab, self.meta = load_checkpoint(checkpoint)
         self.model.eval()
+        self.bounds = caps()
 
     def predict(self, model_input, params: dict | None = None):
         """A table of (prefix as read, continuation). A bad input or param is MLflow's own
@@ -56,8 +99,10 @@ class RNNLMPredictor:
         try:
             prefixes = _prefixes(model_input)
             opts = Options(**{k: v for k, v in (params or {}).items() if v is not None})
+            check_request(prefixes, opts, self.bounds)
             gen = torch.Generator().manual_seed(opts.seed)
-            with choice.quiet():  # whoever asked for text did not ask for kernel measurements
+            # whoever asked for text did not ask for kernel measurements, nor wait for them
+            with choice.quiet(), choice.unmeasured():
                 rows = [continuation(self.model, self.vocab, p, opts.num_tokens,
                                      opts.temperature or None, gen, opts.top_k,
                                      exclude_unk=opts.exclude_unk) for p in prefixes]

@@ -25,6 +25,9 @@ from rnnlab.errors import UserError
 from rnnlab.models.lm import RNNLM
 
 
+MIN_TEMPERATURE = 1e-3  # below it the softmax of logits / temperature overflows to inf / inf
+
+
 @dataclass(frozen=True)
 class Options:
     """How to continue a prefix: greedy when temperature is 0, else sampled (seeded)."""
@@ -38,10 +41,11 @@ class Options:
     def __post_init__(self) -> None:
         problems = [f"{name} = {value!r}: {rule}" for name, value, ok, rule in (
             ("num_tokens", self.num_tokens, _int(self.num_tokens) and self.num_tokens >= 1, "an integer >= 1"),
-            ("temperature", self.temperature, _num(self.temperature) and self.temperature >= 0,
-             "a number >= 0 (0: greedy)"),
+            ("temperature", self.temperature, _num(self.temperature) and (
+                self.temperature == 0 or MIN_TEMPERATURE <= self.temperature < float("inf")),
+             f"0 (greedy) or a number >= {MIN_TEMPERATURE:g}"),
             ("top_k", self.top_k, _int(self.top_k) and self.top_k >= 0, "an integer >= 0 (0: all tokens)"),
-            ("seed", self.seed, _int(self.seed) and self.seed >= 0, "an integer >= 0"),
+            ("seed", self.seed, _int(self.seed) and 0 <= self.seed < 2**63, "an integer >= 0 and < 2**63"),
             ("exclude_unk", self.exclude_unk, self.exclude_unk is None or isinstance(self.exclude_unk, bool),
              "true, false or null (null: for word tokens)"),
         ) if not ok]

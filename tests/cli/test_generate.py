@@ -75,7 +75,7 @@ def test_unknown_tokens_are_reported(workspace, capsys):
     (["lstm", "the"], "variant 'lstm' has no trained model at"),
     (["gru", "!!!"], "prefix '!!!' is empty after the corpus's normalisation (book)"),
     (["gru", "the", "-n", "0"], "num_tokens = 0: an integer >= 1"),
-    (["gru", "the", "-t", "-1"], "temperature = -1.0: a number >= 0 (0: greedy)"),
+    (["gru", "the", "-t", "-1"], "temperature = -1.0: 0 (greedy) or a number >= 0.001"),
     (["gru", "the", "--samples", "0"], "--samples = 0: must be an integer >= 1"),
     (["models", "the"], "models: a folder without a best.pt"),
 ])

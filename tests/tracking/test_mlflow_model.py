@@ -168,7 +168,7 @@ def test_predict_takes_a_list_a_table_or_a_string_and_rejects_bad_params(tmp_pat
     b = model.predict(pd.DataFrame({"prefix": ["the time"]}), {"num_tokens": 5})
     c = model.predict("the time", {"num_tokens": 5})
     assert a.equals(b) and a.equals(c) and len(a.loc[0, "continuation"]) == 5
-    for inputs, params, reason in ((["the"], {"temperature": -1.0}, r"temperature = -1\.0: a number >= 0"),
+    for inputs, params, reason in ((["the"], {"temperature": -1.0}, r"temperature = -1\.0: 0 \(greedy\) or a number >= 0\.001"),
                                    (["the"], {"num_tokens": 0}, "num_tokens = 0"),
                                    (["!!!"], {"num_tokens": 5}, "empty after the corpus's normalisation"),
                                    (42, None, "predict takes prefixes")):
@@ -236,41 +236,65 @@ def test_the_champion_alias_moves_only_to_a_better_model_of_the_same_data(tmp_pa
     assert len(client.search_model_versions("name = 'lm'")) == 3
 
 
-@pytest.mark.slow  # imports MLflow's model machinery: seconds
-def test_a_served_model_answers_a_bad_request_with_the_reason_and_no_traceback(tmp_path):
-    """The REST app of `mlflow models serve` (mlflow.pyfunc.scoring_server) on a free port: a bad
-    param is a 400 whose message ends with the one-line reason; a good request is answered."""
+@pytest.mark.slow  # `mlflow models serve`: about 10 s to start
+def test_a_served_model_answers_bad_and_oversized_requests_with_400_in_one_line(tmp_path):
+    """A real `mlflow models serve` of a logged model, its bounds set in its environment: a bad
+    param and each bound exceeded is a 400 whose message ends with the one-line reason, answered
+    within a second; a request within them is answered."""
     import socket
-    import threading
     import time
 
-    import mlflow
     import requests
-    import uvicorn
-    from mlflow.pyfunc import scoring_server
 
-    app = scoring_server.init(mlflow.pyfunc.load_model(str(PREMOVE / "mlflow-model")))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
+    env = {**os.environ, "RNNLAB_SERVE_MAX_ROWS": "3", "RNNLAB_SERVE_MAX_PREFIX_CHARS": "40",
+           "RNNLAB_SERVE_MAX_TOKENS": "20", "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true",
+           "PYTHONPATH": str(ROOT), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    log = open(tmp_path / "serve.log", "wb")
+    server = subprocess.Popen([str(Path(sys.executable).with_name("mlflow")), "models", "serve",
+                               "-m", str(PREMOVE / "mlflow-model"), "--env-manager", "local",
+                               "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
+                              env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/invocations"
     try:
-        deadline = time.monotonic() + 60
-        while not server.started:  # uvicorn's own signal that it listens
-            assert thread.is_alive() and time.monotonic() < deadline, "the scoring server did not start"
-            time.sleep(0.02)
-        url = f"http://127.0.0.1:{port}/invocations"
-        bad = requests.post(url, json={"inputs": ["the time"], "params": {"temperature": -1.0}}, timeout=30)
-        assert bad.status_code == 400, bad.text
-        body = bad.json()
-        assert body["error_code"] == "INVALID_PARAMETER_VALUE"
-        assert body["message"].endswith("Error: temperature = -1.0: a number >= 0 (0: greedy)")
-        assert "Traceback" not in bad.text and "unexpected error" not in bad.text
-        good = requests.post(url, json={"inputs": ["the time"], "params": {"num_tokens": 5}}, timeout=30)
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/ping", timeout=2).ok:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
+            time.sleep(0.2)
+        good = requests.post(url, json={"inputs": ["the time"], "params": {"num_tokens": 5}}, timeout=60)
         assert good.status_code == 200 and good.json() == {
             "predictions": [{"prefix": "the time", "continuation": "kaaaa"}]}
+        for request, reason in (
+            ({"inputs": ["the time"], "params": {"temperature": -1.0}},
+             "temperature = -1.0: 0 (greedy) or a number >= 0.001"),
+            ({"inputs": ["the time"], "params": {"temperature": 1e-300}},
+             "temperature = 1e-300: 0 (greedy) or a number >= 0.001"),
+            ({"inputs": ["the time"], "params": {"seed": 2**70}},
+             f"seed = {2**70}: an integer >= 0 and < 2**63"),
+            ({"inputs": ["the"] * 4}, "prefixes per request: 4 is over the server's bound 3 "
+                                      "(RNNLAB_SERVE_MAX_ROWS)"),
+            ({"inputs": ["t" * 100_000]}, "characters per prefix: 100000 is over the server's bound "
+                                          "40 (RNNLAB_SERVE_MAX_PREFIX_CHARS)"),
+            ({"inputs": ["the"], "params": {"num_tokens": 10**7}},
+             "num_tokens: 10000000 is over the server's bound 20 (RNNLAB_SERVE_MAX_TOKENS)"),
+        ):
+            start = time.monotonic()
+            bad = requests.post(url, json=request, timeout=60)
+            took = time.monotonic() - start
+            assert bad.status_code == 400, (request, bad.text)
+            body = bad.json()
+            assert body["error_code"] == "INVALID_PARAMETER_VALUE", body
+            assert body["message"].endswith(f"Error: {reason}"), body["message"]
+            assert "Traceback" not in bad.text and "unexpected error" not in bad.text
+            assert took < 1.0, (request, took)
     finally:
-        server.should_exit = True
-        thread.join(timeout=30)
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
