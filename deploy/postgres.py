@@ -1,5 +1,8 @@
 """PostgreSQL for the stack: its own cluster under the stack's folder, run as an unprivileged
-owner, with the databases MLflow needs (its store and its users and permissions)."""
+owner, with the databases MLflow needs (its store and its users and permissions), and a role per
+user: a member's owns the database of their studies, which no other member may connect to; a
+service's (the workers' login) is a member of every member's role, so that a trial's training
+reports to its study whoever submitted it."""
 
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ import subprocess
 from pathlib import Path
 
 from deploy.processes import claim_port
-from deploy.settings import START_SECONDS, Paths, Stack, say, write_private
+from deploy.settings import START_SECONDS, Paths, Stack, pg_role, say, study_database, write_private
 from rnnlab.errors import UserError
 
 
@@ -107,16 +110,45 @@ def psql(stack: Stack, paths: Paths, bindir: Path, sql: str, database: str = "po
 
 
 def ensure_databases(stack: Stack, paths: Paths, bindir: Path) -> None:
-    """Role `mlflow` (password from stack.json) owning databases `mlflow` and `mlflow_auth`; role
-    `optuna` owning database `optuna` (rnnlab tune's studies)."""
-    roles = {"mlflow": stack.db_password, "optuna": stack.optuna_password}
-    for role, password in roles.items():
-        if not psql(stack, paths, bindir, f"SELECT 1 FROM pg_roles WHERE rolname = '{role}'"):
-            # the SCRAM verifier, not the password: the server, its log and psql never see that
-            psql(stack, paths, bindir, f"CREATE ROLE {role} LOGIN PASSWORD '{scram_verifier(password)}'")
-    for db, owner in (("mlflow", "mlflow"), ("mlflow_auth", "mlflow"), ("optuna", "optuna")):
-        if not psql(stack, paths, bindir, f"SELECT 1 FROM pg_database WHERE datname = '{db}'"):
-            psql(stack, paths, bindir, f"CREATE DATABASE {db} OWNER {owner}")
+    """Role `mlflow` (password from stack.json) owning databases `mlflow` and `mlflow_auth`,
+    which no other role may connect to."""
+    ensure_role(stack, paths, bindir, "mlflow", stack.db_password)
+    for db in ("mlflow", "mlflow_auth"):
+        ensure_database(stack, paths, bindir, db, "mlflow")
+
+
+def ensure_role(stack: Stack, paths: Paths, bindir: Path, role: str, password: str) -> bool:
+    """Role `role` with `password`, made if missing; True when made now."""
+    if psql(stack, paths, bindir, f"SELECT 1 FROM pg_roles WHERE rolname = '{role}'"):
+        return False
+    # the SCRAM verifier, not the password: the server, its log and psql never see that
+    psql(stack, paths, bindir, f'CREATE ROLE "{role}" LOGIN PASSWORD \'{scram_verifier(password)}\'')
+    return True
+
+
+def ensure_database(stack: Stack, paths: Paths, bindir: Path, db: str, owner: str) -> None:
+    """Database `db` owned by `owner`, made if missing; only its owner (and the owner's members)
+    may connect."""
+    if not psql(stack, paths, bindir, f"SELECT 1 FROM pg_database WHERE datname = '{db}'"):
+        psql(stack, paths, bindir, f'CREATE DATABASE "{db}" OWNER "{owner}"')
+    psql(stack, paths, bindir, f'REVOKE ALL ON DATABASE "{db}" FROM PUBLIC')
+
+
+def ensure_user(stack: Stack, paths: Paths, name: str, kind: str, password: str,
+                others: dict[str, str]) -> bool:
+    """User `name`'s role: a member's owns the database of their studies and is granted to every
+    service; a service's is granted every member's role. `others`: name -> kind of the users
+    there are. True when the role was made now."""
+    bindir = pg_bin()
+    made = ensure_role(stack, paths, bindir, pg_role(name), password)
+    if kind == "member":
+        ensure_database(stack, paths, bindir, study_database(name), pg_role(name))
+        pairs = [(name, other) for other, k in others.items() if k == "service"]
+    else:
+        pairs = [(other, name) for other, k in others.items() if k == "member"]
+    for member, service in pairs:
+        psql(stack, paths, bindir, f'GRANT "{pg_role(member)}" TO "{pg_role(service)}"')
+    return made
 
 
 def scram_verifier(password: str, iterations: int = 4096) -> str:

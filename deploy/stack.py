@@ -4,19 +4,26 @@
     python -m deploy.stack down           # stop everything; the data stays under .team/
     python -m deploy.stack env            # print the `export` lines again
     python -m deploy.stack status         # what runs, on which port
-    python -m deploy.stack user NAME      # add a user (admin only); prints their `export` lines
+    python -m deploy.stack user NAME      # add a member (admin only); prints their `export` lines
+    python -m deploy.stack user --service NAME   # a login for the cluster's workers, not a person
     python -m deploy.stack grant NAME EXPERIMENT PERMISSION   # READ, EDIT, MANAGE or NO_PERMISSIONS
 
-It runs the programs that deploy/docker-compose.yml runs, with the same flags (tests/test_compose.py
+It runs the programs that deploy/docker-compose.yml runs, with the same flags (tests/deploy/test_compose.py
 checks), on 127.0.0.1, as local processes:
 
 - PostgreSQL (Debian's `postgresql` package; `TEAM_PG_BIN` names another bin folder): MLflow's
-  backend store (database `mlflow`) and its users and permissions (`mlflow_auth`);
+  backend store (database `mlflow`) and its users and permissions (`mlflow_auth`), and each
+  member's database of studies (deploy/postgres.py);
 - moto's S3 server (the compose file: MinIO): bucket `mlflow-artifacts` for MLflow's artifacts,
-  which the server proxies, and bucket `dvc-remote` for the DVC remote. moto keeps objects in
-  memory, so every request that changes them is also appended to `.team/s3/recording.jsonl` and
-  replayed at the next `up` (moto's own recorder);
+  which the server proxies, and bucket `dvc-remote` for the DVC remote. Each user has a key of
+  their own, which opens `dvc-remote` only; the MLflow server's opens both (deploy/s3_server.py).
+  moto keeps objects in memory, so every request that changes them is also appended to
+  `.team/s3/recording.jsonl` and replayed at the next `up` (moto's own recorder);
 - `mlflow server --app-name basic-auth`.
+
+A user is a member (a person: MLflow login, S3 key, PostgreSQL role owning their studies) or a
+service (`user --service`: the same without studies of its own, for the workers of a cluster,
+which then hold no member's login; its role may use every member's studies).
 
 Everything lives in one git-ignored folder, `.team/` at the repository root (`TEAM_DIR` elsewhere):
 the database files, the S3 recording, the logs, and `stack.json` with the ports and generated
@@ -33,12 +40,13 @@ import shlex
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import requests
 
 from deploy.mlflow_auth import add_user, grant, health, start_mlflow
-from deploy.postgres import start_postgres, stop_postgres
+from deploy.postgres import ensure_user, start_postgres, stop_postgres
 from deploy.processes import alive, claim_port, spawn, stop, wait_for
 from deploy.settings import (
     ARTIFACT_BUCKET,
@@ -47,27 +55,58 @@ from deploy.settings import (
     REMOTE,
     Paths,
     Stack,
+    check_user_name,
     load_stack,
+    pg_role,
     port_answers,
+    read_users,
+    s3_key,
     say,
     team_dir,
     write_private,
+    write_users,
 )
 from rnnlab.errors import UserError, run_main
 
 # --- the programs and their flags (deploy/docker-compose.yml runs the same) ---------------------
 
 
-def client_env(stack: Stack, user: str, password: str) -> dict[str, str]:
+@dataclass(frozen=True)
+class Login:
+    """One user's secrets, as `up` or `user` makes them (printed once; the first member's are
+    kept in stack.json for `env`)."""
+
+    name: str
+    kind: str                 # member or service
+    mlflow_password: str
+    pg_password: str
+    s3_key: str
+    s3_secret: str
+
+    @classmethod
+    def new(cls, name: str, kind: str) -> "Login":
+        return cls(name, kind, secrets.token_urlsafe(18), secrets.token_urlsafe(18), s3_key(),
+                   secrets.token_urlsafe(30))
+
+
+def first_member(stack: Stack) -> Login:
+    return Login(stack.user, "member", stack.user_password, stack.user_pg_password,
+                 stack.user_s3_key, stack.user_s3_secret)
+
+
+def client_env(stack: Stack, login: Login) -> dict[str, str]:
     """What a client machine exports: MLflow's URI and this user's login, the S3 endpoint and
-    keys for the DVC remote (MLflow's artifacts go through the server and need no S3 keys), and
-    where `rnnlab tune` keeps its studies (PGPASSWORD: the database role `optuna`'s)."""
-    return {"MLFLOW_TRACKING_URI": stack.tracking_uri,
-            "MLFLOW_TRACKING_USERNAME": user, "MLFLOW_TRACKING_PASSWORD": password,
-            "AWS_ENDPOINT_URL": stack.s3_endpoint,
-            "AWS_ACCESS_KEY_ID": stack.s3_key, "AWS_SECRET_ACCESS_KEY": stack.s3_secret,
-            "AWS_DEFAULT_REGION": "us-east-1",
-            "RNNLAB_OPTUNA_STORAGE": stack.optuna_uri, "PGPASSWORD": stack.optuna_password}
+    this user's key (the DVC remote's bucket only; MLflow's artifacts go through the server),
+    this user's PostgreSQL role, and for a member where `rnnlab tune` keeps their studies."""
+    env = {"MLFLOW_TRACKING_URI": stack.tracking_uri,
+           "MLFLOW_TRACKING_USERNAME": login.name, "MLFLOW_TRACKING_PASSWORD": login.mlflow_password,
+           "AWS_ENDPOINT_URL": stack.s3_endpoint,
+           "AWS_ACCESS_KEY_ID": login.s3_key, "AWS_SECRET_ACCESS_KEY": login.s3_secret,
+           "AWS_DEFAULT_REGION": "us-east-1",
+           "PGUSER": pg_role(login.name), "PGPASSWORD": login.pg_password}
+    if login.kind == "member":
+        env["RNNLAB_OPTUNA_STORAGE"] = stack.member_storage(login.name)
+    return env
 
 
 def export_lines(env: dict[str, str]) -> str:
@@ -92,24 +131,45 @@ def s3_client(stack: Stack):
 
 
 def start_s3(stack: Stack, paths: Paths) -> None:
+    """The S3 server with the MLflow server's own user (both buckets) and every user's key (the
+    DVC remote's bucket); it replays its recording before it says it is ready."""
     paths.s3.mkdir(parents=True, exist_ok=True)
+    users = read_users(paths)
+    users["mlflow"] = {"kind": "server", "key": stack.s3_key, "secret": stack.s3_secret, "buckets": "*"}
+    write_users(paths, users)
     if claim_port("s3", stack.s3_port, alive(paths.pid("s3")) is not None):
         return
     env = {**os.environ, **QUIET, "MOTO_ENABLE_RECORDING": "true",
-           "MOTO_RECORDER_FILEPATH": str(paths.recording)}
-    server = Path(__file__).with_name("s3_server.py")  # moto's, recording one request at a time
-    spawn("s3", [sys.executable, str(server), "-H", "127.0.0.1", "-p", str(stack.s3_port)], env, paths)
-    wait_for(f"the S3 server (port {stack.s3_port})", lambda: port_answers(stack.s3_port),
-             paths.log("s3"), paths.pid("s3"))
+           "MOTO_RECORDER_FILEPATH": str(paths.recording), "TEAM_S3_USERS": str(paths.users),
+           "TEAM_S3_BUCKETS": f"{ARTIFACT_BUCKET},{DVC_BUCKET}"}
+    server = Path(__file__).with_name("s3_server.py")
     if paths.recording.exists() and paths.recording.stat().st_size:
         say(f"restoring the S3 objects from {paths.recording}")
-        requests.post(f"{stack.s3_endpoint}/moto-api/recorder/replay-recording",
-                      timeout=600).raise_for_status()
-    client = s3_client(stack)
-    have = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
-    for bucket in (ARTIFACT_BUCKET, DVC_BUCKET):
-        if bucket not in have:
-            client.create_bucket(Bucket=bucket)
+    spawn("s3", [sys.executable, str(server), "-H", "127.0.0.1", "-p", str(stack.s3_port)], env, paths)
+    wait_for(f"the S3 server (port {stack.s3_port})", lambda: s3_ready(stack),
+             paths.log("s3"), paths.pid("s3"), seconds=600)
+
+
+def s3_ready(stack: Stack) -> bool:
+    try:
+        return requests.get(f"{stack.s3_endpoint}/team-ready", timeout=2).ok
+    except requests.RequestException:
+        return False
+
+
+def add_login(stack: Stack, paths: Paths, login: Login) -> bool:
+    """`login` everywhere the stack keeps users: its S3 key (users.json, which the S3 server
+    follows), its PostgreSQL role (and grants), its MLflow user. False if the name is taken."""
+    users = read_users(paths)
+    if login.name in users and users[login.name]["key"] != login.s3_key:
+        return False
+    users[login.name] = {"kind": login.kind, "key": login.s3_key, "secret": login.s3_secret,
+                         "buckets": [DVC_BUCKET]}
+    ensure_user(stack, paths, login.name, login.kind, login.pg_password,
+                {n: u["kind"] for n, u in users.items() if n != login.name})
+    write_users(paths, users)
+    add_user(stack, login.name, login.mlflow_password)
+    return True
 
 
 # --- MLflow --------------------------------------------------------------------------------------
@@ -141,6 +201,8 @@ def add_remote(stack: Stack) -> list[str]:
 # --- commands ------------------------------------------------------------------------------------
 
 def up(user: str | None = None) -> None:
+    if user is not None:
+        check_user_name(user)
     paths = Paths(team_dir())
     paths.root.mkdir(parents=True, exist_ok=True)
     paths.root.chmod(0o711)  # secrets and data: the owner's; PostgreSQL's user may pass through
@@ -153,10 +215,10 @@ def up(user: str | None = None) -> None:
     start_s3(stack, paths)
     say(f"S3 (moto) on {stack.s3_endpoint}, buckets {ARTIFACT_BUCKET} and {DVC_BUCKET}")
     start_mlflow(stack, paths)
-    add_user(stack, stack.user, stack.user_password)
-    say(f"MLflow (basic-auth) on {stack.tracking_uri}, user {stack.user!r}")
+    add_login(stack, paths, first_member(stack))
+    say(f"MLflow (basic-auth) on {stack.tracking_uri}, member {stack.user!r}")
     remote = add_remote(stack)
-    env = client_env(stack, stack.user, stack.user_password)
+    env = client_env(stack, first_member(stack))
     write_private(paths.env, export_lines(env))
     say(f"up in {time.monotonic() - start:.1f} s; logs in {paths.logs}; stop with `make team-down`")
     say(f"the environment is also in {paths.env}: eval \"$(make -s team-env)\"")
@@ -200,8 +262,10 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser("down", help="stop the stack, keeping its data")
     sub.add_parser("env", help="print the environment to export")
     sub.add_parser("status", help="what runs")
-    p_user = sub.add_parser("user", help="add a user; print their environment")
+    p_user = sub.add_parser("user", help="add a member (or a service); print their environment")
     p_user.add_argument("name")
+    p_user.add_argument("--service", action="store_true", help="a login for a cluster's workers: "
+                        "no studies of its own, may report to every member's")
     p_grant = sub.add_parser("grant", help="give a user a permission on an experiment")
     p_grant.add_argument("name")
     p_grant.add_argument("experiment")
@@ -220,13 +284,14 @@ def main(argv: list[str] | None = None) -> None:
             raise UserError(f"no stack in {paths.root}: run `make team-up` first")
         stack = load_stack(paths)
         if args.command == "env":
-            sys.stdout.write(export_lines(client_env(stack, stack.user, stack.user_password)))
+            sys.stdout.write(export_lines(client_env(stack, first_member(stack))))
         elif args.command == "user":
+            check_user_name(args.name)
             require_up(stack)
-            password = secrets.token_urlsafe(18)
-            if not add_user(stack, args.name, password):
+            login = Login.new(args.name, "service" if args.service else "member")
+            if args.name in read_users(paths) or not add_login(stack, paths, login):
                 raise UserError(f"user {args.name!r} exists already")
-            sys.stdout.write(export_lines(client_env(stack, args.name, password)))
+            sys.stdout.write(export_lines(client_env(stack, login)))
         elif args.command == "grant":
             require_up(stack)
             grant(stack, args.name, args.experiment, args.permission)

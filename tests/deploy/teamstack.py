@@ -39,7 +39,8 @@ def planted_stack() -> Stack:
                  db_password=f"{PLANTED}database-password-{tag}",
                  s3_key=f"team{tag}", s3_secret=f"{PLANTED}s3-secret-{tag}",
                  flask_secret=f"{PLANTED}flask-secret-{tag}",
-                 optuna_password=f"{PLANTED}optuna-password-{tag}")
+                 user_pg_password=f"{PLANTED}member-pg-password-{tag}",
+                 user_s3_key=f"AKIAMEMBER{tag.upper()}", user_s3_secret=f"{PLANTED}member-s3-secret-{tag}")
 
 
 def stack_secrets(stack: Stack) -> dict[str, str]:
@@ -48,7 +49,8 @@ def stack_secrets(stack: Stack) -> dict[str, str]:
             "the MLflow admin's password": stack.admin_password,
             "the database password": stack.db_password, "the S3 secret": stack.s3_secret,
             "the Flask secret": stack.flask_secret,
-            "the studies' database password": stack.optuna_password}
+            "the member's database password": stack.user_pg_password,
+            "the member's S3 secret": stack.user_s3_secret}
 
 
 def parse_exports(text: str) -> dict[str, str]:
@@ -85,9 +87,9 @@ class TeamStack:
             raise AssertionError(f"deploy.stack {' '.join(args)} failed:\n{result.stderr}")
         return result
 
-    def user_env(self, name: str) -> dict[str, str]:
-        """A new user's environment (what `deploy.stack user NAME` prints)."""
-        return parse_exports(self.cli("user", name).stdout)
+    def user_env(self, name: str, service: bool = False) -> dict[str, str]:
+        """A new user's environment (what `deploy.stack user [--service] NAME` prints)."""
+        return parse_exports(self.cli("user", *(["--service"] if service else []), name).stdout)
 
 
 

@@ -2,8 +2,9 @@
 
 The compose file's `mlflow` service must run `mlflow server` with the flags of
 `mlflow_server_args()`, the environment of `server_env()` and a basic-auth file with the keys of
-`auth_ini()`; PostgreSQL must hold both databases, MinIO both buckets; every secret must be a
-`${VAR}` from deploy/.env. Only what a container must change may differ: the host (0.0.0.0), the
+`auth_ini()`; PostgreSQL must hold both databases, publish no port and give the superuser a
+password of its own, MinIO both buckets with MLflow's own user; every secret must be a `${VAR}`
+from deploy/.env. Only what a container must change may differ: the host (0.0.0.0), the
 services' host names and ports. Each check is also run on a copy of the file with one drift put in,
 and must fail there.
 """
@@ -32,10 +33,11 @@ COMPOSE = PROJECT / "deploy" / "docker-compose.yml"
 SAMPLE = Stack(postgres_port=15432, s3_port=19000, mlflow_port=5050, user="researcher",
                user_password="sample-user-pw", admin_password="sample-admin-pw",
                db_password="sample-db-pw", s3_key="sample-s3-key", s3_secret="sample-s3-secret",
-               flask_secret="sample-flask-secret", optuna_password="sample-optuna-pw")
+               flask_secret="sample-flask-secret", user_pg_password="sample-member-pg-pw",
+               user_s3_key="sample-member-s3-key", user_s3_secret="sample-member-s3-secret")
 SAMPLE_PATHS = Paths(Path("/sample/.team"))
 SECRETS = {SAMPLE.user_password, SAMPLE.admin_password, SAMPLE.db_password, SAMPLE.s3_key,
-           SAMPLE.s3_secret, SAMPLE.flask_secret, SAMPLE.optuna_password}
+           SAMPLE.s3_secret, SAMPLE.flask_secret, SAMPLE.user_pg_password, SAMPLE.user_s3_secret}
 
 # `${VAR}` or `${VAR:?message}`; not `${VAR:-default}`, whose default would be a literal secret.
 COMPOSE_REF = re.compile(r"\$\{[A-Z][A-Z0-9_]*(:\?[^}]*)?\}")
@@ -43,7 +45,7 @@ SHELL_REF = re.compile(r'"?\$\$\{?[A-Z][A-Z0-9_]*\}?"?')   # `$$VAR`: the contai
 SECRET_NAME = re.compile(r"PASSWORD|SECRET|ACCESS_KEY|ROOT_USER", re.IGNORECASE)
 # What the compose file's mlflow environment adds to server_env(), and why.
 COMPOSE_ONLY_ENV = {
-    "POSTGRES_PASSWORD",            # the entrypoint writes PGPASSFILE from it (stack: .team/pgpass)
+    "MLFLOW_DB_PASSWORD",           # the entrypoint writes PGPASSFILE from it (stack: .team/pgpass)
     "MLFLOW_SERVER_ALLOWED_HOSTS",  # the names clients use; the stack serves 127.0.0.1 only
 }
 
@@ -166,14 +168,28 @@ def check_auth_ini(doc: dict) -> None:
 
 
 def check_databases(doc: dict) -> None:
-    """The init SQL makes the databases of MLflow's two URIs and of the studies' (rnnlab tune),
-    each owned by its URI's user."""
+    """The init SQL makes the databases of MLflow's two URIs, each owned by its URI's user, and
+    closed to every other role."""
     _, sql = config_content(doc, service(doc, "postgres"), ".sql")
     made = dict(re.findall(r"CREATE DATABASE (\w+) OWNER (\w+);", sql))
-    for uri in (SAMPLE.db_uri("mlflow"), SAMPLE.db_uri("mlflow_auth"), SAMPLE.optuna_uri):
+    for uri in (SAMPLE.db_uri("mlflow"), SAMPLE.db_uri("mlflow_auth")):
         parts = urlsplit(uri)
-        assert made.get(parts.path.lstrip("/")) == parts.username, (uri, made)
+        database = parts.path.lstrip("/")
+        assert made.get(database) == parts.username, (uri, made)
         assert re.search(rf"CREATE ROLE {parts.username} LOGIN PASSWORD '[^']*';", sql), sql
+        assert f"REVOKE ALL ON DATABASE {database} FROM PUBLIC;" in sql
+
+
+def check_private(doc: dict) -> None:
+    """PostgreSQL publishes no port; the superuser's password is no other role's; MLflow's S3 key
+    is not MinIO's root key."""
+    postgres = service(doc, "postgres")
+    assert not postgres.get("ports"), postgres.get("ports")
+    _, sql = config_content(doc, postgres, ".sql")
+    superuser = postgres["environment"]["POSTGRES_PASSWORD"]
+    assert all(p != superuser for p in re.findall(r"PASSWORD '([^']*)'", sql)), sql
+    root = service(doc, "minio")["environment"]["MINIO_ROOT_USER"]
+    assert service(doc, "mlflow")["environment"]["AWS_ACCESS_KEY_ID"] != root
 
 
 def check_buckets(doc: dict) -> None:
@@ -225,8 +241,8 @@ def check_volumes(doc: dict) -> None:
     assert {"postgres-data", "minio-data"} <= set(doc["volumes"])
 
 
-CHECKS = [check_server_flags, check_server_env, check_auth_ini, check_databases, check_buckets,
-          check_no_literal_secret, check_pins, check_volumes]
+CHECKS = [check_server_flags, check_server_env, check_auth_ini, check_databases, check_private,
+          check_buckets, check_no_literal_secret, check_pins, check_volumes]
 
 
 @pytest.mark.parametrize("check", CHECKS, ids=lambda c: c.__name__.removeprefix("check_"))
@@ -296,7 +312,15 @@ DRIFTS = {
     "a password in the URI": (check_no_literal_secret, lambda d: set_flag(
         d, "--backend-store-uri", "postgresql://mlflow:pw@postgres:5432/mlflow")),
     "a literal role password": (check_no_literal_secret, lambda d: edit_config(
-        d, "initdb", "'${POSTGRES_PASSWORD:?set it in deploy/.env}'", "'postgres'")),
+        d, "initdb", "'${MLFLOW_DB_PASSWORD:?set it in deploy/.env}'", "'postgres'")),
+    "the database published": (check_private, lambda d: d["services"]["postgres"].update(
+        ports=["5432:5432"])),
+    "one password for two roles": (check_private, lambda d: edit_config(
+        d, "initdb", "${MLFLOW_DB_PASSWORD:?set it in deploy/.env}", "${POSTGRES_PASSWORD:?set it in deploy/.env}")),
+    "mlflow with the root key": (check_private, lambda d: mlflow_of(d)["environment"].update(
+        AWS_ACCESS_KEY_ID="${AWS_ACCESS_KEY_ID:?set it in deploy/.env}")),
+    "a database left open": (check_databases, lambda d: edit_config(
+        d, "initdb", "REVOKE ALL ON DATABASE mlflow FROM PUBLIC;", "")),
     "another pin": (check_pins, lambda d: edit_script(
         mlflow_of(d)["entrypoint"], "mlflow[auth]==3.17.2", "mlflow[auth]==3.17.1")),
     "another image": (check_pins, lambda d: mlflow_of(d).update(image="ghcr.io/mlflow/mlflow:latest")),

@@ -337,3 +337,112 @@ def test_a_refusal_names_the_server_but_not_the_password_in_its_uri(monkeypatch,
                                 "shared"))
     assert "http://ann:***@127.0.0.1:5050" in message and status in message
     assert "s3cret" not in message and len(message.splitlines()) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# what each login opens beyond MLflow: the S3 buckets, the databases of studies
+
+
+def s3_as(team: TeamStack, env: dict[str, str]):
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client("s3", endpoint_url=team.stack.s3_endpoint, region_name="us-east-1",
+                        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+                        config=Config(retries={"max_attempts": 1}))
+
+
+def test_a_members_s3_key_opens_the_dvc_remote_only(team, bob):
+    """Each member's own key: the DVC remote's bucket to read and write; MLflow's artifact bucket
+    (which only the server's key opens) neither to list, read, write nor delete; a key with a
+    guessed secret nothing; moto's own API (which could turn the checks off) closed."""
+    from botocore.exceptions import ClientError
+
+    from deploy.settings import ARTIFACT_BUCKET, DVC_BUCKET
+    from deploy.stack import s3_client
+
+    server = s3_client(team.stack)
+    server.put_object(Bucket=ARTIFACT_BUCKET, Key="access/probe", Body=b"mlflow's")
+    assert team.env["AWS_ACCESS_KEY_ID"] != team.stack.s3_key != bob["AWS_ACCESS_KEY_ID"]
+    for env in (team.env, bob):
+        member = s3_as(team, env)
+        member.put_object(Bucket=DVC_BUCKET, Key="access/probe", Body=b"dvc")
+        assert member.get_object(Bucket=DVC_BUCKET, Key="access/probe")["Body"].read() == b"dvc"
+        for refused in (lambda: member.list_objects_v2(Bucket=ARTIFACT_BUCKET),
+                        lambda: member.get_object(Bucket=ARTIFACT_BUCKET, Key="access/probe"),
+                        lambda: member.put_object(Bucket=ARTIFACT_BUCKET, Key="x", Body=b"x"),
+                        lambda: member.delete_object(Bucket=ARTIFACT_BUCKET, Key="access/probe"),
+                        lambda: member.list_buckets()):
+            with pytest.raises(ClientError, match="AccessDenied"):
+                refused()
+    forged = s3_as(team, {"AWS_ACCESS_KEY_ID": team.stack.s3_key, "AWS_SECRET_ACCESS_KEY": WRONG})
+    with pytest.raises(ClientError, match="SignatureDoesNotMatch"):
+        forged.get_object(Bucket=ARTIFACT_BUCKET, Key="access/probe")
+    assert requests.post(f"{team.stack.s3_endpoint}/moto-api/reset-auth", data="inf",
+                         timeout=10).status_code == 403
+    assert server.get_object(Bucket=ARTIFACT_BUCKET, Key="access/probe")["Body"].read() == b"mlflow's"
+    # presigned URLs, as the MLflow server hands out for downloads: its own hold, no other does
+    from botocore.config import Config
+
+    def presigned(env: dict[str, str], key: str = "access/probe") -> str:
+        import boto3
+
+        client = boto3.client("s3", endpoint_url=team.stack.s3_endpoint, region_name="us-east-1",
+                              aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                              aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+                              config=Config(signature_version="s3v4"))
+        return client.generate_presigned_url("get_object", Params={"Bucket": ARTIFACT_BUCKET, "Key": key},
+                                             ExpiresIn=60)
+
+    own = {"AWS_ACCESS_KEY_ID": team.stack.s3_key, "AWS_SECRET_ACCESS_KEY": team.stack.s3_secret}
+    assert requests.get(presigned(own), timeout=10).content == b"mlflow's"
+    assert requests.get(presigned(own).replace("access/probe", "access/other"), timeout=10).status_code == 403
+    for env in (team.env, {**own, "AWS_SECRET_ACCESS_KEY": WRONG}):
+        assert requests.get(presigned(env), timeout=10).status_code == 403
+
+
+def pg_connect(team: TeamStack, env: dict[str, str], database: str):
+    import psycopg
+
+    return psycopg.connect(host="127.0.0.1", port=team.stack.postgres_port, dbname=database,
+                           user=env["PGUSER"], password=env["PGPASSWORD"], connect_timeout=10)
+
+
+def test_each_member_has_a_database_of_studies_only_they_and_the_workers_use(team, bob):
+    """The member's study lives in their own database, which bob cannot even connect to; a
+    service login (the workers') can, and reports to the member's trial, as a training does."""
+    import optuna
+    import psycopg
+
+    storage = team.env["RNNLAB_OPTUNA_STORAGE"]
+    assert "@" not in storage and storage != bob["RNNLAB_OPTUNA_STORAGE"]
+    service = team.user_env("sweepworker", service=True)
+    assert "RNNLAB_OPTUNA_STORAGE" not in service
+    saved = {k: os.environ.get(k) for k in ("PGUSER", "PGPASSWORD")}
+    try:
+        os.environ.update(PGUSER=team.env["PGUSER"], PGPASSWORD=team.env["PGPASSWORD"])
+        study = optuna.create_study(study_name="access", storage=storage, load_if_exists=True)
+        number = study.ask().number
+        os.environ.update(PGUSER=service["PGUSER"], PGPASSWORD=service["PGPASSWORD"])
+        rdb = optuna.storages.RDBStorage(storage)
+        theirs = optuna.load_study(study_name="access", storage=rdb)
+        trial_id = rdb.get_trial_id_from_study_id_trial_number(rdb.get_study_id_from_name("access"), number)
+        optuna.trial.Trial(theirs, trial_id).report(4.2, 1)
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    database = storage.rsplit("/", 1)[1]
+    with pytest.raises(psycopg.OperationalError, match="permission denied for database"):
+        pg_connect(team, bob, database)
+    for other in ("mlflow", "mlflow_auth"):
+        with pytest.raises(psycopg.OperationalError, match="permission denied for database"):
+            pg_connect(team, team.env, other)
+    with pg_connect(team, team.env, database) as db:
+        assert db.execute("SELECT intermediate_value FROM trial_intermediate_values").fetchall() == [(4.2,)]
+
+
+def test_a_user_name_that_cannot_name_a_role_is_one_line(team):
+    result = team.cli("user", "Bob Smith", check=False)
+    assert result.returncode == 2 and result.stderr.startswith("error: user name 'Bob Smith':")
+    assert len(result.stderr.splitlines()) == 1
