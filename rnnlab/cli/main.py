@@ -1,14 +1,14 @@
-"""rnnlab: text from trained models, tables of experiments and runs, this machine's kernels.
+"""rnnlab: text from trained models, tables of experiments and runs, this machine's kernels,
+sweeps and searches on a cluster.
 
-Each subcommand lives in its own module (rnnlab/cli/generate.py, rnnlab/cli/compare.py,
-rnnlab/kernels/choice.py) and adds its
-parser here (`add_parser`), which sets the function that runs it (`run`)."""
+Each subcommand lives in its own module of rnnlab/cli/ (generate, compare, kernels, sweep, tune,
+cluster) and adds its parser here (`add_parser`), which sets the function that runs it (`run`)."""
 
 from __future__ import annotations
 
 import argparse
 
-from rnnlab.cli import compare, generate, kernels, sweep, tune
+from rnnlab.cli import cluster, compare, generate, kernels, sweep, tune
 from rnnlab.errors import run_main
 
 
@@ -20,6 +20,7 @@ def main(argv: list[str] | None = None) -> None:
     kernels.add_parser(sub)
     sweep.add_parser(sub)
     tune.add_parser(sub)
+    cluster.add_parser(sub)
     args = parser.parse_args(argv)
     run_main(lambda: args.run(args))
 

@@ -13,6 +13,7 @@ from typing import Iterator
 from rnnlab.errors import UserError
 
 CONNECT_SECONDS = 15  # a scheduler that does not answer by then is an error
+GRID_CAP = 1000       # a larger grid needs --yes
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -26,7 +27,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    metavar="KEY=VALUES", help="as dvc exp run -S: train.lr=0.001,0.002, "
                    "'train.epochs=range(2,8,2)', 'train.optimizer=choice(sgd,adam)'; several -S: "
                    "their product")
-    p.add_argument("--name", default="sweep", help="the experiments' name prefix (default: sweep)")
+    p.add_argument("--name", default="sweep", help="the experiments' name prefix (default: sweep; "
+                   "letters, digits, _ . -)")
+    p.add_argument("--yes", action="store_true", help=f"run a grid of more than {GRID_CAP} experiments")
     p.set_defaults(run=run)
 
 
@@ -42,6 +45,28 @@ def add_cluster_args(p: argparse.ArgumentParser) -> None:
                    "1; with --local N, this machine's cores / N)")
     p.add_argument("--gpus", type=int, default=0, help="GPUs per experiment (> 0: train.device=cuda "
                    "on workers started with --resources gpus=K)")
+    tls = p.add_argument_group("TLS (a --scheduler's; --local makes its own)")
+    tls.add_argument("--tls-ca-file", metavar="PEM", help="the lab's CA certificate (default: "
+                     "Dask's config distributed.comm.tls.ca-file)")
+    tls.add_argument("--tls-cert", metavar="PEM", help="this submitter's certificate (default: "
+                     "distributed.comm.tls.client.cert)")
+    tls.add_argument("--tls-key", metavar="PEM", help="its key (default: distributed.comm.tls.client.key)")
+    tls.add_argument("--insecure", action="store_true", help="allow a plain tcp:// scheduler: anyone "
+                     "who reaches it can run code on its workers")
+
+
+def check_cluster_args(args: argparse.Namespace) -> None:
+    """What needs no file, server or cluster, checked before anything starts: one line each."""
+    from rnnlab.cluster.security import check_address
+
+    if args.local is not None and args.local < 1:
+        raise UserError(f"--local {args.local}: give at least one worker")
+    if args.cpus is not None and args.cpus < 1:
+        raise UserError(f"--cpus {args.cpus}: give at least 1 core per experiment")
+    if args.gpus < 0:
+        raise UserError(f"--gpus {args.gpus}: give 0 or more GPUs per experiment")
+    if args.scheduler is not None:
+        args.scheduler = check_address(args.scheduler, args.insecure)
 
 
 def cores(args: argparse.Namespace) -> int:
@@ -50,13 +75,18 @@ def cores(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> None:
-    from rnnlab.cluster import sweep
+    from rnnlab.cluster import grid, sweep
+    from rnnlab.cluster.trust import check_name
 
+    check_cluster_args(args)
+    check_name("--name", args.name)
+    combos = grid.expand(args.settings)
+    if len(combos) > GRID_CAP and not args.yes:
+        raise UserError(f"-S: {len(combos)} experiments (more than {GRID_CAP}); add --yes to run "
+                        "them all, or narrow the grid")
     cpus = cores(args)
-    if args.local is not None and args.local < 1:
-        raise UserError(f"--local {args.local}: give at least one worker")
     repo = Path.cwd()
-    p = sweep.plan(repo, args.settings, remote=args.remote, prefix=args.name, cpus=cpus,
+    p = sweep.plan(repo, combos, remote=args.remote, prefix=args.name, cpus=cpus,
                    gpus=args.gpus, local=args.local is not None)
     say_plan(p)
     if not p.jobs:
@@ -91,25 +121,40 @@ def say_outcomes(done, start: float) -> None:
     print(f"sweep: done in {time.monotonic() - start:.0f} s; `dvc exp show` compares them here")
 
 
+def security(args: argparse.Namespace):
+    """The submitter's TLS for --scheduler: None for an --insecure tcp:// one."""
+    from rnnlab.cluster.security import client_security
+
+    if args.scheduler.startswith("tls://"):
+        return client_security(args.tls_ca_file, args.tls_cert, args.tls_key)
+    return None
+
+
 @contextmanager
 def cluster(args: argparse.Namespace, cpus: int) -> Iterator[object]:
-    """A Dask client: of the scheduler named, or of a local cluster of --local workers. Losing the
-    scheduler is one error line."""
+    """A Dask client over TLS: of the scheduler named, or of a local cluster of --local workers
+    (a certificate of this run only). Losing the scheduler is one error line."""
     try:
         from distributed import Client, LocalCluster
     except ImportError:
         raise UserError("rnnlab sweep needs Dask: pip install -e '.[cluster]' (make setup "
                         "installs it)") from None
+    from rnnlab.cluster.security import local_security
+
     address = args.scheduler
     try:
         if args.local:
             with LocalCluster(n_workers=args.local, threads_per_worker=1, processes=True,
                               resources={"cpus": cpus}, dashboard_address=None,
+                              protocol="tls://", host="127.0.0.1", security=local_security(),
                               silence_logs=50) as local, Client(local) as client:
+                print(f"sweep: {args.local} local worker(s), scheduler {local.scheduler_address} "
+                      "(TLS, a certificate of this run only)", flush=True)
                 yield client
         else:
+            tls = security(args)
             try:
-                client = Client(address, timeout=CONNECT_SECONDS)
+                client = Client(address, timeout=CONNECT_SECONDS, security=tls)
             except (OSError, TimeoutError) as err:
                 raise UserError(f"cannot reach the Dask scheduler at {address} ({err}); start it "
                                 "(dask scheduler), or check --scheduler") from None

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from rnnlab.cli.sweep import add_cluster_args, cluster, cores
+from rnnlab.cli.sweep import add_cluster_args, check_cluster_args, cluster, cores
 from rnnlab.errors import UserError
 from rnnlab.redact import public_uri
 
@@ -29,26 +29,36 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--storage", help="the study's database URL (default: RNNLAB_OPTUNA_STORAGE; "
                    "with --local, optuna.db here)")
     p.add_argument("--seed", type=int, help="the sampler's seed")
+    p.add_argument("--max-failures", type=int, metavar="N", help="stop after N failed trials "
+                   "(default: --trials)")
+    p.add_argument("--max-consecutive-failures", type=int, default=5, metavar="N",
+                   help="stop after N failed trials in a row (default 5)")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> None:
     from rnnlab.cluster import sweep, tune
+    from rnnlab.cluster.trust import check_name
 
-    if args.trials < 1:
-        raise UserError(f"--trials {args.trials}: give at least 1")
+    check_cluster_args(args)
+    check_name("--study", args.study)
+    for flag, value in (("--trials", args.trials), ("--max-failures", args.max_failures),
+                        ("--max-consecutive-failures", args.max_consecutive_failures)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} {value}: give at least 1")
     repo = Path.cwd()
+    what = tune.search(repo, args.space, args.variant)  # before any store or cluster
     cpus = cores(args)
     local = args.local is not None
     plan = sweep.where(repo, remote=args.remote, cpus=cpus, gpus=args.gpus, local=local)
-    study = tune.open_study(repo, args.space, name=args.study, storage=args.storage,
-                            variant=args.variant, pruner=args.pruner, plan=plan, local=local,
-                            seed=args.seed)
+    study = tune.open_study(repo, what, name=args.study, storage=args.storage,
+                            pruner=args.pruner, plan=plan, local=local, seed=args.seed)
+    failures = tune.Failures(args.max_failures or args.trials, args.max_consecutive_failures)
     have = tune.finished_trials(study.study)
     print(f"tune: study {args.study!r} ({public_uri(study.storage)}): {have} finished "
           f"trial(s), {max(0, args.trials - have)} to go; variant {study.variant}", flush=True)
     with cluster(args, cpus) as client:
-        made = tune.run(study, client, args.trials, slots(client, cpus))
+        made = tune.run(study, client, args.trials, slots(client, cpus), failures)
     sweep.pull(plan, made)
     tune.report(study, repo)
 

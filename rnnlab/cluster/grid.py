@@ -26,6 +26,11 @@ def expand(settings: list[str]) -> list[tuple[str, ...]]:
 
     if not settings:
         return [()]
+    keys = [s.split("=", 1)[0].lstrip("+~") for s in settings]
+    twice = sorted({k for k in keys if keys.count(k) > 1})
+    if twice:
+        raise UserError(f"-S {' '.join(settings)}: {', '.join(twice)} given twice; give each key "
+                        "one -S (its values comma-separated)")
     try:
         combos = get_hydra_sweeps({PARAMS: list(settings)})
     except HydraException as err:

@@ -1,13 +1,15 @@
 """Run a command so that it dies with the process that started it, whole.
 
-    python rnnlab/cluster/guard.py FOLDER -- CMD ...   (by path: it imports the standard library only)
+    python rnnlab/cluster/guard.py FOLDER PARENT_PID -- CMD ...   (by path: standard library only)
 
 A Dask worker killed with SIGKILL runs no code of its own: the `dvc exp run` it started, and the
 training under it, would train on as orphans and finish an MLflow run that the rerun of the same
-experiment on another worker finishes too. So the worker starts this guard with
-PR_SET_PDEATHSIG (Linux: the kernel sends SIGTERM when the parent dies) in a session of its own;
-on SIGTERM the guard sends SIGTERM to its whole process group (the training ends its MLflow run
-as KILLED), then SIGKILL to what is left after GRACE seconds. Exit status: the command's.
+experiment on another worker finishes too. So the worker starts this guard in a session of its
+own (`start_new_session`), and the guard asks for PR_SET_PDEATHSIG itself (Linux: the kernel
+sends SIGTERM when the parent dies; nothing runs between fork and exec in the multi-threaded
+worker). On SIGTERM, or if the parent is gone already, the guard sends SIGTERM to its whole
+process group (the training ends its MLflow run as KILLED), then SIGKILL to what is left after
+GRACE seconds. Exit status: the command's.
 """
 
 from __future__ import annotations
@@ -24,20 +26,24 @@ PR_SET_PDEATHSIG = 1
 
 
 def die_with_parent(sig: int = signal.SIGTERM) -> None:
-    """preexec_fn: a session of its own, and `sig` when the parent dies (Linux; elsewhere only
-    the session)."""
-    os.setsid()
+    """Ask the kernel for `sig` when this process's parent dies (Linux; elsewhere nothing)."""
     try:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, sig)
     except (OSError, AttributeError):
         pass
 
 
+def command(folder: str, *cmd: str) -> list[str]:
+    """The guard's command line around `cmd`, for a child of this process."""
+    return [sys.executable, __file__, folder, str(os.getpid()), "--", *cmd]
+
+
 def main(argv: list[str]) -> int:
-    folder, sep, *cmd = argv
-    if sep != "--" or not cmd:
-        print("usage: python guard.py FOLDER -- CMD ...", file=sys.stderr)
+    folder, parent, sep, *cmd = argv if len(argv) >= 3 else ["", "", ""]
+    if sep != "--" or not cmd or not parent.isdigit():
+        print("usage: python guard.py FOLDER PARENT_PID -- CMD ...", file=sys.stderr)
         return 2
+    die_with_parent()
 
     def stop(signum, frame) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the group's SIGTERM reaches us too
@@ -49,7 +55,7 @@ def main(argv: list[str]) -> int:
 
     child = subprocess.Popen(cmd, cwd=folder)
     signal.signal(signal.SIGTERM, stop)
-    if os.getppid() == 1:  # the parent died before PR_SET_PDEATHSIG took hold
+    if os.getppid() != int(parent):  # the parent died before PR_SET_PDEATHSIG took hold
         stop(signal.SIGTERM, None)
     return child.wait()
 

@@ -34,8 +34,10 @@ def parse(specs: list[str]) -> dict:
         if not m:
             raise UserError(f"-P {spec}: expected KEY=KIND(ARGS), KIND one of {KINDS}")
         key, kind = m["key"], m["kind"]
-        args = [yaml.safe_load(a.strip()) for a in m["args"].split(",")] if m["args"].strip() else []
+        if key in space:
+            raise UserError(f"-P {spec}: {key} is given twice; give each key one -P")
         try:
+            args = [_value(a) for a in m["args"].split(",")] if m["args"].strip() else []
             if kind == "choice":
                 if not args:
                     raise ValueError("give at least one value")
@@ -56,6 +58,18 @@ def parse(specs: list[str]) -> dict:
         raise UserError(f"no search space: give -P KEY=KIND(ARGS) ({KINDS}), e.g. "
                         "-P 'train.lr=loguniform(1e-4,1e-1)'")
     return space
+
+
+def _value(text: str):
+    """One argument as YAML reads it (1e-4, 3, sgd, true); not a plain value is a ValueError."""
+    try:
+        value = yaml.safe_load(text.strip())
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or "not a YAML value"
+        raise ValueError(f"{text.strip()!r} is not a value ({problem})") from None
+    if not (value is None or isinstance(value, (str, int, float, bool))):
+        raise ValueError(f"{text.strip()!r} is not a plain value (a number, a word, true/false)")
+    return value
 
 
 def extremes(space: dict) -> list[tuple[str, ...]]:

@@ -18,7 +18,9 @@ repository itself is their remote (its own cache the DVC remote) unless --remote
 
 from __future__ import annotations
 
+import hashlib
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -44,7 +46,7 @@ class Plan:
     tracking_uri: str
     cpus: int
     gpus: int
-    sweep: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
+    sweep: str = ""                  # its id (sweep_id, or a study's): a tag of every run it makes
     jobs: list[Job] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # on the git remote already
 
@@ -68,17 +70,25 @@ def where(repo: Path, *, remote: str | None, cpus: int, gpus: int, local: bool) 
     return Plan(repo, base, git_url, own, dvc_remote, sweep_tracking_uri(repo, local), cpus, gpus)
 
 
-def plan(repo: Path, settings: list[str], *, remote: str | None, prefix: str, cpus: int,
+def plan(repo: Path, combos: list[tuple[str, ...]], *, remote: str | None, prefix: str, cpus: int,
          gpus: int, local: bool) -> Plan:
-    """The sweep's experiments, every check done; nothing runs yet."""
-    combos = grid.expand(settings)
+    """The sweep of `combos` (grid.expand's), every check done; nothing runs yet."""
     grid.check(repo, combos)
     p = where(repo, remote=remote, cpus=cpus, gpus=gpus, local=local)
+    p.sweep = sweep_id(p, prefix)
     jobs = [p.job(grid.name(prefix, p.base, combo), combo) for combo in combos]
     pushed = pushed_experiments(repo, p.git_url, p.base)
     p.jobs = [j for j in jobs if j.name not in pushed]
     p.skipped = [j.name for j in jobs if j.name in pushed]
     return p
+
+
+def sweep_id(p: Plan, prefix: str) -> str:
+    """The same for the same command on the same repository and commit, so that a second run
+    supersedes what the first left (and nothing of another sweep): a digest of the git remote
+    (for --local: this machine and folder), the base commit and the name prefix."""
+    origin = f"{socket.gethostname()}:{p.repo}" if p.own_remote else p.git_url
+    return hashlib.sha1(f"{origin}\n{p.base}\n{prefix}".encode()).hexdigest()[:12]
 
 
 # --- checks --------------------------------------------------------------------------------------
@@ -151,6 +161,10 @@ def sweep_tracking_uri(repo: Path, local: bool) -> str:
     from rnnlab.tracking.store import tracking_uri
 
     uri = tracking_uri()  # a login written into the URI moves to MLFLOW_TRACKING_USERNAME/_PASSWORD
+    if credentials_in(uri):
+        raise UserError(f"MLFLOW_TRACKING_URI {public_uri(uri)} carries {credentials_in(uri)[0]}, "
+                        "which would travel to every worker; keep the password in the workers' "
+                        "environment (PGPASSFILE, MLFLOW_TRACKING_PASSWORD)")
     if uri.startswith("sqlite:") and not local:
         raise UserError("a sweep on a cluster records its runs on an MLflow server every worker "
                         "reaches: set MLFLOW_TRACKING_URI (the team set-up: docs/team.md), or use --local")

@@ -5,7 +5,8 @@ sweep's machinery (rnnlab/cluster/sweep.py, worker.py).
         --variant lstm --trials 20 --pruner median --local 2
 
 Each trial is the experiment `<study>-<number>` of `evaluate@<variant>` with the trial's values as
--S settings. Its objective is the variant's best validation perplexity (never the test one).
+-S settings; its runs carry the study's id (a user attribute of the study, made with it), so
+that two studies of the same name elsewhere never supersede each other's runs. Its objective is the variant's best validation perplexity (never the test one).
 Its training reports each epoch's validation perplexity to the trial (rnnlab/training/trial.py)
 and stops when the pruner says so; the experiment still ends, with the metrics of the epoch it
 reached, and its MLflow run is tagged `rnnlab.pruned`.
@@ -13,6 +14,8 @@ reached, and its MLflow run is tagged `rnnlab.pruned`.
 The study lives in an RDB storage: --storage or RNNLAB_OPTUNA_STORAGE (the team's PostgreSQL),
 else `optuna.db` beside the repository (--local only). Running the command again continues the
 study up to --trials finished trials; trials an interrupted run left RUNNING are marked FAIL.
+A search whose trials fail ends: after --max-failures failed trials, or --max-consecutive-failures
+in a row, with one line naming the failure they shared.
 At the end: the best trial, its experiment and the `dvc exp apply` line; Optuna's history and
 importance plots as PNGs in `tune/<study>/`, logged to an MLflow run of the study.
 """
@@ -20,16 +23,20 @@ importance plots as PNGs in `tune/<study>/`, logged to an MLflow run of the stud
 from __future__ import annotations
 
 import os
+import re
 import time
-from dataclasses import dataclass
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from rnnlab.cluster import grid, space, sweep
 from rnnlab.errors import UserError
 from rnnlab.redact import credentials_in, public_uri
-from rnnlab.training.trial import TRIAL_ENV, VARIANT_ENV, make_pruner
+from rnnlab.training.trial import TrialRef, make_pruner
 
 STORAGE_ENV = "RNNLAB_OPTUNA_STORAGE"
+STUDY_ID = "rnnlab.study_id"  # the study's user attribute: its id, the sweep id of its trials' runs
 
 
 @dataclass
@@ -42,13 +49,67 @@ class Study:
     pruner: str
 
 
-def open_study(repo: Path, specs: list[str], *, name: str, storage: str | None, variant: str | None,
-               pruner: str, plan: sweep.Plan, local: bool, seed: int | None = None) -> Study:
+@dataclass(frozen=True)
+class Search:
+    """What a study searches, checked before any store or cluster is touched."""
+
+    distributions: dict
+    variant: str
+
+
+@dataclass
+class Failures:
+    """The failed trials of this run, and when to give up."""
+
+    most: int                 # --max-failures
+    in_a_row: int             # --max-consecutive-failures
+    lines: list[str] = field(default_factory=list)
+    streak: int = 0
+
+    def add(self, line: str) -> None:
+        self.lines.append(line)
+        self.streak += 1
+
+    def succeeded(self) -> None:
+        self.streak = 0
+
+    def exhausted(self) -> bool:
+        return len(self.lines) >= self.most or self.streak >= self.in_a_row
+
+    def error(self) -> UserError:
+        """One line: how many failed, and the failure they shared: the commonest, told apart
+        from others by its words (its trial's experiment name and the numbers left out), as the
+        first trial of it said it."""
+        said = [re.sub(r"^[\w.-]+: ", "", line, count=1) for line in self.lines]
+        kinds = Counter(re.sub(r"\d[\d,._]*", "#", line) for line in said)
+        kind, n = kinds.most_common(1)[0]
+        shared = next(line for line in said if re.sub(r"\d[\d,._]*", "#", line) == kind)
+        why = (f"{self.streak} in a row" if self.streak >= self.in_a_row
+               else f"--max-failures {self.most}")
+        return UserError(f"tune: stopped after {len(self.lines)} failed trial(s) ({why}); "
+                         f"{n} of them: {shared}")
+
+
+def search(repo: Path, specs: list[str], variant: str | None) -> Search:
+    """The space and the variant, checked: one line per mistake."""
+    distributions = space.parse(specs)
+    try:
+        grid.check(repo, space.extremes(distributions))
+    except UserError as err:  # said of -S settings: say it of the -P that made them, once
+        spec_of = {s.strip().split("=", 1)[0]: s.strip() for s in specs}
+        lines = {}
+        for line in str(err).splitlines():
+            key = line.removeprefix("-S ").split("=", 1)[0]
+            rest = line.split(": ", 1)[1] if ": " in line else line
+            lines.setdefault(key, f"-P {spec_of.get(key, key)}: {rest}")
+        raise UserError("\n".join(lines.values())) from None
+    return Search(distributions, pick_variant(repo, variant))
+
+
+def open_study(repo: Path, what: Search, *, name: str, storage: str | None, pruner: str,
+               plan: sweep.Plan, local: bool, seed: int | None = None) -> Study:
     import optuna
 
-    distributions = space.parse(specs)
-    grid.check(repo, space.extremes(distributions))
-    variant = pick_variant(repo, variant)
     storage = storage or os.environ.get(STORAGE_ENV) or (
         f"sqlite:///{repo / 'optuna.db'}" if local else None)
     if storage is None:
@@ -64,8 +125,11 @@ def open_study(repo: Path, specs: list[str], *, name: str, storage: str | None, 
                                 load_if_exists=True, pruner=make_pruner(pruner))
     # seeded anew on each run, the sampler would suggest the values of the first run again
     study.sampler = optuna.samplers.TPESampler(seed=None if seed is None else seed + len(study.trials))
+    if STUDY_ID not in study.user_attrs:
+        study.set_user_attr(STUDY_ID, uuid.uuid4().hex[:12])
+    plan.sweep = study.user_attrs[STUDY_ID]
     fail_interrupted(study)
-    return Study(study, storage, variant, plan, distributions, pruner)
+    return Study(study, storage, what.variant, plan, what.distributions, pruner)
 
 
 def pick_variant(repo: Path, variant: str | None) -> str:
@@ -88,7 +152,7 @@ def fail_interrupted(study) -> int:
 
     stale = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.RUNNING]
     for t in stale:
-        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        study.tell(t.number, state=TrialState.FAIL)
     if stale:
         print(f"tune: {len(stale)} trial(s) left running by an interrupted run marked failed: "
               f"{', '.join(str(t.number) for t in stale)}")
@@ -101,9 +165,10 @@ def finished_trials(study) -> int:
     return sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.get_trials(deepcopy=False))
 
 
-def run(s: Study, client, trials: int, slots: int) -> list[str]:
+def run(s: Study, client, trials: int, slots: int, failures: Failures) -> list[str]:
     """Ask and tell until the study has `trials` finished trials, `slots` at a time; the names of
-    the experiments made."""
+    the experiments made. Never more trials at once than could still fail within `failures`;
+    when they are exhausted, the UserError that says why (after the running trials end)."""
     from optuna.trial import TrialState
 
     from rnnlab.cluster import worker
@@ -113,12 +178,18 @@ def run(s: Study, client, trials: int, slots: int) -> list[str]:
     name = s.study.study_name
     running: dict = {}  # future -> (trial, experiment name)
     made: list[str] = []
-    while finished_trials(s.study) + len(running) < trials or running:
-        while running.__len__() < slots and finished_trials(s.study) + len(running) < trials:
+
+    def room() -> bool:
+        return (len(running) < slots and finished_trials(s.study) + len(running) < trials
+                and not failures.exhausted()
+                and len(failures.lines) + len(running) < failures.most)
+
+    while (finished_trials(s.study) + len(running) < trials and not failures.exhausted()) or running:
+        while room():
             trial = s.study.ask(s.distributions)
             exp = f"{name}-{trial.number}"
-            env = {TRIAL_ENV: f"{s.storage} {name} {trial._trial_id} {s.pruner}", VARIANT_ENV: s.variant}
-            job = s.plan.job(exp, space.settings(trial.params), (f"evaluate@{s.variant}",), env)
+            ref = TrialRef(s.storage, name, trial.number, s.pruner, s.variant)
+            job = s.plan.job(exp, space.settings(trial.params), (f"evaluate@{s.variant}",), ref.to_env())
             running[sweep.submit(client, s.plan, job)] = (trial, exp)
             print(f"tune: trial {trial.number} ({exp}): {' '.join(job.settings)}", flush=True)
         time.sleep(sweep.POLL_SECONDS)
@@ -128,8 +199,10 @@ def run(s: Study, client, trials: int, slots: int) -> list[str]:
                 raise ConnectionError("the scheduler cancelled the trials")
             if future.status != "finished":
                 s.study.tell(trial, state=TrialState.FAIL)
-                print(f"tune: trial {trial.number} failed: {sweep.failure(exp, future)}", flush=True)
+                failures.add(sweep.failure(exp, future))
+                print(f"tune: trial {trial.number} failed: {failures.lines[-1]}", flush=True)
                 continue
+            failures.succeeded()
             made.append(exp)
             metrics = future.result().metrics[s.variant]
             if metrics.get("pruned_at"):
@@ -139,6 +212,8 @@ def run(s: Study, client, trials: int, slots: int) -> list[str]:
             else:
                 s.study.tell(trial, metrics["val_ppl"])
                 print(f"tune: trial {trial.number} done: val ppl {metrics['val_ppl']}", flush=True)
+    if failures.exhausted():
+        raise failures.error()
     return made
 
 
@@ -193,11 +268,13 @@ def log_study(s: Study, pngs: list[Path]) -> None:
     client = mlflow.MlflowClient(s.plan.tracking_uri)
     best_exp = f"{s.study.study_name}-{s.study.best_trial.number}"
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
-                              filter_string=f"tags.`rnnlab.dvc_exp` = '{best_exp}'", max_results=1)
+                              filter_string=f"tags.`rnnlab.dvc_exp` = '{best_exp}' and "
+                              f"tags.`rnnlab.sweep` = '{s.plan.sweep}'", max_results=1)
     if not runs:
         return
     run = client.create_run(runs[0].info.experiment_id, run_name=f"study {s.study.study_name}",
-                            tags={"rnnlab.study": s.study.study_name, "rnnlab.best_trial": best_exp})
+                            tags={"rnnlab.study": s.study.study_name, "rnnlab.sweep": s.plan.sweep,
+                                  "rnnlab.best_trial": best_exp})
     for key, value in s.study.best_trial.params.items():
         client.log_param(run.info.run_id, f"best.{key}", value)
     client.log_metric(run.info.run_id, "best_val_ppl", s.study.best_value)

@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import Iterator
 
 from rnnlab.cluster import guard as guard_file
-from rnnlab.cluster.guard import die_with_parent
 from rnnlab.cluster.job import Job, Outcome
+from rnnlab.cluster.trust import accept
 from rnnlab.errors import UserError
 from rnnlab.fileio import cache_dir
 from rnnlab.redact import public_text, public_uri
@@ -46,7 +46,9 @@ QUIET = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", "DVC_NO_ANA
 
 
 def run(job: Job) -> Outcome:
-    """Run `job` here; its outcome, or a UserError of one line."""
+    """Run `job` here; its outcome, or a UserError of one line (a job this worker does not accept
+    among them: rnnlab/cluster/trust.py)."""
+    accept(job)
     where = worker_name()
     folder = work_dir() / job.sweep / job.name
     shutil.rmtree(folder, ignore_errors=True)  # an earlier attempt's, on this machine
@@ -84,7 +86,8 @@ def settings(job: Job) -> list[str]:
 
 def stage_env(job: Job) -> dict[str, str]:
     """The commands' environment: this worker's (its logins), the sweep's tracking server and
-    tags, no experiment or Python path of the worker's own."""
+    tags, the trial's own variable (the only one a job may set: `accept`), no experiment or
+    Python path of the worker's own."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("DVC_EXP_NAME", "PYTHONPATH", "MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID")}
     env.update(QUIET, RNNLAB_SWEEP=job.sweep, RNNLAB_ATTEMPT=uuid.uuid4().hex[:12],
@@ -104,6 +107,15 @@ def add_remote(job: Job, folder: Path) -> None:
     (folder / ".dvc" / "config.local").write_text("\n".join(lines) + "\n")
 
 
+def earlier_attempts(job: Job) -> str:
+    """The MLflow filter of the runs of earlier attempts at `job`: the same experiment name, of
+    the same sweep or study (its id) and base commit. A run of another sweep, study or repository
+    that happens to share the name, or one made by hand, never matches. (Names and ids are
+    checked by `accept`: no quote can end the string.)"""
+    return (f"tags.`rnnlab.dvc_exp` = '{job.name}' and tags.`rnnlab.sweep` = '{job.sweep}' "
+            f"and tags.`rnnlab.git_commit` = '{job.base}'")
+
+
 def supersede(job: Job) -> None:
     """Mark every MLflow run of an earlier attempt at this experiment (its worker was killed, or
     its push failed) KILLED, tagged rnnlab.superseded=true: this attempt runs every stage again,
@@ -113,7 +125,7 @@ def supersede(job: Job) -> None:
 
         client = MlflowClient(job.tracking_uri)
         ids = [e.experiment_id for e in client.search_experiments()]
-        runs = client.search_runs(ids, filter_string=f"tags.`rnnlab.dvc_exp` = '{job.name}'") if ids else []
+        runs = client.search_runs(ids, filter_string=earlier_attempts(job)) if ids else []
         for found in runs:
             if found.data.tags.get("rnnlab.superseded") != "true":
                 client.set_tag(found.info.run_id, "rnnlab.superseded", "true")
@@ -146,9 +158,9 @@ def sh(job: Job, what: str | None, cwd: Path, env: dict[str, str], *cmd: str, ch
     """Run `cmd`; a failure is a UserError: `<experiment>: cannot <what>: <its error line>`.
     guard: the command dies with this worker, its children too (rnnlab/cluster/guard.py)."""
     # the guard by its path: it needs nothing but the standard library, and no PYTHONPATH
-    args = [sys.executable, guard_file.__file__, str(cwd), "--", *cmd] if guard else list(cmd)
+    args = guard_file.command(str(cwd), *cmd) if guard else list(cmd)
     proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True,
-                          stdin=subprocess.DEVNULL, preexec_fn=die_with_parent if guard else None)
+                          stdin=subprocess.DEVNULL, start_new_session=guard)
     if check and proc.returncode != 0:
         raise UserError(f"{job.name}: cannot {what}: {error_line(proc.stdout + proc.stderr)}")
     return proc

@@ -20,7 +20,7 @@ from tests.repos import git
 
 ROOT = Path(__file__).resolve().parents[2]
 JOB = Job(name="s-1", settings=("train.lr=0.1",), base="a" * 40, git_url="/origin", dvc_remote=None,
-          tracking_uri=None, sweep="x", cpus=3)
+          tracking_uri=None, sweep="ab12cd34", cpus=3)
 
 
 def test_the_grid_is_dvcs_own_product_in_dvcs_order():
@@ -140,13 +140,14 @@ def test_with_local_the_repository_is_its_own_remote(tmp_path):
 
 def test_the_guard_takes_a_dead_workers_commands_with_it(tmp_path):
     """A 'worker' starts a guarded command that starts a grandchild, then dies by SIGKILL: the
-    kernel signals the guard, which ends its whole group."""
+    kernel signals the guard, which ends its whole group. Nothing runs between fork and exec:
+    the guard asks for the signal itself."""
     pids = tmp_path / "pids"
     script = (
         "import subprocess, sys, time\n"
         "from rnnlab.cluster import guard\n"
-        f"p = subprocess.Popen([sys.executable, guard.__file__, {str(tmp_path)!r}, '--', 'sh', '-c',"
-        f" 'sleep 300 & echo $$ $! > {pids}; wait'], preexec_fn=guard.die_with_parent)\n"
+        f"p = subprocess.Popen(guard.command({str(tmp_path)!r}, 'sh', '-c',"
+        f" 'sleep 300 & echo $$ $! > {pids}; wait'), start_new_session=True)\n"
         "time.sleep(300)\n")
     parent = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT,
                               env={**os.environ, "PYTHONPATH": str(ROOT)})
