@@ -293,3 +293,14 @@ def test_certificates_of_the_lab_pass_a_strangers_do_not(tmp_path):
             assert connect(folder, name) != b"in"
     thread.join(timeout=10)
     listener.close()
+
+
+def test_a_tracking_uri_with_a_password_is_refused_before_it_travels(monkeypatch):
+    from rnnlab.cluster import sweep
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "postgresql://mlflow:planted-pw@db.lab.example/mlflow")
+    with pytest.raises(UserError) as err:
+        sweep.sweep_tracking_uri(ROOT, local=False)
+    message = str(err.value)
+    assert "carries a login" in message and "planted-pw" not in message
+    assert len(message.splitlines()) == 1
