@@ -14,7 +14,7 @@ The writers are forked from one process that imported MLflow, and start together
 
 Two backends, each with --writers concurrent writers and with one (the baseline):
 
-    server  a fresh team stack (tests/deploy/teamstack.py: PostgreSQL, moto S3, `mlflow server
+    server  a fresh team stack (deploy/throwaway.py: PostgreSQL, moto S3, `mlflow server
             --app-name basic-auth`) on free ports in a temporary folder, as its member user
     sqlite  MLFLOW_TRACKING_URI unset: the default store mlflow.db in a fresh temporary folder
             (DVC_ROOT and the working directory), under its file lock
@@ -248,7 +248,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     from rnnlab.tracking.store import STORE_FILE
-    from tests.deploy.teamstack import team_stack
+    from deploy.throwaway import team_stack
 
     params, tags = run_record()
     keys = metric_keys(args.metrics_per_epoch)
