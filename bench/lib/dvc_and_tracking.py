@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from bench.lib.clone import tiny_clone
 from bench.lib.book_vs_ours import ours_step
+from bench.lib.clone import tiny_clone
 from bench.lib.streams import minibatches
 from bench.lib.timing import synchronize
 from rnnlab.models.lm import ModelConfig, build_model

@@ -6,8 +6,8 @@ from __future__ import annotations
 import statistics
 from dataclasses import asdict
 
-from bench.lib.machine import ISA_FLAGS
 from bench.lib.book_vs_ours import BOOK
+from bench.lib.machine import ISA_FLAGS
 from bench.lib.timing import Pair
 
 TABLE_COLUMNS = ("variant", "batch", "code", "tok/s", "min", "max", "ratio", "FLOPs/token",
@@ -76,8 +76,8 @@ def markdown(result: dict) -> str:
             f"{w['batch']}, {w['num_steps']} steps, SGD lr {w['lr']:g}, clip {w['clip_theta']:g}, "
             f"on {result['word']['data']}; wlm: pytorch/examples word_language_model "
             "(bench/lib/wlm.py). tok/s: median (min-max) of the repeats; ratio: median of the "
-            "repeats' ours/wlm; bound: as above, every FLOP at the best rate of the row's precision "
-            f"(the parts' products: {parts}).",
+            "repeats' ours/wlm; bound: as above, every FLOP at the best rate of the row's "
+            f"precision (the parts' products: {parts}).",
             "", *header, *_training_rows(result["word"]["training"])]
     lines += [
         "",

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from bench.lib.flops import GATES
 from bench.lib.book_vs_ours import WORD
+from bench.lib.flops import GATES
 from bench.lib.wlm import batchify, get_batch
 from rnnlab.config import Data, Tokenize
 from rnnlab.corpora import BUILTIN

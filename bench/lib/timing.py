@@ -12,8 +12,8 @@ from typing import Callable
 import torch
 
 from bench.lib.baselines import book_step
-from bench.lib.machine import onednn_available
 from bench.lib.book_vs_ours import BOOK, WORD, StepFn, baseline_for, ours_step
+from bench.lib.machine import onednn_available
 from bench.lib.streams import minibatches, word_minibatches
 from bench.lib.wlm import WordLM, wlm_step
 from rnnlab.models.lm import ModelConfig, build_model
