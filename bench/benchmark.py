@@ -1,48 +1,13 @@
-"""The benchmark: our training step against the book's, interleaved in one process, and the rest.
+"""Our training step against the book's, interleaved in one process, per variant and batch size.
 
-    python -m bench.benchmark                         # default variants, batch 32 and 512, words
-    python -m bench.benchmark --quick                 # a smoke run: few steps, tiny extras
-    python -m bench.benchmark --variants rnn gru --batches 32 --steps 20 --repeats 5
-    python -m bench.benchmark --word-only --ptb /work/shared/corpora/ptb.zip   # words alone
+    python -m bench.benchmark                  # every variant of params.yaml, batch 32 and 512
+    python -m bench.benchmark --quick          # a smoke run: few steps, short extras
+    python -m bench.benchmark --word-only --ptb ptb.zip   # the word rows alone, on PTB's words
 
-For every variant of params.yaml (or --variants) and every batch size, both sides train on the
-same Time Machine minibatches (characters, 35 steps, SGD lr 1, clipping at norm 1, 256 hidden
-units, the state carried across minibatches as the book does):
-
-    book   bench/baselines.py: d2l's RNNModel (one-hot into nn.RNN/GRU/LSTM) or its scratch RNN,
-           trained by the body of d2l's train_epoch_ch8
-    ours   rnnlab.models.build_model + the training step of rnnlab/training/loop.py
-
-and at word level, Zaremba et al.'s small LSTM as PyTorch's word_language_model example trains it
-(2 layers of 200, embedding 200, vocabulary 10,000, batch 20, 20 steps, SGD lr 20, clipping at
-0.25, no dropout, the state carried), on Penn Treebank's training words (`--ptb` a zip holding
-ptb/ptb.train.txt) or else on a synthetic stream of 10,000 ids drawn by Zipf's law:
-
-    wlm    bench/wlm.py: the example's RNNModel (Embedding, nn.LSTM, Linear, log_softmax) and the
-           body of its train() (NLLLoss, clip_grad_norm_, p.data.add_), on its time-major batches
-    ours   the same, the same tokens laid out batch-major
-
-Each repeat times `--steps` minibatches of one side, then of the other (the order alternates), so
-whatever else the machine does slows both alike; the ratio is the median of the repeats' ratios.
-The bound of a row is the tokens/s at which every FLOP of its training step (bench/flops.py: the
-input, recurrent and output products, forward and backward) would run at the best rate this
-machine reaches on any product, measured at start-up with torch.mm (MKL) and with oneDNN on the
-rows' own shapes and a large one, in float32 and, where the hardware has it, bfloat16 (a bfloat16
-row's bound takes the better of the two). No row can pass it: `% bound` above 100% would mean a
-FLOP count that is wrong. Also measured, once per run: generation and evaluation speed, a no-op
-`dvc repro`, and the share of a training run spent in MLflow tracking.
-
-Our side runs what a training run would run on this machine: the layer path and the product
-libraries that rnnlab/kernels/choice.py measures fastest at first use, measured afresh for the benchmark
-(the cache neither read nor written) and listed in the report with their timings. The report names the CPU, its
-ISA flags, PyTorch's ISA level and the ISA oneDNN dispatches to. Where the CPU multiplies bfloat16
-in hardware (AMX, AVX512-BF16), ours is also timed under bfloat16 autocast on every row for which
-train.bf16: auto picks it (rnnlab/training/precision.py), as a third side of the row (`ours
-bf16`); --bf16 times that side on every row, on any CPU.
-
-Writes metrics/bench/<machine kind>.md (the tables) and .json (every number), e.g.
-amd-epyc-avx2.md: one report per kind of CPU, the last full run on it; other settings than the
-defaults write <kind>-partial.*. Not a test: nothing here asserts a speed.
+Both sides of a row (bench/lib/book_vs_ours.py) train on the same minibatches, their order
+alternating each repeat; a row's ratio is the median of its repeats' ratios, its bound every FLOP
+at this machine's best matmul rate. Also: generation, evaluation, a no-op `dvc repro`, tracking's
+share. Writes metrics/bench/<cpu-kind>.md and .json (other settings: <cpu-kind>-partial.*).
 """
 
 from __future__ import annotations
@@ -62,17 +27,8 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
 import torch  # noqa: E402
 
-from bench.clone import ROOT  # noqa: E402
-from bench.extras import noop_repro_seconds, tracking_share  # noqa: E402
-from bench.flops import (  # noqa: E402
-    GATES,
-    bound_tokens_per_sec,
-    forward_flops,
-    train_flops,
-)
-from bench.machine import machine  # noqa: E402
-from bench.report import kilo, markdown, summarize  # noqa: E402
-from bench.sides import (  # noqa: E402
+from bench.lib import ROOT  # noqa: E402
+from bench.lib.book_vs_ours import (  # noqa: E402
     BOOK,
     WORD,
     WORD_BASELINE,
@@ -80,8 +36,17 @@ from bench.sides import (  # noqa: E402
     baseline_name,
     word_config,
 )
-from bench.streams import time_machine, word_data, word_shapes  # noqa: E402
-from bench.timing import (  # noqa: E402
+from bench.lib.dvc_and_tracking import noop_repro_seconds, tracking_share  # noqa: E402
+from bench.lib.flops import (  # noqa: E402
+    GATES,
+    bound_tokens_per_sec,
+    forward_flops,
+    train_flops,
+)
+from bench.lib.machine import machine  # noqa: E402
+from bench.lib.report import kilo, markdown, summarize  # noqa: E402
+from bench.lib.streams import time_machine, word_data, word_shapes  # noqa: E402
+from bench.lib.timing import (  # noqa: E402
     Pair,
     inference_speeds,
     keep_freed_memory,
@@ -94,29 +59,6 @@ from rnnlab.kernels import choice  # noqa: E402
 from rnnlab.models.lm import ModelConfig, model_config  # noqa: E402
 from rnnlab.training import loop as training  # noqa: E402
 from rnnlab.training.precision import bf16_hardware  # noqa: E402
-
-# --- the training step of each side ---------------------------------------------------------------
-
-
-# --- the data -------------------------------------------------------------------------------------
-
-
-# --- the machine's matmul rate --------------------------------------------------------------------
-
-
-# --- training speed -------------------------------------------------------------------------------
-
-
-# --- generation, evaluation -----------------------------------------------------------------------
-
-
-# --- a no-op `dvc repro` --------------------------------------------------------------------------
-
-
-# --- tracking -------------------------------------------------------------------------------------
-
-
-# --- the report -----------------------------------------------------------------------------------
 
 
 def char_configs(params, names: list[str], vocab_size: int) -> dict[str, ModelConfig]:

@@ -3,12 +3,10 @@
     python -m bench.bf16                       # every variant of params.yaml
     python -m bench.bf16 --variants lstm --threads 1
 
-Each variant trains twice from the same seed on the default settings (params.yaml, The Time
-Machine): in float32, then under bfloat16 autocast, as `train.bf16: true` runs it. Printed per
-variant: the best validation perplexity of each, their relative difference (the bar: within 1%),
-and the mean training tokens/s of each. On a CPU without AMX or AVX512-BF16, oneDNN emulates the
-bfloat16 products: the perplexities still say what bfloat16 rounding does to the model, the
-speeds only what emulation costs.
+Each variant trains twice from the same seed on the defaults (params.yaml, The Time Machine): in
+float32, then under bfloat16 autocast. Prints per variant each best validation perplexity, their
+relative difference (the bar: within 1%) and each mean tokens/s. Without bfloat16 hardware
+(AMX, AVX512-BF16) oneDNN emulates it: the perplexities still hold, the speeds do not.
 """
 
 from __future__ import annotations
@@ -18,8 +16,8 @@ import json
 
 import torch
 
-from bench.clone import ROOT
-from bench.streams import time_machine
+from bench.lib import ROOT
+from bench.lib.streams import time_machine
 from rnnlab.config import load_params, variant_train
 from rnnlab.kernels import choice
 from rnnlab.models.lm import new_model

@@ -3,34 +3,11 @@
     python -m bench.dvc_overhead                     # epochs 2, hidden 640, 1 thread
     python -m bench.dvc_overhead --epochs 1 --hidden-size 512
 
-In a clone of HEAD (as bench.extras.noop_repro_seconds makes one), with params that make
-`train@rnn` alone run for some tens of seconds, runs `dvc repro tokenize` (not measured), then
-`dvc repro train@rnn`, and every `interval` seconds reads with psutil the cumulative CPU time
-(user + system) of the dvc process, of each of its threads, of the stage (the descendant whose
-command line holds `stages.train`, with its own descendants) and of any other descendant of dvc
-(a helper). Over the window in which the stage was seen running, the shares of a core are
-CPU seconds / wall seconds. The function that turns samples into shares, `shares`, takes plain
-`Sample`s, so it is tested without DVC.
-
-What DVC does while the command runs (dvc 3.67.1): nothing. Stage.run -> run_stage
-(dvc/stage/run.py) calls cmd_run through `unlocked_repo` (dvc/stage/decorators.py: releases the
-repo lock `.dvc/tmp/lock`, a zc.lockfile, and drops the repo's cached index); cmd_run -> _run
-starts `$SHELL -c "<cmd>"` (bash --noprofile --norc, which execs the one command, so the stage is
-dvc's direct child and no shell stays behind) with subprocess.Popen and no pipes, then calls
-`p.communicate()`, which with no pipes is Popen.wait(): one blocking waitpid(2) in the main thread
-(py-spy: MainThread in Popen._try_wait, kernel wchan do_wait). The only other thread is tqdm's
-TMonitor ("tqdm_monitor"), which wakes every 10 s (tqdm.std.tqdm.monitor_interval). The rwlock
-(dvc/rwlock.py, `.dvc/tmp/rwlock`, JSON) is written once before and once after, not polled; no
-progress bar, status loop or helper process runs meanwhile. Measured: 0.00-0.01 s of dvc CPU over
-33-34 s of stage (psutil counts in 10 ms ticks), against 32-33 s of the stage's.
-
-What dvc does cost is fixed, around the command: about 1.3-1.6 s of CPU before it (imports,
-parsing dvc.yaml and dvc.lock, the stage's status: hashing its deps) and 0.8-1.0 s after (hashing
-and caching the outputs, rewriting dvc.lock with ruamel.yaml, `git add` of autostage); `dvc exp
-run` 3.2 s before and 1.4 s after. In one `dvc repro` of several stages the start-up is paid once
-and each further stage costs some 0.4-0.5 s between stages. That is a third of a core only for a
-stage of ~7 s, or as `ps`'s %CPU, which is CPU time over the process's whole life: 1.5 s spent in
-the first 1.5 s still reads 33 % three seconds into the stage (top shows 0 %).
+In a clone of HEAD with params that make `train@rnn` run for some tens of seconds: `dvc repro
+tokenize` (not measured), then `dvc repro train@rnn` (or `dvc exp run`), sampling with psutil the
+cumulative CPU of the dvc process, of each of its threads, of the stage and of any other
+descendant. Over the window the stage was seen running, a share of a core is CPU seconds / wall
+seconds. `shares` takes plain `Sample`s, so it is tested without DVC. Prints JSON.
 """
 
 from __future__ import annotations
@@ -45,7 +22,7 @@ from pathlib import Path
 
 import psutil
 
-from bench.clone import tiny_clone
+from bench.lib.clone import tiny_clone
 
 STAGE_MARK = "stages.train"  # in the stage process's command line
 

@@ -1,16 +1,12 @@
-"""Time per epoch of a word-level preset on this machine, measured on part of an epoch.
+"""Time per epoch of a word-level preset on this machine, extrapolated from part of an epoch.
 
     python -m bench.preset_speed zaremba-medium wlm-tied --ptb /path/to/ptb.zip
 
-For each preset: its params (params.yaml with presets/<name>.yaml on top, validated), Penn
-Treebank read and tokenized by the pipeline's own code (rnnlab/data/download.py, rnnlab/data/corpus.py),
-its model built and initialised as the train stage does, then `--steps` minibatches of its real
-training step (rnnlab.training.train_step, after `--warmup` untimed ones) and the validation
-perplexity of `--val-tokens` tokens (rnnlab.training.perplexity, the protocol of every epoch).
-An epoch is the training split at the measured tokens/s plus the whole validation split at the
-measured rate: an extrapolation from part of an epoch, said so in the output. For presets too
-slow to run to the end here (zaremba-medium, wlm-tied: hours per run on 2 cores); the small
-one's real epochs are in its curves. Not a test: nothing here asserts a speed.
+For each preset: its validated params, Penn Treebank read and tokenized by the pipeline's code,
+the model built as the train stage builds it, then `--steps` minibatches of its real training
+step (after `--warmup` untimed) and the validation perplexity of `--val-tokens` tokens. An epoch
+is the training split at the measured tokens/s plus the validation split at its rate: for presets
+too slow to run to the end here. Prints a table.
 """
 
 from __future__ import annotations
@@ -27,16 +23,15 @@ os.environ.setdefault("DO_NOT_TRACK", "true")
 
 import torch  # noqa: E402
 
+from bench.lib import ROOT  # noqa: E402
 from rnnlab.cli.presets import PRESETS, load_preset, merged  # noqa: E402
 from rnnlab.config import read_yaml, validate_params, variant_train  # noqa: E402
 from rnnlab.data.batches import num_batches, sequential_batches  # noqa: E402
 from rnnlab.data.corpus import read_raw, tokenize_corpus  # noqa: E402
 from rnnlab.data.download import prepare_raw  # noqa: E402
-from rnnlab.models.dispatch import detach_state
+from rnnlab.models.dispatch import detach_state  # noqa: E402
 from rnnlab.models.lm import new_model  # noqa: E402
 from rnnlab.training.loop import make_optimizer, perplexity, train_step  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def measure(name: str, ptb: str, steps: int, warmup: int, val_tokens: int) -> dict:

@@ -2,18 +2,12 @@
 
     python -m bench.run_profile                 # a clone of HEAD, params.yaml as committed
     python -m bench.run_profile --set train.bf16=false   # one setting changed, as `-S` does
-    make profile-run
 
-Runs `dvc repro` in a git clone of HEAD (in a temporary folder, tracking to its own SQLite store)
-with RNNLAB_PROFILE set: each stage appends where its time went (rnnlab/phases.py: start-up and
-imports, measurement, training, evaluation, tracking, other). What is left of the wall time
-outside the stage processes is DVC's: its own start-up, the stages' status and hashing,
-dvc.lock, and each process's exit. The kernel choices and the compiled code come from this
-machine's cache as a user's second run finds them (`--fresh-cache` measures every choice anew).
-
-Prints a table and writes metrics/bench/run-profile-<machine kind>.md (and .json) with the ratio
-the issue tracker asks about: wall time over the sum of the trainings' own `train_seconds`. Not a
-test: nothing here asserts a speed.
+In a git clone of HEAD (tracking to its own SQLite store) with RNNLAB_PROFILE set, each stage
+records where its time went (rnnlab/phases.py); the rest of the wall time is DVC's. Kernel choices
+come from this machine's cache (`--fresh-cache`: measured anew). Writes
+metrics/bench/run-profile-<cpu-kind>.md and .json (-set.* with --set): wall time over the sum of
+the trainings' own `train_seconds`.
 """
 
 from __future__ import annotations
@@ -30,8 +24,8 @@ from pathlib import Path
 from dvc.exceptions import DvcException
 from dvc.utils.hydra import apply_overrides
 
-from bench.clone import ROOT
-from bench.machine import machine
+from bench.lib import ROOT
+from bench.lib.machine import machine
 from rnnlab.phases import PHASES, PROFILE_ENV
 
 COLUMNS = ("stage", *PHASES, "process", "dvc", "wall")

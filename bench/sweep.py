@@ -1,16 +1,13 @@
-"""The sweep benchmark: the same queued experiments one after another and with parallel workers.
+"""The same queued experiments run one after another and with parallel workers.
 
-    python -m bench.sweep                                   # 4 values of train.lr, rnn and lstm, -j 1 vs -j 2
-    python -m bench.sweep --jobs 2 4 --epochs 4 --variants rnn gru
-    python -m bench.sweep --jobs 1 2 --dask 2 --variants rnn   # and `rnnlab sweep --local 2` (docs/cluster.md)
+    python -m bench.sweep                       # 4 values of train.lr, rnn and lstm, -j 1 vs -j 2
+    python -m bench.sweep --jobs 1 2 --dask 2 --variants rnn   # and `rnnlab sweep --local 2`
 
-Each mode runs in its own fresh clone of the committed code (its own DVC cache, so nothing is
-restored from the other's run cache) with `train.threads: auto`, as a user would run a sweep
-(README, "Sweeps"): `dvc repro tokenize`, `dvc exp run --queue -S train.lr=a,b,c,d`, then the
-queue with -j N (`dvc exp run --run-all -j N`, which waits for it). Measured: the queue's wall
-time, and each training's tokens/s as its metrics file reports it. The aggregate rate is every
-training token of the sweep over the wall time. Writes metrics/bench/<date>-<host>-<commit>-sweep.md
-and .json. Not a test: nothing here asserts a speed.
+Each mode runs in its own fresh clone of the committed code (its own DVC cache) with
+`train.threads: auto`: `dvc repro tokenize`, `dvc exp run --queue -S train.lr=...`, then
+`dvc exp run --run-all -j N`. Measured: the queue's wall time and each training's tokens/s; the
+aggregate rate is every training token over the wall time. Writes metrics/bench/sweep-<cpu-kind>.md
+and .json.
 """
 
 from __future__ import annotations
@@ -30,9 +27,10 @@ from pathlib import Path
 
 import yaml
 
+from bench.lib import ROOT
+from bench.lib.machine import kind
 from rnnlab.training.threads import usable_cpus
 
-ROOT = Path(__file__).resolve().parents[1]
 # dvc.yaml's commands run `python`: this one's, as `make` arranges with PATH
 ENV = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", "DVC_NO_ANALYTICS": "1",
        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
@@ -157,7 +155,7 @@ def machine() -> dict:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip()
     return {"cpu": cpu, "cpus": usable_cpus(), "host": socket.gethostname(), "commit": commit,
-            "load_before": os.getloadavg()[0]}
+            "kind": kind(), "load_before": os.getloadavg()[0]}
 
 
 def main() -> None:
@@ -196,7 +194,7 @@ def main() -> None:
     table = markdown(report)
     print("\n" + table)
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"{dt.date.today()}-{report['machine']['host']}-{report['machine']['commit']}-sweep"
+    stem = f"sweep-{report['machine']['kind']}"
     (args.out / f"{stem}.md").write_text(table)
     (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"report: {args.out / (stem + '.md')}")

@@ -1,32 +1,13 @@
-"""The team load benchmark: concurrent trainings tracking to the team server and to the local store.
+"""Concurrent trainings tracking to the team server and to the local SQLite store.
 
-    python -m bench.team_load                                   # 8 writers and 1, server and SQLite
-    python -m bench.team_load --writers 4 --epochs 40 --train-seconds-per-epoch 1
-    python -m bench.team_load --spin                            # trainings that burn CPU, not sleep
+    python -m bench.team_load                   # 8 writers and 1, server and SQLite
+    python -m bench.team_load --writers 4 --epochs 40 --spin   # trainings that burn CPU
 
-Each writer is a process running a synthetic training through our real tracking path,
-rnnlab.tracking.tracked_run: the run opens with the train stage's tags, logs the train stage's
-params (run_params of params.yaml's first variant), then every epoch "trains" for
---train-seconds-per-epoch (a sleep; --spin: a busy loop) and logs that epoch's curve metrics
-(rnnlab.records.CURVE_FIELDS less `epoch`, the step) in one log_metrics call, as record_curves
-does; at the end it logs the summary metrics, as record_summary does, and the run ends FINISHED.
-The writers are forked from one process that imported MLflow, and start together.
-
-Two backends, each with --writers concurrent writers and with one (the baseline):
-
-    server  a fresh team stack (tests/deploy/teamstack.py: PostgreSQL, moto S3, `mlflow server
-            --app-name basic-auth`) on free ports in a temporary folder, as its member user
-    sqlite  MLFLOW_TRACKING_URI unset: the default store mlflow.db in a fresh temporary folder
-            (DVC_ROOT and the working directory), under its file lock
-
-Before each pass one run creates the store and the experiment, as an earlier training would.
-Measured per pass: wall time (first writer's start to last writer's end); REST calls, counted in
-every writer (requests' HTTPAdapter.send) and in the server's access log; per-epoch tracking
-latency (one epoch's log_metrics); run open and close; the tracking share of each writer (time
-in tracking / (training + tracking)). Then every run is read back from the backend store (the
-server's PostgreSQL database itself, the SQLite file): FINISHED, every param and tag, and every
-metric's history with exactly the expected steps and values; anything else is a loss.
-Writes a Markdown report (--out). Not a test: nothing here asserts a speed; a loss exits 1.
+Each writer, a forked process, runs a synthetic training through rnnlab.tracking.tracked_run (the
+train stage's params and tags, a log_metrics per epoch, the summary); all start together, against
+a throwaway team stack (deploy/throwaway.py) as its member user, then SQLite in a fresh folder.
+Measured per pass: wall time, REST calls, per-epoch latency, tracking's share. Every run is read
+back from the store (missing or wrong: lost, exit 1). Writes metrics/bench/team-load-<cpu-kind>.md.
 """
 
 from __future__ import annotations
@@ -46,7 +27,8 @@ import traceback
 from contextlib import ExitStack, redirect_stdout
 from pathlib import Path
 
-from bench.team_load_check import (  # noqa: E402
+from bench.lib import ROOT  # noqa: E402
+from bench.lib.team_load_check import (  # noqa: E402
     environment,
     epoch_metrics,
     metric_keys,
@@ -54,13 +36,12 @@ from bench.team_load_check import (  # noqa: E402
     summary_metrics,
     verify,
 )
-from bench.team_load_report import figures, machine, markdown, print_row  # noqa: E402
+from bench.lib.team_load_report import figures, machine, markdown, print_row  # noqa: E402
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
-ROOT = Path(__file__).resolve().parents[1]
 TRACKING_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
                 "MLFLOW_TRACKING_TOKEN", "DVC_ROOT")
 # one line of uvicorn's access log: 127.0.0.1:57840 - "POST /api/2.0/mlflow/runs/log-batch HTTP/1.1" 200 OK
@@ -69,10 +50,7 @@ START_TIMEOUT = 300   # seconds for the writers to reach the start line
 RUN_TIMEOUT = 900     # seconds for a pass's writers to finish
 
 
-# --- what a writer logs (pure: the verification recomputes it) --------------------------------------
-
-
-# --- one writer (a process of its own) --------------------------------------------------------------
+# --- one writer (a process of its own) ------------------------------------------------------------
 
 
 def count_requests() -> dict[str, list]:
@@ -149,9 +127,7 @@ def writer(index: int, job: dict, start, results) -> None:
         raise
 
 
-# --- a pass: N writers against one store ------------------------------------------------------------
-
-
+# --- a pass: N writers against one store ----------------------------------------------------------
 
 
 def setup_run(job: dict) -> None:
@@ -209,13 +185,7 @@ def run_pass(backend: str, writers: int, job: dict, log: Path | None) -> dict:
             "server_log": access_lines(log, offset)}
 
 
-# --- the read-back ------------------------------------------------------------------------------------
-
-
-# --- figures and the report -------------------------------------------------------------------------
-
-
-# --- main ----------------------------------------------------------------------------------------------
+# --- main -----------------------------------------------------------------------------------------
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -235,7 +205,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--backends", nargs="+", choices=["server", "sqlite"],
                         default=["server", "sqlite"])
     parser.add_argument("--out", type=Path, default=None,
-                        help="the report (default metrics/bench/<date>-team-load.md)")
+                        help="the report (default metrics/bench/team-load-<cpu-kind>.md)")
     args = parser.parse_args(argv)
     if args.writers < 1 or args.epochs < 1 or args.metrics_per_epoch < 1:
         parser.error("--writers, --epochs and --metrics-per-epoch must be at least 1")
@@ -248,7 +218,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     from rnnlab.tracking.store import STORE_FILE
-    from tests.deploy.teamstack import team_stack
+    from bench.lib.machine import kind
+    from deploy.throwaway import team_stack
 
     params, tags = run_record()
     keys = metric_keys(args.metrics_per_epoch)
@@ -293,7 +264,7 @@ def main(argv: list[str] | None = None) -> None:
             stacks.close()  # the server's stack stops before the SQLite passes
     report["load_after"] = os.getloadavg()[0]
     report["other_load"] = load_before >= 0.5
-    out = args.out or ROOT / "metrics" / "bench" / f"{dt.date.today()}-team-load.md"
+    out = args.out or ROOT / "metrics" / "bench" / f"team-load-{kind()}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     text = markdown(report)
     out.write_text(text)

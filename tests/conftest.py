@@ -172,13 +172,13 @@ def tiny_trained(shared_tmp, tiny_tokens) -> Path:
 
 @pytest.fixture(scope="session")
 def team():
-    """The team stack (tests/deploy/teamstack.py: PostgreSQL, moto's S3, MLflow with basic-auth),
+    """The team stack (deploy/throwaway.py: PostgreSQL, moto's S3, MLflow with basic-auth),
     started once for the whole test run in a folder of its own (PostgreSQL's user must reach it:
     not under pytest's temporary root, whose mode every new pytest run resets). Every test that
     uses it runs on one pytest-xdist worker (`pytest_collection_modifyitems`)."""
     from deploy.postgres import pg_bin
     from rnnlab.errors import UserError
-    from tests.deploy.teamstack import team_stack
+    from deploy.throwaway import team_stack
 
     try:
         pg_bin()

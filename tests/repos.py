@@ -29,10 +29,10 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import requests
-import yaml
 from filelock import FileLock
 
-ROOT = Path(__file__).resolve().parents[1]
+from tools import tinyrepo
+
 BIN = Path(sys.executable).parent
 TINY_VARIANTS = {"rnn_scratch": {"cell": "rnn", "impl": "scratch"}, "lstm": {"cell": "lstm", "num_layers": 2}}
 
@@ -59,18 +59,15 @@ def dvc(*args: str, cwd: Path) -> str:
 
 def tiny_params(params: dict) -> dict:
     """params.yaml made tiny: 600 characters, 16 hidden units, 2 epochs, 1 thread, two variants."""
-    params["data"]["max_tokens"] = 600
-    params["train"].update(epochs=2, hidden_size=16, num_steps=8, batch_size=4, threads=1)
-    params["variants"] = json.loads(json.dumps(TINY_VARIANTS))
-    params["evaluate"].update(num_tokens=10, num_samples=1)
-    return params
+    return tinyrepo.shrink(params, max_tokens=600, variants=TINY_VARIANTS,
+                           train=dict(epochs=2, hidden_size=16, num_steps=8, batch_size=4,
+                                      threads=1),
+                           evaluate=dict(num_tokens=10, num_samples=1))
 
 
 def edit_params(repo: Path, edit: Callable[[dict], None], message: str | None = None) -> None:
     """Change repo's params.yaml with `edit(params)`; with `message`, commit it."""
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    edit(params)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False, allow_unicode=True))
+    tinyrepo.edit_params(repo, edit)
     if message:
         git(repo, "commit", "-qam", message)
 
@@ -83,18 +80,7 @@ def git(repo: Path, *args: str) -> str:
 def copy_repo(dest: Path, edit=None) -> Path:
     """A git + DVC copy of the project's files (tracked and untracked-not-ignored), with tiny params
     (then `edit(params)`, if given)."""
-    dest.mkdir(parents=True, exist_ok=True)
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT,
-                           capture_output=True, text=True, check=True).stdout.split()
-    for f in files:
-        if (ROOT / f).is_file():
-            (dest / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / f, dest / f)
-    git(dest, "init", "-q")
-    edit_params(dest, lambda p: (tiny_params(p), edit and edit(p)))
-    git(dest, "add", "-A")
-    git(dest, "commit", "-qm", "tiny")
-    return dest
+    return tinyrepo.tiny_repo(dest, lambda p: (tiny_params(p), edit and edit(p)), commit="tiny")
 
 
 def copy_tree(src: Path, dest: Path) -> Path:

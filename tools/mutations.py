@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+if __package__ in (None, ""):  # run as a script: sys.path holds tools/, not the repository
+    sys.path.insert(0, str(ROOT))
+
+from tools.tinyrepo import tree_copy  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -101,16 +104,6 @@ MUTATIONS = {
         '    full = f"{kind} {key} | {\'/\'.join(names)}"',
         ("tests/kernels/test_choice.py",)),
 }
-
-
-def tree_copy(dest: Path) -> Path:
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT,
-                           capture_output=True, text=True, check=True).stdout.split()
-    for f in files:
-        if (ROOT / f).is_file():
-            (dest / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / f, dest / f)
-    return dest
 
 
 def run(name: str, m: Mutation) -> str | None:

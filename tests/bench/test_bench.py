@@ -13,10 +13,12 @@ import pytest
 import torch
 from torch import nn
 
-from bench import benchmark, report, sides, streams
-from bench.baselines import BookScratchRNN, book_model, grad_clipping
-from bench.flops import bound_tokens_per_sec, forward_flops, train_flops
-from bench.wlm import WordLM, batchify, get_batch, wlm_step
+from bench import benchmark
+from bench.lib import book_vs_ours as sides
+from bench.lib import report, streams
+from bench.lib.baselines import BookScratchRNN, book_model, grad_clipping
+from bench.lib.flops import bound_tokens_per_sec, forward_flops, train_flops
+from bench.lib.wlm import WordLM, batchify, get_batch, wlm_step
 from rnnlab.models.dispatch import detach_state
 from rnnlab.models.lm import CELLS, ModelConfig, build_model
 from rnnlab.training import loop as training
@@ -356,7 +358,7 @@ def test_quick_run_writes_the_table(tmp_path):
 def test_a_second_repro_runs_nothing_and_is_timed(pipeline, tmp_path):
     """The benchmark's no-op `dvc repro`, on a copy of the session's tiny pipeline (already
     reproduced, as noop_repro_seconds' first repro leaves its clone)."""
-    from bench.extras import timed_repro
+    from bench.lib.dvc_and_tracking import timed_repro
     from tests.repos import user_env
 
     repo = pipeline.copy(tmp_path / "repo")
@@ -367,7 +369,7 @@ def test_a_second_repro_runs_nothing_and_is_timed(pipeline, tmp_path):
 def test_bf16_matmul_rates_without_bf16_hardware(monkeypatch):
     """Where the CPU has no bfloat16 hardware, oneDNN's linear is not asked for a bfloat16
     primitive (it has none there): torch.mm's rate only, and the row says why."""
-    from bench import timing
+    from bench.lib import timing
     monkeypatch.setattr(timing, "bf16_hardware", lambda device: False)
     (row,) = timing.matmul_rates([(8, 16, 32)], 0.01, dtype=torch.bfloat16)
     assert "onednn" not in row and row["onednn_skipped"] == timing.NO_BF16_ONEDNN
@@ -379,7 +381,7 @@ def test_bf16_matmul_rates_without_bf16_hardware(monkeypatch):
 def test_bf16_matmul_rates_with_bf16_hardware(monkeypatch):
     """Where it has, oneDNN's linear is timed in bfloat16 (the op is replaced by a counting one,
     so that this runs on any CPU)."""
-    from bench import timing
+    from bench.lib import timing
     calls = []
 
     class Ops:  # torch.ops.mkldnn stand-in: records the dtype it was called with

@@ -34,7 +34,7 @@ import pytest
 
 from deploy.settings import free_port
 from deploy.stack import remote_commands
-from tests.deploy.teamstack import shell_env
+from deploy.throwaway import shell_env
 from tests.repos import copy_repo
 
 pytestmark = pytest.mark.slow

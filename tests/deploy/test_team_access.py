@@ -1,7 +1,7 @@
 """Who may do what on the team's MLflow server, proved against the real stack.
 
 One `python -m deploy.stack up` (PostgreSQL, moto's S3 server, `mlflow server --app-name
-basic-auth` with default_permission READ; tests/deploy/teamstack.py) is shared by every slow test here,
+basic-auth` with default_permission READ; deploy/throwaway.py) is shared by every slow test here,
 on free ports in a temporary folder. They show that:
 
 1. (what MLflow's basic-auth itself does, 401 for a bad login and 403 for each kind of change, is
@@ -36,10 +36,10 @@ import pytest
 import requests
 import yaml
 
+from deploy.throwaway import TeamStack, shell_env, stack_secrets
 from rnnlab.tracking.store import refusal_error
 from tests.conftest import shipped_params
 from tests.deploy.leaks import leaks, leaks_in_files
-from tests.deploy.teamstack import TeamStack, shell_env, stack_secrets
 from tests.stagerun import in_process
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -6,7 +6,7 @@
   again, and finds both MLflow runs FINISHED with DVC's numbers to the digit and their artifacts
   downloadable through the server;
 - no secret anywhere: every secret the stack and the stages handle is planted with an unmistakable
-  value (tests/deploy/teamstack.py; the corpus itself comes from a local server that wants a
+  value (deploy/throwaway.py; the corpus itself comes from a local server that wants a
   bearer token, RNNLAB_DOWNLOAD_TOKEN), and after the three machines' work none of them is in any
   file of the clones (their DVC caches and git objects too), the git origin, the DVC remote's
   objects, the MLflow runs' params, tags and artifacts, any command's output, the stack's logs,
@@ -35,10 +35,10 @@ import pytest
 from deploy.processes import stop
 from deploy.settings import ARTIFACT_BUCKET, DVC_BUCKET
 from deploy.stack import remote_commands, s3_client
+from deploy.throwaway import PLANTED, shell_env, stack_secrets
 from rnnlab.corpora import BUILTIN
 from rnnlab.redact import TOKEN_ENV, TOKEN_HOSTS_ENV
 from tests.deploy.leaks import CommandLines, git_objects, leaks, leaks_in_files
-from tests.deploy.teamstack import PLANTED, shell_env, stack_secrets
 from tests.repos import copy_repo
 
 pytestmark = pytest.mark.slow

@@ -8,7 +8,7 @@ from collections import Counter
 from contextlib import contextmanager
 from typing import Iterator
 
-from bench.clone import ROOT
+from bench.lib import ROOT
 
 
 def metric_keys(n: int) -> list[str]:

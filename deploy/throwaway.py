@@ -1,13 +1,13 @@
-"""A real team stack for tests: `python -m deploy.stack up` in a temporary TEAM_DIR on free ports.
+"""A throwaway team stack on free ports, for tests and benchmarks: `python -m deploy.stack up` in
+a temporary TEAM_DIR, and `down` at the end whatever happens.
 
     with team_stack(tmp_path / "team") as team:
         team.env        # the `export` lines `up` printed, as a dict (the member user's login)
         team.stack      # deploy.settings.Stack: ports, admin password, ...
         team.cli("user", "bob")   # any deploy.stack command, output parsed when it exports
 
-PostgreSQL, moto's S3 server and `mlflow server --app-name basic-auth` run as the real programs;
-`down` runs at the end whatever happens. Every secret of the stack is planted: an unmistakable
-`planted-<what>-<tag>` (`PLANTED`), so that a leak test finds any of them by name.
+PostgreSQL, moto's S3 server and `mlflow server --app-name basic-auth` run as the real programs.
+Every secret is planted: `planted-<what>-<tag>` (`PLANTED`), so that a leak test finds it by name.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Iterator
 
 from deploy.settings import Paths, Stack, free_port, load_stack, write_private
 
-PROJECT = Path(__file__).resolve().parents[2]
+PROJECT = Path(__file__).resolve().parents[1]
 QUIET = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", "DVC_NO_ANALYTICS": "1"}
 PLANTED = "planted-"  # every planted secret starts so
 
@@ -40,7 +40,8 @@ def planted_stack() -> Stack:
                  s3_key=f"team{tag}", s3_secret=f"{PLANTED}s3-secret-{tag}",
                  flask_secret=f"{PLANTED}flask-secret-{tag}",
                  user_pg_password=f"{PLANTED}member-pg-password-{tag}",
-                 user_s3_key=f"AKIAMEMBER{tag.upper()}", user_s3_secret=f"{PLANTED}member-s3-secret-{tag}")
+                 user_s3_key=f"AKIAMEMBER{tag.upper()}",
+                 user_s3_secret=f"{PLANTED}member-s3-secret-{tag}")
 
 
 def stack_secrets(stack: Stack) -> dict[str, str]:
@@ -65,9 +66,11 @@ def parse_exports(text: str) -> dict[str, str]:
 
 @dataclass
 class TeamStack:
+    """A running stack: its folder, the environment `up` ran in, and what `up` printed."""
+
     root: Path
-    base_env: dict[str, str]
-    env: dict[str, str]
+    base_env: dict[str, str]  # this process's, with TEAM_DIR, the ports and PYTHONPATH set
+    env: dict[str, str]  # the member user's login, as `up` exported it
     up_output: subprocess.CompletedProcess
 
     @property
@@ -78,7 +81,8 @@ class TeamStack:
     def stack(self) -> Stack:
         return load_stack(self.paths)
 
-    def cli(self, *args: str, cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    def cli(self, *args: str, cwd: Path | None = None,
+            check: bool = True) -> subprocess.CompletedProcess:
         """Run `python -m deploy.stack ARGS` against this stack (from its own folder, which is no
         DVC repository, so `up` adds no remote anywhere)."""
         result = subprocess.run([sys.executable, "-m", "deploy.stack", *args], cwd=cwd or self.root,
@@ -92,7 +96,6 @@ class TeamStack:
         return parse_exports(self.cli("user", *(["--service"] if service else []), name).stdout)
 
 
-
 def shell_env(login: dict[str, str], **extra: str) -> dict[str, str]:
     """A user's shell: this process's environment without its MLflow, DVC or AWS settings, then
     `login` (a stack's exports) and `extra` on top."""
@@ -101,6 +104,7 @@ def shell_env(login: dict[str, str], **extra: str) -> dict[str, str]:
 
 
 def stack_env(root: Path) -> dict[str, str]:
+    """The environment of `deploy.stack` commands for a stack under `root`, on free ports."""
     env = {**os.environ, **QUIET, "TEAM_DIR": str(root)}
     for name in ("POSTGRES", "S3", "MLFLOW"):
         env[f"TEAM_{name}_PORT"] = str(free_port())

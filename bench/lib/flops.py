@@ -1,20 +1,11 @@
-"""Floating-point operations per token of a model, and the speed they bound.
+"""Floating-point operations per token of a model, and the tokens/s they bound.
 
-Only matrix products are counted (2 FLOPs per multiply-add); the elementwise gates, the softmax
-and the optimizer step are a few operations per hidden unit and are left out. Per token and layer,
-with G gates (rnn 1, gru 3, lstm 4), hidden size H, vocabulary V:
-
-    input projection   2 * I * G*H   I = embed_size or the previous layer's H; 0 for the first layer
-                                     with one-hot input: a row lookup (W_ih[token]) multiplies
-                                     nothing. The book's one-hot product costs 2 * V * G*H; count it
-                                     with `one_hot_matmul=True` (it is work the book does, not work
-                                     the model needs).
-    recurrent          2 * H * G*H
-    output layer       2 * H * V     (once, after the last layer)
-
-Training costs about three forward passes: the forward itself, and in the backward one product
-for the gradient of each layer's input and one for the gradient of its weight. (An embedding's
-own gradient is a scatter-add of rows, not a product: not counted.)
+Only matrix products count (2 FLOPs per multiply-add); gates, softmax and the optimizer are left
+out. Per token and layer, with G gates (rnn 1, gru 3, lstm 4), hidden size H, vocabulary V: the
+input projection 2 * I * G*H (I: embed_size or the layer below's H; 0 for one-hot input, a row
+lookup, unless `one_hot_matmul` counts the book's one-hot product 2 * V * G*H), the recurrent
+product 2 * H * G*H, and once the output layer 2 * H * V. Training costs three forward passes:
+the forward, and the gradients of each product's input and of its weight.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""The two sides of every row: the book's training step (or word_language_model's) and ours, with
-the settings both train with."""
+"""The two sides of every benchmark row: the book's model and step (or word_language_model's) and
+ours, with the settings both train with (BOOK, WORD)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from bench.baselines import BookScratchRNN, book_model
+from bench.lib.baselines import BookScratchRNN, book_model
 from rnnlab.models.dispatch import detach_state
 from rnnlab.models.lm import ModelConfig
 from rnnlab.training import loop as training

@@ -11,11 +11,11 @@ from typing import Callable
 
 import torch
 
-from bench.baselines import book_step
-from bench.machine import onednn_available
-from bench.sides import BOOK, WORD, StepFn, baseline_for, ours_step
-from bench.streams import minibatches, word_minibatches
-from bench.wlm import WordLM, wlm_step
+from bench.lib.baselines import book_step
+from bench.lib.book_vs_ours import BOOK, WORD, StepFn, baseline_for, ours_step
+from bench.lib.machine import onednn_available
+from bench.lib.streams import minibatches, word_minibatches
+from bench.lib.wlm import WordLM, wlm_step
 from rnnlab.models.lm import ModelConfig, build_model
 from rnnlab.training import loop as training
 from rnnlab.training.precision import bf16_hardware, training_bf16

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
-from bench.flops import GATES
-from bench.sides import WORD
-from bench.wlm import batchify, get_batch
+from bench.lib.book_vs_ours import WORD
+from bench.lib.flops import GATES
+from bench.lib.wlm import batchify, get_batch
 from rnnlab.config import Data, Tokenize
 from rnnlab.corpora import BUILTIN
 from rnnlab.data.batches import sequential_batches

@@ -1,5 +1,5 @@
 """The machine a benchmark ran on: CPU model and ISA flags, PyTorch's and oneDNN's ISA level,
-threads; its kind names the report file."""
+threads; its kind (`kind()`) names the reports in metrics/bench/."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from bench.clone import ROOT
+from bench.lib import ROOT
 from rnnlab.kernels import choice
 
 # ISA flags that decide which code is fast (as /proc/cpuinfo names them; macOS: none listed)
@@ -54,11 +54,18 @@ def machine_kind(cpu: str, flags: list[str]) -> str:
     amd-epyc-avx2 or intel-xeon-platinum-8480c-avx512-amx."""
     isa = torch.backends.cpu.get_cpu_capability().lower().replace("_", "-")
     extra = "-amx" if "amx_tile" in flags else "-bf16" if "avx512_bf16" in flags else ""
-    slug = "".join(c if c.isalnum() else "-" for c in cpu.lower().replace("(r)", "").replace("(tm)", ""))
+    name = cpu.lower().replace("(r)", "").replace("(tm)", "")
+    slug = "".join(c if c.isalnum() else "-" for c in name)
     return "-".join(part for part in slug.split("-") if part) + f"-{isa}{extra}"
 
 
+def kind() -> str:
+    """This machine's kind (`machine_kind`): the name of its reports in metrics/bench/."""
+    return machine_kind(choice.cpu_model(), cpu_flags())
+
+
 def machine() -> dict:
+    """Everything a report says about the machine, its kind included."""
     cpu, flags = choice.cpu_model(), cpu_flags()
 
     def git(*args: str) -> str:
@@ -74,6 +81,7 @@ def machine() -> dict:
             "onednn": onednn_available(), "python": platform.python_version(),
             "commit": git("rev-parse", "--short", "HEAD"),
             "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+
 
 def onednn_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")

@@ -1,10 +1,8 @@
-"""The book's implementation, as d2l writes it (PyTorch edition, chapters 8.5, 8.6, 9.1-9.3).
+"""The book's implementation, as d2l writes it (PyTorch edition, 8.5, 8.6, 9.1-9.3): the yardstick.
 
-The yardstick of the benchmark: what a reader of the book runs. Kept as the book has it, quirks
-included: time-major one-hot input built for every minibatch and multiplied by W_xh, the scratch
-RNN's per-step output layer, the global gradient norm summed in Python, the loss read back to
-the host every minibatch (`metric.add(l * y.numel(), ...)`). Only the training step is here;
-the data is the project's (the same minibatches for both sides).
+Kept as the book has it, quirks included (one-hot input built every minibatch, the scratch RNN's
+per-step output layer, the gradient norm summed in Python, the loss read back every minibatch).
+Only the training step is here; the data is the project's, the same minibatches for both sides.
 
     model = book_model(cell, vocab_size, hidden_size, num_layers)  # RNNModel(nn.RNN/GRU/LSTM)
     model = BookScratchRNN(vocab_size, hidden_size)                # RNNModelScratch + rnn()

@@ -1,24 +1,8 @@
-"""PyTorch's word-level language model example, as its code trains: the word-level baseline.
-
-Reproduces pytorch/examples, word_language_model/ (read at commit 77f55b9, August 2025):
-
-    model.py   RNNModel for `--model LSTM`, untied: nn.Embedding encoder -> dropout -> nn.LSTM
-               -> dropout -> nn.Linear decoder -> log_softmax over (steps * batch, vocab);
-               init_weights: encoder and decoder weights U(-0.1, 0.1), decoder bias 0, nn.LSTM's
-               own initialisation
-    main.py    batchify and get_batch (time-major: a minibatch is (bptt, batch), its targets the
-               next tokens flattened to (bptt * batch,)); repackage_hidden; the body of train():
-               model.zero_grad(), NLLLoss on the log-probabilities (the mean per token),
-               clip_grad_norm_, the SGD update p.data.add_(p.grad, alpha=-lr), and
-               `total_loss += loss.item()`, which reads the loss back every minibatch
-
-Kept as the example runs it, costs included: the log_softmax as a separate op before NLLLoss, the
-update as one in-place add per parameter, the host sync of `.item()` each minibatch. Left out or
-changed, none of which the timed step touches: the other models (RNN_TANH, RNN_RELU, GRU,
-Transformer, --tied, --use-optimizer), the log lines, evaluation, the learning rate's annealing
-between epochs (lr is fixed here), data.Corpus (the tokens come from the caller; the example
-numbers words by first appearance) and the --accel device choice (the caller moves the model).
-The loop body is a closure over one minibatch instead of a loop over an epoch.
+"""PyTorch's word_language_model example (pytorch/examples), as its code trains: the word rows'
+baseline. model.py's untied RNNModel for `--model LSTM`, and main.py's batchify, get_batch,
+repackage_hidden and the body of train(), costs kept (the separate log_softmax, one in-place
+add per parameter, `.item()` each minibatch). Left out: the other models, logging, evaluation,
+lr annealing, data.Corpus and the device choice.
 
     model = WordLM(ntoken=10_000, ninp=200, nhid=200, nlayers=2, dropout=0.0)
     source = batchify(ids, batch_size)               # (len(ids) // batch_size, batch_size)

@@ -1,5 +1,5 @@
-"""The benchmark's figures beyond the training step: a no-op dvc repro, and the share of a training
-run spent in MLflow tracking."""
+"""The benchmark's figures beyond the training step: the seconds of a no-op `dvc repro`, and the
+share of a training run spent in MLflow tracking."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from pathlib import Path
 
 import torch
 
-from bench.clone import tiny_clone
-from bench.sides import ours_step
-from bench.streams import minibatches
-from bench.timing import synchronize
+from bench.lib.book_vs_ours import ours_step
+from bench.lib.clone import tiny_clone
+from bench.lib.streams import minibatches
+from bench.lib.timing import synchronize
 from rnnlab.models.lm import ModelConfig, build_model
 
 

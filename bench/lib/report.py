@@ -1,14 +1,14 @@
-"""The benchmark's report: the Markdown tables of metrics/bench/<kind>.md and the lines printed at
-the end."""
+"""The benchmark's report: the Markdown of metrics/bench/<cpu-kind>.md, and the row summaries its
+JSON keeps."""
 
 from __future__ import annotations
 
 import statistics
 from dataclasses import asdict
 
-from bench.machine import ISA_FLAGS
-from bench.sides import BOOK
-from bench.timing import Pair
+from bench.lib.book_vs_ours import BOOK
+from bench.lib.machine import ISA_FLAGS
+from bench.lib.timing import Pair
 
 TABLE_COLUMNS = ("variant", "batch", "code", "tok/s", "min", "max", "ratio", "FLOPs/token",
                  "bound tok/s", "% bound")
@@ -75,9 +75,9 @@ def markdown(result: dict) -> str:
             f"embedding {w['embed_size']}, vocab {p['config']['vocab_size']:,}, no dropout), batch "
             f"{w['batch']}, {w['num_steps']} steps, SGD lr {w['lr']:g}, clip {w['clip_theta']:g}, "
             f"on {result['word']['data']}; wlm: pytorch/examples word_language_model "
-            "(bench/wlm.py). tok/s: median (min-max) of the repeats; ratio: median of the repeats' "
-            "ours/wlm; bound: as above, every FLOP at the best rate of the row's precision "
-            f"(the parts' products: {parts}).",
+            "(bench/lib/wlm.py). tok/s: median (min-max) of the repeats; ratio: median of the "
+            "repeats' ours/wlm; bound: as above, every FLOP at the best rate of the row's "
+            f"precision (the parts' products: {parts}).",
             "", *header, *_training_rows(result["word"]["training"])]
     lines += [
         "",

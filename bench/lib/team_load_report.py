@@ -10,7 +10,7 @@ import subprocess
 import sys
 from collections import Counter
 
-from bench.clone import ROOT
+from bench.lib import ROOT
 
 
 def p95(values: list[float]) -> float:
