@@ -1,8 +1,14 @@
 """rnnlab: text from trained models, tables of experiments and runs, this machine's kernels,
 sweeps and searches on a cluster.
 
-Each subcommand lives in its own module of rnnlab/cli/ (generate, compare, kernels, sweep, tune,
-cluster) and adds its parser here (`add_parser`), which sets the function that runs it (`run`)."""
+Each subcommand adds its parser here (`add_parser`), which sets the function that runs it (`run`):
+    generate  rnnlab/cli/generate.py   text from a checkpoint, variant, run or experiment
+    compare   rnnlab/cli/compare.py    one table of experiments and runs
+    kernels   rnnlab/cli/kernels.py    the kernel choices cached here (rnnlab/kernels/choice.py)
+    sweep     rnnlab/cli/sweep.py      a grid of DVC experiments on a Dask cluster
+    tune      rnnlab/cli/tune.py       an Optuna study of DVC experiments on a Dask cluster
+    cluster   rnnlab/cli/cluster.py    the cluster's TLS certificates
+"""
 
 from __future__ import annotations
 
