@@ -106,13 +106,13 @@ def gather(names: list[str], params_path: str = "params.yaml",
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("compare", help="a table of the results of experiments or runs, and their "
                        "differing settings",
-                       description="One table of the results of DVC experiments, the workspace and "
-                       "MLflow runs, one row per variant, best test perplexity first, with a column "
-                       "for each setting that differs among the rows.",
+                       description="One table of the results of DVC experiments, the workspace "
+                       "and MLflow runs, one row per variant, best test perplexity first, with a "
+                       "column for each setting that differs among the rows.",
                        epilog="Example: rnnlab compare workspace book-gru --format csv")
     p.add_argument("names", nargs="*", metavar="NAME",
-                   help=f"a DVC experiment, `{WORKSPACE}`, or an MLflow run id; none: the workspace "
-                        "and every experiment")
+                   help=f"a DVC experiment, `{WORKSPACE}`, or an MLflow run id; none: the "
+                        "workspace and every experiment")
     p.add_argument("--format", choices=("markdown", "csv"), default="markdown",
                    help="default: markdown")
     p.add_argument("--params", default="params.yaml",
