@@ -17,16 +17,16 @@ import argparse
 from rnnlab.cli import cluster, compare, generate, kernels, sweep, tune
 from rnnlab.errors import run_main
 
+COMMANDS = (generate, compare, kernels, sweep, tune, cluster)  # in the order --help lists them
+
 
 def main(argv: list[str] | None = None) -> None:
+    """Parse `rnnlab COMMAND ...` and run the command; an expected mistake (UserError) is shown
+    without a traceback, exit status 2."""
     parser = argparse.ArgumentParser(prog="rnnlab", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    generate.add_parser(sub)
-    compare.add_parser(sub)
-    kernels.add_parser(sub)
-    sweep.add_parser(sub)
-    tune.add_parser(sub)
-    cluster.add_parser(sub)
+    for command in COMMANDS:
+        command.add_parser(sub)
     args = parser.parse_args(argv)
     run_main(lambda: args.run(args))
 

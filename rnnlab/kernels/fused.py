@@ -59,7 +59,7 @@ def use_onednn(t: torch.Tensor) -> bool:
 
 # Every float32 product below goes through the library measured fastest for its shape on this
 # machine (rnnlab/kernels/choice.py): MKL (torch's matmul) or oneDNN. Neither wins on every CPU
-# (docs/benchmark.md).
+# (docs/kernels.md).
 PACK_USES = 8  # oneDNN's weight layout costs about two products: worth it for a sequence
 
 

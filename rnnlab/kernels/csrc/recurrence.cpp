@@ -33,7 +33,7 @@
 //   - alone (larger batches, or one thread): ATen's product (MKL, on all threads), then the gate
 //     pass, split by rows over threads when a step is large.
 // A team is for small batches: alone, MKL's threads split each small product anew and lay the
-// weight out anew at every call (docs/benchmark.md measures both).
+// weight out anew at every call (docs/kernels.md).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
