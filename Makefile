@@ -13,14 +13,16 @@ export DVC_NO_ANALYTICS := 1
 .PHONY: setup lock run test test-fast check-params preset sweep bench bench-sweep ui clean \
         team-up team-down team-env team-status bench-team
 
-# requirements.lock (README: Dependencies): every package '.[dev,team,cluster]' needs but torch, with hashes.
-# uv, pinned and hash-checked in the lock, installs it (pip took 4 minutes); torch comes from its pin
-# in pyproject.toml through pip. On Linux without an NVIDIA driver (no nvidia-smi), from PyTorch's
-# CPU index: PyPI's Linux torch is the CUDA build, several GB. pip's own config still applies (here:
-# a local CPU wheel, taken after the index, unreachable from here, is given up: ~10 s).
+# requirements.lock (README: Dependencies): every package '.[dev,team,cluster]' needs but torch,
+# with hashes. uv, pinned and hash-checked in the lock, installs it (much faster than pip); torch
+# comes from its pin in pyproject.toml through pip. On Linux without an NVIDIA driver (no
+# nvidia-smi), from PyTorch's CPU index: PyPI's Linux torch is the CUDA build, several GB. pip's
+# own config still applies (a local wheel folder, say).
 # Override: make setup TORCH_PIP_ARGS=   (PyPI's torch)
-# Last, the compiled time loop of rnn and gru (rnnlab/kernels/native.py) is built with the system's C++
-# compiler into ~/.cache/rnnlab; without a compiler it says why and the pure-PyTorch path runs.
+# Last, the compiled time loop of the rnn, gru and lstm cells (rnnlab/kernels/native.py) is built
+# with the system's C++ compiler into rnnlab's cache folder (~/.cache/rnnlab unless
+# RNNLAB_CACHE_DIR or XDG_CACHE_HOME moves it); without a compiler it says why and the
+# pure-PyTorch path runs.
 LOCK           := requirements.lock
 CPU_ONLY_LINUX := $(and $(filter Linux,$(shell uname -s)),$(if $(shell command -v nvidia-smi),,yes))
 TORCH_PIP_ARGS ?= $(if $(CPU_ONLY_LINUX),--index-url https://download.pytorch.org/whl/cpu)

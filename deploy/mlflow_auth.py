@@ -33,8 +33,8 @@ def auth_ini(stack: Stack) -> str:
         f"admin_username = {ADMIN}",
         f"admin_password = {stack.admin_password}",
         "authorization_function = mlflow.server.auth:authenticate_request_basic_auth",
-        # A password check (a slow hash, on purpose) per request made each call take ~0.5 s on
-        # 2 CPUs; a checked login is trusted for 60 s (a change through the API applies at once).
+        # A password check is a slow hash, on purpose: a checked login is trusted for 60 s rather
+        # than hashed on every request (a change through the API applies at once).
         "auth_cache_ttl_seconds = 60",
         "",
     ])

@@ -3,23 +3,12 @@ every request signed by a key of its own users and allowed by their policies.
 
     python deploy/s3_server.py -p 19000      # TEAM_S3_USERS: the users' file (stack.py writes it)
 
-- **Recording.** moto's recorder (MOTO_ENABLE_RECORDING) appends every request to the recording
-  that the next start replays. Its two writes per request are unsynchronised while requests are
-  served in threads, so two uploads at once could share a line; here one request records at a
-  time (a lock).
-- **Users.** TEAM_S3_USERS names a JSON file (mode 0600) of `{name: {key, secret, buckets}}`:
-  `buckets` "*" for the MLflow server's own user, else the buckets the user may use (members and
-  services: the DVC remote's). Each becomes a user of moto's IAM with that key and an inline
-  policy; the file is read again whenever it changes (`deploy.stack user` adds to it).
-- **Presigned URLs.** The MLflow server hands clients presigned download URLs (signed with its
-  key, in the query). moto's IAM checks only signed headers, so the gate checks those itself:
-  the SigV4 query signature against the key's secret, not expired, the bucket in the key's
-  policy; only then does moto serve the request unchecked.
-- **Start.** The server makes the buckets (TEAM_S3_BUCKETS) and the users, turns moto's IAM
-  authentication on (every request's signature checked against its key's secret, its action
-  against the policy), then replays the recording through the same checks, so that a request
-  refused once is refused again. From then on it refuses moto's own API (`/moto-api/`, which
-  could turn authentication off), and `GET /team-ready` answers 200.
+Each user of that file (`Users`) becomes a user of moto's IAM with its key and an inline policy
+(`policy`); IAM authentication checks every request's signature and action. The gate (`guarded`)
+checks presigned URLs itself (`presigned_ok`: moto checks signed headers only) and refuses moto's
+own API, which could turn authentication off. moto's recorder keeps every request, one at a time
+(`_record_in_turn`), for the next start to replay through the same checks (`start`), so that a
+request refused once is refused again. `GET /team-ready` answers 200 once the start is over.
 """
 
 from __future__ import annotations
@@ -52,6 +41,8 @@ _checked = threading.local()  # .presigned: this thread's request had its query 
 
 
 def _record_in_turn(self, request, body=None) -> None:
+    """moto's recorder, one request at a time: its two writes per request are unsynchronised
+    while requests are served in threads, so two uploads at once could share a line."""
     with _turn:
         _record(self, request, body)
 
@@ -112,7 +103,10 @@ def presigned_ok(environ, users: dict[str, dict]) -> bool:
 
 
 class Users:
-    """moto's IAM users, kept equal to the users' file."""
+    """moto's IAM users, kept equal to the users' file: TEAM_S3_USERS names a JSON file (mode
+    0600) of `{name: {key, secret, buckets}}`, `buckets` "*" for the MLflow server's own user,
+    else the buckets the user may use (members and services: the DVC remote's). It is read again
+    whenever it changes (`deploy.stack user` adds to it)."""
 
     def __init__(self, path: Path):
         self.path = path

@@ -1,34 +1,16 @@
 """The local team stack: PostgreSQL, an S3 server and an MLflow tracking server with basic-auth.
 
-    python -m deploy.stack up             # start (or restart) everything; prints `export` lines
-    python -m deploy.stack down           # stop everything; the data stays under .team/
-    python -m deploy.stack env            # print the `export` lines again
-    python -m deploy.stack status         # what runs, on which port
-    python -m deploy.stack user NAME      # add a member (admin only); prints their `export` lines
-    python -m deploy.stack user --service NAME   # a login for the cluster's workers, not a person
-    python -m deploy.stack grant NAME EXPERIMENT PERMISSION   # READ, EDIT, MANAGE or NO_PERMISSIONS
+    python -m deploy.stack up | down | env | status   # start, stop (data kept), exports, ports
+    python -m deploy.stack user [--service] NAME      # add a member (admin only) or a service
+    python -m deploy.stack grant NAME EXPERIMENT PERMISSION   # READ, EDIT, MANAGE, NO_PERMISSIONS
 
-It runs the programs that deploy/docker-compose.yml runs, with the same flags (tests/deploy/test_compose.py
-checks), on 127.0.0.1, as local processes:
-
-- PostgreSQL (Debian's `postgresql` package; `TEAM_PG_BIN` names another bin folder): MLflow's
-  backend store (database `mlflow`) and its users and permissions (`mlflow_auth`), and each
-  member's database of studies (deploy/postgres.py);
-- moto's S3 server (the compose file: MinIO): bucket `mlflow-artifacts` for MLflow's artifacts,
-  which the server proxies, and bucket `dvc-remote` for the DVC remote. Each user has a key of
-  their own, which opens `dvc-remote` only; the MLflow server's opens both (deploy/s3_server.py).
-  moto keeps objects in memory, so every request that changes them is also appended to
-  `.team/s3/recording.jsonl` and replayed at the next `up` (moto's own recorder);
-- `mlflow server --app-name basic-auth`.
-
-A user is a member (a person: MLflow login, S3 key, PostgreSQL role owning their studies) or a
-service (`user --service`: the same without studies of its own, for the workers of a cluster,
-which then hold no member's login; its role may use every member's studies).
-
-Everything lives in one git-ignored folder, `.team/` at the repository root (`TEAM_DIR` elsewhere):
-the database files, the S3 recording, the logs, and `stack.json` with the ports and generated
-secrets (mode 0600). `down` then `up` keeps every run, user and object. Stdout carries only lines a
-shell can `eval`; progress goes to stderr.
+It runs the programs of deploy/docker-compose.yml with the same flags (checked by
+tests/deploy/test_compose.py) as local processes on 127.0.0.1: PostgreSQL (deploy/postgres.py),
+moto's S3 server for MinIO (deploy/s3_server.py), `mlflow server --app-name basic-auth`
+(deploy/mlflow_auth.py). A member is a person (MLflow login, an S3 key for the DVC remote only,
+a PostgreSQL role owning their studies), a service the same for a cluster's workers, without
+studies. All state lives in the git-ignored `.team/` (`TEAM_DIR` elsewhere): `down` then `up`
+keeps every run, user and object. Stdout carries only lines a shell can `eval`.
 """
 
 from __future__ import annotations

@@ -37,7 +37,7 @@ def closure(module: str, root: Path | str, packages: tuple[str, ...] = PACKAGES)
         seen.add(name)
         parent = name.rpartition(".")[0]
         if parent:
-            todo.append(parent)  # rnnlab/__init__.py runs before rnnlab/x.py
+            todo.append(parent)  # a package's __init__.py runs before its modules
         path = _file(name, root)
         if path is not None:
             files.add(path)

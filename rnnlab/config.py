@@ -258,14 +258,20 @@ class Evaluate(Section):
     exclude_unk: Literal["auto", True, False]  # one Literal: one error line, not one per member
 
 
-def _model_name(name: str) -> str:
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
-        raise ValueError("a registered model name: letters, digits, _ . and -, starting with a "
-                         "letter or digit")
-    return name
+def _name(pattern: str, allowed: str) -> AfterValidator:
+    """A validator of names: a name must match `pattern` in full, else `allowed` is its error."""
+
+    def check(name: str) -> str:
+        if not re.fullmatch(pattern, name):
+            raise ValueError(allowed)
+        return name
+
+    return AfterValidator(check)
 
 
-ModelName = Annotated[str, AfterValidator(_model_name)]
+ModelName = Annotated[str, _name(r"[A-Za-z0-9][A-Za-z0-9_.-]*",
+                                 "a registered model name: letters, digits, _ . and -, starting "
+                                 "with a letter or digit")]
 
 
 class Tracking(Section):
@@ -275,14 +281,9 @@ class Tracking(Section):
     registry: ModelName | None = Field(alias="register")  # `register` is a method of the class
 
 
-def _stage_name(name: str) -> str:
-    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
-        raise ValueError("use only letters, digits, _ . and - "
-                         "(it names the stages train@<name>, evaluate@<name>)")
-    return name
-
-
-VariantName = Annotated[str, AfterValidator(_stage_name)]
+VariantName = Annotated[str, _name(r"[A-Za-z0-9_.-]+",
+                                   "use only letters, digits, _ . and - "
+                                   "(it names the stages train@<name>, evaluate@<name>)")]
 
 
 class Params(Section):
@@ -403,7 +404,15 @@ _Loader.add_implicit_resolver(
     list("-+0123456789."))
 
 
+def parse_yaml(text: str) -> Any:
+    """YAML text read as params.yaml is (YAML 1.2 floats: `1e-5` is a number); None for an empty
+    text. Invalid YAML raises yaml.YAMLError, for the caller to name its source."""
+    return yaml.load(text, Loader=_Loader)
+
+
 def read_yaml(path: str | Path) -> Any:
+    """The YAML file `path` as `parse_yaml` reads it ({} for an empty file); a UserError if it is missing,
+    unreadable or not valid YAML (naming the line and column)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -412,7 +421,7 @@ def read_yaml(path: str | Path) -> Any:
     except (OSError, UnicodeDecodeError) as err:
         raise UserError(f"{path}: cannot read it: {getattr(err, 'strerror', None) or err}") from None
     try:
-        return yaml.load(text, Loader=_Loader) or {}
+        return parse_yaml(text) or {}
     except yaml.YAMLError as err:
         raise UserError(f"{path}: not valid YAML: {str(err).splitlines()[0]} ({_where(err)})") from None
 

@@ -1,7 +1,6 @@
-"""Where a stage's wall time goes: start-up and imports, measurement, training, evaluation,
-tracking, the rest. For `bench/run_profile.py`, which adds DVC's share.
-
-Each second of a stage process is charged to exactly one phase, the innermost open one:
+"""The stage profiler: the time a stage process spends in each phase, written under RNNLAB_PROFILE
+(for bench/run_profile.py, which adds DVC's share). Each second is charged to exactly one phase,
+the innermost open one:
 
     startup      from the process's start to its `main` (the interpreter, torch, every import)
     measurement  rnnlab/kernels/choice.py timing candidates (a cache hit costs nothing)

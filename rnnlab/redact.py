@@ -2,12 +2,11 @@
 
 Every URI that rnnlab prints, raises in an error, or writes to a file or a record goes through
 `public_uri`. It hides a password in the userinfo (`https://ann:***@host`; a user name alone,
-which may be a token, as `https://***@host`) and the value of every
-query parameter that carries a signature or a token (an S3 presigned URL's `X-Amz-Signature`, an
-Azure SAS `sig`, `?token=`), and leaves everything else as written, so the URI still says where.
-
-`credentials_in` names what a URI carries, for the settings that must not hold a secret at all
-(`data.source` is a stage param: DVC writes it to dvc.lock, which is committed and pushed).
+which may be a token, as `https://***@host`) and the value of every query parameter that carries
+a signature or a token (an S3 presigned URL's `X-Amz-Signature`, an Azure SAS `sig`, `?token=`),
+and leaves everything else as written, so the URI still says where. `credentials_in` names what
+a URI carries, for the settings that must not hold a secret at all (`data.source` is a stage
+param: DVC writes it to dvc.lock, which is committed and pushed).
 """
 
 from __future__ import annotations

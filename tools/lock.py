@@ -1,17 +1,13 @@
 """Refresh requirements.lock from pyproject.toml: `make lock` (README: Dependencies).
 
-The lock pins every package that `pip install -e '.[dev,team,cluster]'` needs, each with the sha256 of
-every file of its version, resolved for CPython 3.11 on Linux x86_64 (our machines and CI).
-All but torch: its file differs between machines (a local CPU wheel here, PyTorch's CPU index or
-PyPI's CUDA build elsewhere), so `make setup` installs it by its pin in pyproject.toml. torch is
-still resolved, against its CPU wheel, so that its own dependencies are locked and no nvidia-*
-CUDA package enters the lock. That wheel (metadata only, nothing is installed) comes from
-TORCH_WHEELS: a folder (default: /opt/wheels where it holds one) or a page of links (otherwise
-PyTorch's https://download.pytorch.org/whl/cpu/torch/).
-
-uv resolves (seconds; pip-compile took over 7 minutes here) at the version below, installed
-into a throwaway venv, keeping every version of the current lock that still fits: adding or
-changing a pin moves only what that pin needs. The lock also pins uv itself, with hashes: `make setup` installs with it.
+The lock pins every package that `pip install -e '.[dev,team,cluster]'` needs, each with the
+sha256 of every file of its version, resolved for CPython 3.11 on Linux x86_64 (our machines and
+CI). All but torch, whose file differs between machines (a local CPU wheel, PyTorch's CPU index,
+PyPI's CUDA build): `make setup` installs it by its pin. torch is still resolved, against its CPU
+wheel from TORCH_WHEELS (a folder, default /opt/wheels where it holds one, or a page of links,
+else https://download.pytorch.org/whl/cpu/torch/), so that its dependencies are locked and no
+nvidia-* package enters. uv resolves, keeping every version of the current lock that still fits:
+a new or changed pin moves only what it needs. The lock pins uv too: `make setup` installs with it.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from rnnlab.cli.compare import RUN_ID, experiment_refs, find_run, git_show
+from rnnlab.cli.experiments import RUN_ID, experiment_refs, find_run, git_show
 from rnnlab.config import read_yaml
 from rnnlab.errors import UserError
 from rnnlab.fileio import repo_root

@@ -18,10 +18,10 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from rnnlab.cli.compare import experiment_ref, git_show, row, source_rows
+from rnnlab.cli.experiments import experiment_ref, git_show, source_rows
 from rnnlab.config import deep_merge, read_yaml, validate_params
 from rnnlab.errors import UserError, run_main
-from rnnlab.tracking.table import VARIANT, Column, comparison
+from rnnlab.tracking.table import VARIANT, Column, comparison, row
 
 PRESETS = Path("presets")
 _RESERVED = {"true", "false", "null", "nan", "inf"}  # bare words Hydra reads as non-strings

@@ -1,13 +1,12 @@
-"""Run a command so that it dies with the process that started it, whole.
+"""The process guard of a sweep's worker: runs a command that dies, whole, with the process that
+started it.
 
     python rnnlab/cluster/guard.py FOLDER PARENT_PID -- CMD ...   (by path: standard library only)
 
-A Dask worker killed with SIGKILL runs no code of its own: the `dvc exp run` it started, and the
-training under it, would train on as orphans and finish an MLflow run that the rerun of the same
-experiment on another worker finishes too. So the worker starts this guard in a session of its
-own (`start_new_session`), and the guard asks for PR_SET_PDEATHSIG itself (Linux: the kernel
-sends SIGTERM when the parent dies; nothing runs between fork and exec in the multi-threaded
-worker). On SIGTERM, or if the parent is gone already, the guard sends SIGTERM to its whole
+Why: a Dask worker killed with SIGKILL runs no code of its own, and the `dvc exp run` it started
+would train on as an orphan. The worker starts the guard in a session of its own; the guard asks
+for PR_SET_PDEATHSIG (Linux: SIGTERM when the parent dies; nothing runs between fork and exec in
+the multi-threaded worker). On SIGTERM, or if the parent is gone already, it sends SIGTERM to its
 process group (the training ends its MLflow run as KILLED), then SIGKILL to what is left after
 GRACE seconds. Exit status: the command's.
 """

@@ -3,15 +3,9 @@
 A Dask scheduler runs whatever its clients send (`Client.run`, pickled tasks) on its workers,
 with the logins the workers hold. So every connection is TLS, both ends show a certificate of
 the lab's CA, and a plain `tcp://` address is refused before any connection unless the user
-says `--insecure`. Dask's own `distributed.Security` does the TLS; this module makes the
-certificates (`make_certs`) and picks the submitter's (`client_security`).
-
-    rnnlab cluster certs DIR [--submitter NAME ...] [--host HOST ...]
-
-writes, mode 0600 for keys: ca.pem and ca-key.pem (the CA: keep its key off the cluster),
-scheduler.pem/-key.pem, worker.pem/-key.pem, and NAME.pem/-key.pem with NAME.dask.yaml (Dask's
-config for that submitter) for each submitter. Run again with new names, it adds their
-certificates from the same CA and changes nothing else.
+says `--insecure` (`check_address`). Dask's own `distributed.Security` does the TLS; this module
+makes the certificates (`make_certs`, `rnnlab cluster certs DIR`) and picks the submitter's
+(`client_security`).
 """
 
 from __future__ import annotations
@@ -86,7 +80,11 @@ def local_security():
 
 def make_certs(folder: Path, submitters: list[str], hosts: list[str], days: int = 365) -> list[Path]:
     """The lab's CA (made once) and the certificates it signs: scheduler, worker, and one per
-    submitter; existing files are kept. -> the files written now."""
+    submitter; existing files are kept. -> the files written now, keys mode 0600: ca.pem and
+    ca-key.pem (the CA: keep its key off the cluster), scheduler.pem/-key.pem,
+    worker.pem/-key.pem, and NAME.pem/-key.pem with NAME.dask.yaml (Dask's config for that
+    submitter) for each submitter. Run again with new names, it adds their certificates from the
+    same CA and changes nothing else."""
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
 

@@ -1,19 +1,14 @@
 """`rnnlab sweep`: a grid of DVC experiments run on a Dask cluster, then pulled back here.
 
-    rnnlab sweep -S train.lr=0.001,0.002 -S train.dropout=0,0.2 --scheduler tcp://host:8786
+    rnnlab sweep -S train.lr=0.001,0.002 -S train.dropout=0,0.2 --scheduler tls://host:8786
     rnnlab sweep -S train.lr=0.001,0.002 --local 2
 
-The submitter (`plan`) checks what a worker will need before anything runs: a clean working
-tree (a worker runs the committed code), the base commit on the git remote, a DVC remote, a
-tracking server a worker can reach, and every combination valid. It pushes the shared inputs
-(download and tokenize's outputs) to the DVC remote once, so that no worker makes them again,
-skips the experiments the git remote already has (a second run of the same command runs only
-what is missing), and sends one `Job` per experiment (rnnlab/cluster/worker.py). While it waits
-it prints what is done, running where, and failed. At the end `dvc exp pull` brings every
-experiment here: `dvc exp show`, `rnnlab compare` and `dvc exp apply` see the whole sweep.
-
-`--local N` starts N one-experiment workers on this machine (the cores shared among them); the
-repository itself is their remote (its own cache the DVC remote) unless --remote names one.
+`plan` checks what a worker will need before anything runs (a clean working tree, the base
+commit on the git remote, a DVC remote, a tracking server a worker can reach, every combination
+valid) and skips the experiments the git remote already has; `share_inputs` pushes download and
+tokenize's outputs once; `run` sends one `Job` per experiment (rnnlab/cluster/worker.py) and
+prints what is done, running where, and failed; `pull` brings every experiment back. `--local N`
+starts N workers here, the repository their git and DVC remote unless --remote names one.
 """
 
 from __future__ import annotations

@@ -1,23 +1,16 @@
 """`rnnlab tune`: an Optuna study whose trials are DVC experiments, run on a Dask cluster by the
 sweep's machinery (rnnlab/cluster/sweep.py, worker.py).
 
-    rnnlab tune -P 'train.lr=loguniform(1e-4,1e-1)' -P 'train.dropout=uniform(0,0.5)' \
-        --variant lstm --trials 20 --pruner median --local 2
+    rnnlab tune -P 'train.lr=loguniform(1e-4,1e-1)' --variant lstm --trials 20 --local 2
 
-Each trial is the experiment `<study>-<number>` of `evaluate@<variant>` with the trial's values as
--S settings; its runs carry the study's id (a user attribute of the study, made with it), so
-that two studies of the same name elsewhere never supersede each other's runs. Its objective is the variant's best validation perplexity (never the test one).
-Its training reports each epoch's validation perplexity to the trial (rnnlab/training/trial.py)
-and stops when the pruner says so; the experiment still ends, with the metrics of the epoch it
-reached, and its MLflow run is tagged `rnnlab.pruned`.
-
-The study lives in an RDB storage: --storage or RNNLAB_OPTUNA_STORAGE (the team's PostgreSQL),
-else `optuna.db` beside the repository (--local only). Running the command again continues the
-study up to --trials finished trials; trials an interrupted run left RUNNING are marked FAIL.
-A search whose trials fail ends: after --max-failures failed trials, or --max-consecutive-failures
-in a row, with one line naming the failure they shared.
-At the end: the best trial, its experiment and the `dvc exp apply` line; Optuna's history and
-importance plots as PNGs in `tune/<study>/`, logged to an MLflow run of the study.
+A trial is the experiment `<study>-<number>` of `evaluate@<variant>` with its values as -S
+settings, its objective the variant's best validation perplexity (never the test one); its
+training reports each epoch to the trial (rnnlab/training/trial.py) and stops when the pruner
+says so, tagged `rnnlab.pruned`. The study lives in an RDB storage (--storage,
+RNNLAB_OPTUNA_STORAGE, else `optuna.db` beside the repository for --local); running again
+continues it up to --trials finished trials. Its runs carry the study's id (`STUDY_ID`), so two
+studies of one name never supersede each other's runs. At the end: the best trial, its `dvc exp
+apply` line, and Optuna's plots in `tune/<study>/`, logged to an MLflow run of the study.
 """
 
 from __future__ import annotations

@@ -5,16 +5,11 @@
     dvc exp run -n <name> -S ... -S train.threads=<cpus the worker gave it>
     dvc exp push <origin> <name>                    the commit to git, the outputs to the remote
 
-Every experiment has its own clone, DVC cache and run cache, so two experiments never run one
-stage in one repository at once (DVC's run-cache race of `dvc queue`, treeverse/dvc#10673, has
-nothing to race on). The clone lives under RNNLAB_SWEEP_DIR (else `sweeps/` of rnnlab's cache
-folder) and is deleted when the experiment is pushed.
-
-A failure is one line naming the step and what it could not reach (the git remote, the DVC
-remote, the MLflow server or its login), raised as a UserError: the sweep reports it and goes on.
-A worker killed mid-experiment takes its commands with it (rnnlab/cluster/guard.py); Dask runs
-the experiment again elsewhere, and that attempt first marks the killed attempt's MLflow runs
-KILLED, tagged `rnnlab.superseded`, so that nobody counts them.
+Each experiment has its own clone and DVC cache (under RNNLAB_SWEEP_DIR, else `sweeps/` of the
+cache folder; deleted once pushed), so no two run a stage in one repository at once. A failure
+is one UserError line naming the step and what it could not reach. A worker killed mid-run takes
+its commands with it (rnnlab/cluster/guard.py); the rerun elsewhere first marks the killed
+attempt's MLflow runs KILLED, tagged `rnnlab.superseded` (`supersede`).
 """
 
 from __future__ import annotations

@@ -1,19 +1,17 @@
 """Minibatches for truncated BPTT, the two ways the book partitions a token sequence (d2l 8.3.4).
 
-Sequential partitioning cuts the corpus (from a random offset) into `batch_size` contiguous rows
-and walks along them `num_steps` at a time, so minibatch i+1 continues each row of minibatch i
-and the hidden state can be carried over:
+    sequential  the corpus (from a random offset) cut into `batch_size` contiguous rows, walked
+                `num_steps` at a time: minibatch i+1 continues each row of minibatch i, so the
+                hidden state can be carried over
 
-    row 0: [ X0 | X1 | X2 | ... ]      minibatch k = column k of every row
-    row 1: [ X0 | X1 | X2 | ... ]      shape (batch_size, num_steps)
-    ...
+                row 0: [ X0 | X1 | X2 | ... ]      minibatch k = column k of every row
+                row 1: [ X0 | X1 | X2 | ... ]      shape (batch_size, num_steps)
 
-Random partitioning cuts the corpus (from a random offset) into subsequences of `num_steps`
-tokens and serves them in a random order, each exactly once per epoch; neighbouring rows are not
-neighbours in the text, so the state must be reset for every minibatch.
+    random      the corpus (from a random offset) cut into subsequences of `num_steps` tokens,
+                each served once per epoch in a random order: the state is reset every minibatch
 
 Y is X shifted by one token. Randomness comes only from the torch.Generator passed in, so an
-epoch's minibatches are reproducible from the generator's state (which resumable checkpoints save).
+epoch's minibatches are reproducible from its state (which resumable checkpoints save).
 """
 
 from __future__ import annotations

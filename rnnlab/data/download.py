@@ -1,13 +1,4 @@
-"""Fetch a corpus, check it, and lay it out for the tokenize stage.
-
-`prepare_raw(data, out_dir)` writes exactly one of
-
-    out_dir/corpus.txt                          one text; tokenize cuts it by `tokenize.split`
-    out_dir/train.txt, val.txt, test.txt        a corpus that comes with its own splits
-
-plus `out_dir/source.json`:
-    {"corpus": name, "source": URL or path read, "sha1": of the fetched file (null for a folder),
-     "member": zip member, {split file: member} or null, "splits": true/false, "chars": characters in all texts}.
+"""Fetch a corpus, check it, and lay it out for the tokenize stage (`prepare_raw`).
 
 Where the text comes from (`data` is params.yaml's `data` section):
     built-in corpus   data.source if set, else the copy bundled in rnnlab/corpora, else its URL;
@@ -15,11 +6,8 @@ Where the text comes from (`data` is params.yaml's `data` section):
     corpus: custom    data.source: a text file, a folder or zip with train/val/test files, or a
                       URL to a file or zip; data.sha1 is checked when set.
 
-Nothing is cached: a download goes to a temporary sibling folder of out_dir and is deleted when
-the stage ends. DVC's cache already keeps out_dir, so the network is used only when the stage
-really reruns. out_dir itself is built in another sibling folder and renamed into place at the
-end, so a failure leaves neither a half-made out_dir nor stray folders, and an old out_dir is
-replaced only by a complete new one.
+Nothing is cached: a download goes to a temporary sibling folder of out_dir, deleted when the
+stage ends (DVC's cache keeps out_dir, so the network is used only when the stage reruns).
 """
 
 from __future__ import annotations
@@ -49,10 +37,16 @@ OUTPUT_NAMES = {"corpus.txt", *SPLIT_NAMES, "source.json"}  # all this stage eve
 
 
 def prepare_raw(data: Data, out_dir: str | os.PathLike) -> dict:
-    """Fetch and check the corpus `data` names; write out_dir (see the module docstring).
+    """Fetch and check the corpus `data` names and write out_dir: exactly one of
 
-    Returns what it writes to out_dir/source.json.
-    """
+        out_dir/corpus.txt                      one text; tokenize cuts it by `tokenize.split`
+        out_dir/train.txt, val.txt, test.txt    a corpus that comes with its own splits
+
+    plus out_dir/source.json, which it also returns: {"corpus": name, "source": URL or path
+    read, "sha1": of the fetched file (null for a folder), "member": zip member, {split file:
+    member} or null, "splits": true/false, "chars": characters in all texts}. out_dir is built
+    in a sibling folder and renamed into place, so a failure leaves neither a half-made out_dir
+    nor stray folders, and an old out_dir is replaced only by a complete new one."""
     out_dir = Path(os.path.abspath(out_dir))  # a name and a parent even for `.` or `raw/`
     _check_replaceable(out_dir)
     source, sha1, member = resolve_source(data)

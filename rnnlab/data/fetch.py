@@ -7,8 +7,9 @@ plain paths are copied. The download stage (rnnlab/data/download.py) is its user
 A server that wants a login gets it from ~/.netrc (requests reads it; NETRC names another file) or
 from RNNLAB_DOWNLOAD_TOKEN, sent as `Authorization: Bearer` only to the hosts that
 RNNLAB_DOWNLOAD_TOKEN_HOSTS names (a data.source of a teammate's commit or a sweep's -S may name
-any host), over https or to this machine only, and never to another host a redirect leads to. Never from the URL: data.source is refused with a
-secret in it (rnnlab/config.py), and every URL shown here passes through `public_uri`.
+any host), over https or to this machine only, and never to another host a redirect leads to.
+Never from the URL: data.source is refused with a secret in it (rnnlab/config.py), and every URL
+shown here passes through `public_uri`.
 """
 
 from __future__ import annotations

@@ -1,41 +1,15 @@
 """Which code runs on this CPU, chosen by measuring it, once per machine and shape.
 
-The same function can run through several codes whose speed order flips with the CPU: on one
-AMD EPYC oneDNN's float32 product runs at twice MKL's rate, on an Intel Xeon at half of it, and
-nn.GRU beats the fused path on a third CPU. So nothing here is decided by vendor or by ISA flags:
-
-    layer     how a recurrent stack trains (forward and backward):
-                reference  nn.RNN / nn.GRU (torch impl), the book's loop over steps (scratch impl)
-                fused      rnnlab/kernels/fused.py: one autograd op per layer, backward by hand
-                native     the same in compiled code (rnnlab/kernels/native.py), where it builds
-    product   which library makes one float32 product of the fused path:
-                mkl        torch's matmul (MKL, or whatever BLAS the build has)
-                onednn     oneDNN's linear, the weight laid out once where it serves many products
-    precision what a model trains in under train.bf16: auto (rnnlab/training/precision.py):
-                float32    float32 throughout
-                bfloat16   bfloat16 autocast of the products, where the hardware has it
-
-`choose` times every candidate on the real shapes (a few rounds, alternated, medians) the first
-time a shape is met and keeps the fastest; the reference (the first candidate) unless another
-beats it by MARGIN. The decision is cached in `cache_dir() / kernels.json`, so later runs on this
-machine take it without measuring and a run never changes its mind half-way (the codes differ in
-the last float digits). `report()` lists the decisions this process made or read, for the log and
-the MLflow run's tags; `chosen()` gives them as a mapping, for a resumable training's state.
-
-The cache may be shared by the nodes of a cluster (one home folder), so a decision is keyed by
-all that its measurement holds for (`here()`):
-
-    <CPU> | torch <version> | <ISA level> | <n> threads | code <digest> | native <digest> | <kind> <key> | <candidates>
-
-<CPU> is rnnlab/kernels/cpu.py's identity (model name, family/model/stepping, a digest of the
-ISA flags: one model name covers CPUs whose winners differ); `code` a digest of the kernel code
-that measured (every .py and .cpp under rnnlab/kernels); `native` the compiled library's build
-key (native.build_key(), "none" under RNNLAB_NATIVE=0). The part before `code` is `machine()`,
-the readable line of the MLflow tag rnnlab.cpu and of `rnnlab kernels`. Storing a decision drops
-the entries of this CPU measured by other code or another library over a day ago (`_stale`).
-
-Forcing (tests, and anyone who wants a fixed path): RNNLAB_KERNEL=reference|fused|native,
-RNNLAB_PRODUCT=mkl|onednn and RNNLAB_PRECISION=float32|bfloat16; unset or `measure` measures. RNNLAB_CACHE_DIR moves the cache.
+The speed order of the codes flips with the CPU (oneDNN's float32 product beats MKL's on one
+CPU and loses on another), so nothing is decided by vendor or ISA flags. Three kinds of decision:
+    layer      reference (nn.* or the book's loop), fused (rnnlab/kernels/fused.py) or native
+    product    mkl (torch's matmul) or onednn, for one float32 product of the fused path
+    precision  float32 or bfloat16, under train.bf16: auto (rnnlab/training/precision.py)
+`choose` times every candidate on the real shapes the first time a shape is met and keeps the
+fastest: the reference (the first) unless another beats it by MARGIN. Decisions are cached in
+`cache_file()` under all that the measurement holds for (`here()`), so that later runs reuse
+them and a run never changes its mind half-way (the codes differ in the last float digits).
+RNNLAB_KERNEL, RNNLAB_PRODUCT and RNNLAB_PRECISION force a choice (`forced`).
 """
 
 from __future__ import annotations
@@ -60,8 +34,9 @@ from rnnlab.errors import UserError
 from rnnlab.fileio import cache_dir, write_json
 from rnnlab.kernels import cpu, native
 
-FORCE_ENV = {"layer": "RNNLAB_KERNEL", "product": "RNNLAB_PRODUCT", "precision": "RNNLAB_PRECISION"}
-KNOWN = {"layer": ("reference", "fused", "native"), "product": ("mkl", "onednn"),  # what forcing may name
+FORCE_ENV = {"layer": "RNNLAB_KERNEL", "product": "RNNLAB_PRODUCT",
+             "precision": "RNNLAB_PRECISION"}
+KNOWN = {"layer": ("reference", "fused", "native"), "product": ("mkl", "onednn"),  # may be forced
          "precision": ("float32", "bfloat16")}
 MARGIN = 0.03  # another candidate must be this much faster than the reference to be chosen
 ROUNDS = 5  # timed rounds per candidate, alternated between them
@@ -110,14 +85,18 @@ def library_digest() -> str:
 
 def here() -> str:
     """What a decision made now holds for, the cache key's first part: `machine()` and the code
-    that measures (the kernel code's digest, the compiled library's)."""
+    that measures, `<machine()> | code <code_digest()> | native <library_digest()>`. A full key
+    adds `| <kind> <key> | <candidates>`. machine() names the CPU by cpu.identity(), since one
+    model name covers CPUs whose winners differ."""
     return f"{machine()} | code {code_digest()} | native {library_digest()}"
 
 
 def forced(kind: str, key: str, allowed: list[str]) -> str | None:
-    """The candidate the environment forces for `kind`, or None (measure). A value that names a
-    candidate `key` lacks (fused for an lstm, native where it did not build) gives the reference,
-    said once: the setting holds for a whole sweep of variants."""
+    """The candidate the environment forces for `kind`, or None (measure): RNNLAB_KERNEL=
+    reference|fused|native, RNNLAB_PRODUCT=mkl|onednn, RNNLAB_PRECISION=float32|bfloat16; unset
+    or `measure` measures, another value is a UserError. A value that names a candidate `key`
+    lacks (fused for an lstm, native where it did not build) gives the reference, said once: the
+    setting holds for a whole sweep of variants."""
     name = FORCE_ENV[kind]
     value = os.environ.get(name, "measure").strip() or "measure"
     if value == "measure":

@@ -5,10 +5,10 @@ One torch.autograd.Function per layer with a hand-written backward: the input pr
 steps before the loop (a row lookup for one-hot input), one product per step forward and one
 backward, the recurrent weight's gradient as one product over all steps (or step by step from a
 batch of STEPWISE_GRAD_BATCH), each float32 product through MKL or oneDNN, whichever measured
-faster for its shape on this machine (rnnlab/kernels/choice.py). Whether the fused path runs at all is
-measured too, against nn.RNN / nn.GRU (rnnlab/models/dispatch.py). tests/test_models.py holds it equal to
-nn.* and the scratch loop, forward and backward, whichever library runs the products.
-docs/benchmark.md measures it.
+faster for its shape on this machine (rnnlab/kernels/choice.py). Whether the fused path runs at
+all is measured too, against nn.RNN / nn.GRU (rnnlab/models/dispatch.py).
+tests/models/test_models.py holds it equal to nn.* and the scratch loop, forward and backward,
+whichever library runs the products. docs/benchmark.md measures it.
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ def fused_applies(x: torch.Tensor) -> bool:
 # in the CPU's cache. tanh(a) is computed as 2 sigmoid(2a) - 1 (the same function): torch.tanh
 # goes through MKL's vector maths library, several times slower than torch.sigmoid on AMD CPUs
 # with AVX-512.
-# tests/test_models.py checks it against nn.RNN / nn.GRU: outputs, state and every gradient.
+# tests/models/test_models.py checks it against nn.RNN / nn.GRU: outputs, state and every
+# gradient.
 
 
 def _onednn_linear() -> bool:
@@ -57,9 +58,8 @@ def use_onednn(t: torch.Tensor) -> bool:
 
 
 # Every float32 product below goes through the library measured fastest for its shape on this
-# machine (rnnlab/kernels/choice.py): MKL (torch's matmul) or oneDNN. Neither wins everywhere: oneDNN ran
-# twice MKL's rate on an AMD EPYC with AVX-512, half of it on an Intel Xeon with AMX, 0.7x on an
-# AMD EPYC with AVX2 only (docs/benchmark.md).
+# machine (rnnlab/kernels/choice.py): MKL (torch's matmul) or oneDNN. Neither wins on every CPU
+# (docs/kernels.md).
 PACK_USES = 8  # oneDNN's weight layout costs about two products: worth it for a sequence
 
 
@@ -83,7 +83,8 @@ LIBRARIES = {"mkl": _mkl, "onednn": _onednn}  # the first is the reference
 
 def _shape(x: torch.Tensor, w: torch.Tensor) -> str:
     return (f"{x.shape[0]}x{x.shape[1]} @ {w.shape[1]}x{w.shape[0]} {str(x.dtype)[6:]}"
-            f"{'' if x.is_contiguous() else ' x-strided'}{'' if w.is_contiguous() else ' w-strided'}")
+            f"{'' if x.is_contiguous() else ' x-strided'}"
+            f"{'' if w.is_contiguous() else ' w-strided'}")
 
 
 def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None,
@@ -100,8 +101,8 @@ def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None,
 
 class Product:
     """x @ w^T (+ b) (+ add) for the `uses` products of a sequence, each x (rows, in): the
-    library chosen once (measured on this shape the first time), and for oneDNN w laid out once
-    for it: 10-15% faster products at a batch of 32."""
+    library chosen once (measured on this shape the first time), and for oneDNN, from PACK_USES
+    products on, w laid out once for it."""
 
     def __init__(self, w: torch.Tensor, rows: int, uses: int):
         self.w, self.library = w, _mkl
@@ -149,8 +150,7 @@ def _project(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 class Head(torch.autograd.Function):
     """nn.Linear on (rows, in), its forward and input gradient through the library measured
-    faster for the shape (oneDNN ran these skinny products at 2-3x MKL's rate on an AMD EPYC with
-    AVX-512), its weight gradient through torch."""
+    faster for the shape, its weight gradient through torch."""
 
     @staticmethod
     def forward(ctx, x, w, b):
@@ -280,9 +280,9 @@ def gru_layer(recurrence, x, state, w_ih, w_hh, b_ih, b_hh):
 
 
 def lstm_layer(recurrence, x, state, w_ih, w_hh, b_ih, b_hh):
-    """nn.LSTM, one layer, by the compiled recurrence (rnnlab/kernels/native.py's NativeLSTM; in Python
-    nn.LSTM's own kernel is faster, so it has no twin here): x as `rnn_layer`, state (h0, c0)
-    -> outputs, (h, c)."""
+    """nn.LSTM, one layer, by the compiled recurrence (rnnlab/kernels/native.py's NativeLSTM; in
+    Python nn.LSTM's own kernel is faster, so it has no twin here): x as `rnn_layer`, state
+    (h0, c0) -> outputs, (h, c)."""
     outputs, h, c = recurrence.apply(_project(x, w_ih, b_ih + b_hh), *state, w_hh)
     return outputs, (h, c)
 

@@ -1,45 +1,15 @@
-"""The time loops of rnnlab/kernels/fused.py's recurrences compiled: `NativeTanh` and `NativeGRU` are
-`TanhRecurrence` and `GRURecurrence` (the same function, the same gradients, the same contracts)
-with the loop over steps in C++ (rnnlab/kernels/csrc/recurrence.cpp); `NativeLSTM` is nn.LSTM's
-recurrence, which has no Python twin (nn.LSTM's own kernel is its fallback).
+"""The time loops of rnnlab/kernels/fused.py's recurrences compiled, the loop over steps in C++
+(rnnlab/kernels/csrc/recurrence.cpp): `NativeTanh` and `NativeGRU` are `TanhRecurrence` and
+`GRURecurrence` (the same function, gradients and contracts); `NativeLSTM` is nn.LSTM's
+recurrence, with nn.LSTM as its fallback. Why: from Python a step is ~20 small torch ops, which
+at a batch of 32 cost more than its one product; here it is that product and one vectorized pass.
 
-Why: the fused path runs each step as ~20 small torch ops (forward and backward) from Python, and
-at a batch of 32 those cost more than the step's one product. The compiled loop makes the same
-product per step (ATen's matmul: MKL) and all of a step's gate arithmetic in one vectorized pass.
-Measured on a 2-core AMD EPYC (Zen 3, AVX2), 2 threads, whole training step of the char-level
-`gru` / `rnn` models (vocab 28, 256 hidden, 35 steps; forward, loss, backward, clipping, SGD),
-tokens/s, medians of interleaved runs:
-
-    batch 32    gru: nn.GRU 17.3k, fused 25.6k, native 41.5k (2.4x nn.GRU, 1.6x fused)
-                rnn: nn.RNN 40.2k, fused 54.6k, native 78.9k (2.0x nn.RNN, 1.4x fused)
-    batch 512   gru: nn.GRU 41.3k, fused 48.6k, native 55.5k (1.34x, 1.14x)
-                rnn: nn.RNN 113k,  fused 130k,  native 141k  (1.25x, 1.08x)
-
-Building takes ~25 s once per machine (torch's headers); later processes load the cached .so.
-
-How: `build` runs the system C++ compiler ($CXX, else `c++`) directly (no ninja, no setuptools
-build) with -O3 -march=native against torch's headers and libraries, into a cache directory
-outside the repository ($RNNLAB_CACHE_DIR, else $XDG_CACHE_HOME/rnnlab, else ~/.cache/rnnlab,
-subfolder native/), which the nodes of a cluster may share through one home folder. A build's
-name says what it is for: `recurrence-<target>-<build>.so`, where <target> (8 hex) is a digest of
-the compiler's -march=native macro set (rnnlab/kernels/cpu.py: exactly the ISA the code targets,
-and the compiler's version; no /proc/cpuinfo needed) and <build> (16 hex) a digest of that and
-the source, torch's version and folder, the compiler's command, its flags and the C++ ABI. So a
-node never loads a build made for another ISA, and a node's own builds are recognisable.
-A file lock keeps two processes from building at once; the library appears by an atomic rename.
-
-Upkeep: a library that fails to load (a truncated file, a build for another machine) is compiled
-again once; each load touches the file, so that its time says when it was last used. After a
-build, `prune` removes this target's builds for other inputs (an old source, another torch) once
-unused for SUPERSEDED_DAYS (another checkout or venv on this machine may still load one: removed
-at once, the two would rebuild in turns), and anything else (other targets' builds, leftover
-temporary files, locks) unused for STALE_DAYS; another node's current build is in use, so it
-stays.
-
-Fallback: `load()` is False when the build fails (no compiler, a compile error), the library does
-not load even when rebuilt, or RNNLAB_NATIVE=0; `why_not()` says why in one line, and the fused
-path runs instead. Nothing here raises for want of a compiler.
-`python -m rnnlab.kernels.native build` builds ahead (make setup).
+`load()` builds the library once per machine with the system C++ compiler (-march=native) into
+`library_path()`, outside the repository, and loads it. It is False, and `why_not()` says why,
+without a compiler, when the build or the load fails, or under RNNLAB_NATIVE=0: then the fused
+path runs; nothing here raises. A build's name holds its target ISA and inputs, so a cluster's
+nodes may share the folder; `prune` removes unused builds. `python -m rnnlab.kernels.native
+build` builds ahead (make setup).
 """
 
 from __future__ import annotations
@@ -126,6 +96,8 @@ def library_path() -> Path:
 
 
 def _command(source: Path, out: Path) -> list[str]:
+    """The compiler's command line for `source` -> `out`: run directly (no ninja, no setuptools
+    build), against torch's headers and libraries."""
     from torch.utils import cpp_extension  # imports setuptools: only when building
 
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
@@ -153,7 +125,8 @@ def build(verbose: bool = True, bad: os.stat_result | None = None) -> Path | Non
     it cannot be built (`why_not()` says why, `build_log()` holds the compiler's output). Never
     raises. verbose: say on stderr that it compiles, and show the compiler's errors. bad: the
     stat of the file at that path that failed to load: it is compiled again, unless another
-    process has replaced it meanwhile. After a build, `prune` tidies the folder."""
+    process has replaced it meanwhile. A file lock keeps two processes from building at once;
+    the library appears by an atomic rename. After a build, `prune` tidies the folder."""
     try:
         target = library_path()
         if _usable(target, bad):
@@ -368,8 +341,8 @@ RECURRENCES = {"rnn": NativeTanh, "gru": NativeGRU, "lstm": NativeLSTM}  # as fu
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m rnnlab.kernels.native build`: build (or find) the library, one line; exit 0 either way:
-    a machine without a compiler still sets up, and trains on the fused path."""
+    """`python -m rnnlab.kernels.native build`: build (or find) the library, one line; exit 0
+    either way: a machine without a compiler still sets up, and trains on the fused path."""
     args = sys.argv[1:] if argv is None else argv
     if args != ["build"]:
         print("usage: python -m rnnlab.kernels.native build", file=sys.stderr)

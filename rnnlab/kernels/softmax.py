@@ -2,48 +2,14 @@
 
     linear_cross_entropy(x, weight, bias, targets) = sum_i -log softmax(x W^T + b)_i[targets_i]
 
-the same number as F.cross_entropy(F.linear(x, weight, bias), targets, reduction="sum"), and the
-same gradients, with less work on the (rows, vocab) matrix between the products. At a 10,000-word
-vocabulary that matrix is 16 MB per 400 rows; PyTorch writes it four times (logits, log_softmax,
-nll_loss's zero gradient, log_softmax's gradient) and exponentiates it twice. Here it is one buffer:
-
-    forward   logits = x W^T + b, turned into softmax in place (one fused pass per row: max, exp,
-              sum, scale); loss_i = -log p_i[target_i]
-    backward  G = p - onehot(targets) in the same buffer (one write per row);
-              d_x = G W, d_W = G^T x, d_b = G.sum(0), the loss's gradient applied through the
-              small operands (x, d_x, d_b), never through G
-
--log p[target] is as exact as log_softmax (p's relative error of a few ulp is its log's absolute
-error) while p[target] is a normal float; rows where it is not (a target logit 87 below the
-log-sum-exp in float32, 708 in float64, 9.7 in float16) are recomputed the plain way: rare but for
-a badly wrong model, or float16. The backward uses up the forward's buffer, so a second backward
-through one graph raises an error (compute the loss again instead).
-
-Measured on this repository's 2-core AMD EPYC (shared: medians swing 2-3x with other load), rows
-400, in 200, vocab 10,000, float32, torch.set_num_threads(2), median (least) of 20-41 runs
-alternated between the sides, in ms:
-
-  Softmax in the forward, rather than saving the logits and their log-sum-exp and exponentiating
-  in the backward: one exp per element instead of two.
-      softmax in place                          4.0 (3.5)
-      logsumexp + sub_(lse).exp_() backward    14.5 (7.0) + 5.0 (3.9)
-      log_softmax in place + exp_() backward    3.9 (3.2) + 3.5 (2.9)
-
-  The three products (oneDNN: torch.ops.mkldnn._linear_pointwise as rnnlab/kernels/fused.py's `_linear`
-  calls it), median of the per-pair ratios oneDNN / torch over 41 pairs:
-      logits  x W^T + b   oneDNN 17.6 (14.2)   torch addmm  25.4 (19.7)   ratio 0.70
-      d_x     G W         oneDNN 17.7 (16.3)   torch mm     17.0 (13.5)   ratio 1.05-1.23
-      d_W     G^T x       oneDNN 22.9 (20.5)   torch mm     17.7 (15.9)   ratio 1.29
-  (oneDNN for d_x with W^T as a strided view; copying W^T first, as fused.Head does, costs more.
-  For d_W oneDNN makes (x^T G)^T, whose copy to W's layout autograd would make anyway.) So the
-  logits go through `_linear` (oneDNN for float32 where PyTorch has it, else torch), both
-  gradients' products through torch's mm.
-
-  Forward + backward (of the mean), three runs of 31 rounds:
-      F.cross_entropy(F.linear(x, w, b))        77.6-87.2 (61.4-62.9)
-      F.cross_entropy(fused.Head(x, w, b))      87.5-92.6 (57.2-67.0)
-      linear_cross_entropy                      56.3-73.6 (45.1-52.6), x0.68-0.80 of the first
-  Forward only, torch.no_grad: 24.2-27.0 / 19.3-21.1 / 18.3-21.0 (x0.74-0.77).
+the same number and gradients as F.cross_entropy(F.linear(x, weight, bias), targets,
+reduction="sum"), with one (rows, vocab) buffer where PyTorch writes four: the forward turns the
+logits into softmax in place, the backward turns that into G = p - onehot(targets) in place and
+applies the loss's gradient through the small operands (x, d_x, d_b), never through G. Rows whose
+p[target] underflows (a target logit 87 below the log-sum-exp in float32) are recomputed the
+plain way. The logits' product goes through `_linear` (oneDNN or MKL, as measured here), both
+gradients' products through torch's mm, which ran them faster. The backward uses up the buffer:
+a second backward through one graph raises an error.
 """
 
 from __future__ import annotations

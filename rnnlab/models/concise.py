@@ -18,9 +18,9 @@ from rnnlab.models.dispatch import State
 @functools.cache
 def cpu_bf16_runs(module: type[nn.RNNBase]) -> bool:
     """Whether `module` runs under bfloat16 autocast on this CPU. oneDNN's recurrent kernels
-    refuse bfloat16 on some CPUs ("could not create a primitive descriptor for the LSTM forward
-    propagation primitive", seen on an AMD EPYC without AVX-512); there the module runs in
-    float32 instead. Asked once per process, with a one-step module."""
+    refuse bfloat16 on some CPUs without AVX-512 ("could not create a primitive descriptor for
+    the LSTM forward propagation primitive"); there the module runs in float32 instead. Asked
+    once per process, with a one-step module."""
     try:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             module(2, 2)(torch.zeros(1, 1, 2))
@@ -33,11 +33,10 @@ class TorchRNN(nn.Module):
     """nn.RNN (tanh) / nn.GRU / nn.LSTM behind the scratch stack's interface.
 
     Paths (`run`): `reference` runs the nn.* module itself; `fused` (rnn, gru) and `native` (rnn,
-    gru, lstm) compute the same function from the same parameters (rnnlab/fused.py,
-    rnnlab/native.py). `forward` takes the path `training_path` measured fastest on the CPU, with
-    gradients and without (there nn.RNN's / nn.GRU's own kernel beats the fused path 2.7x at batch
-    1, the compiled loop beats both 4x); the module everywhere else: cuDNN on a GPU already runs
-    the whole sequence in one kernel.
+    gru, lstm) compute the same function from the same parameters (rnnlab/kernels/fused.py,
+    rnnlab/kernels/native.py). `forward` takes the path `training_path` measured fastest on the
+    CPU, with gradients and without (the winners differ); the module everywhere else: cuDNN on a
+    GPU already runs the whole sequence in one kernel.
     """
 
     CELLS = {nn.RNN: "rnn", nn.GRU: "gru", nn.LSTM: "lstm"}

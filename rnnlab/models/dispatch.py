@@ -48,8 +48,8 @@ def recurrence_of(cell: str, path: str):
 def training_path(stack: nn.Module, x: torch.Tensor, state: State) -> str:
     """The path `stack` runs x by: on the CPU outside autocast, the one measured fastest for this
     shape (rnnlab/kernels/choice.py), forward and backward while gradients are recorded, the
-    forward alone without them (scores, text: at batch 1 the compiled loop ran 4x nn.GRU's
-    kernel); `reference` on other devices and under autocast."""
+    forward alone without them (scores, text: another winner, at batch 1 above all);
+    `reference` on other devices and under autocast."""
     if not fused_applies(x):
         return "reference"
     paths = stack.paths()

@@ -1,28 +1,16 @@
 """The RNN language models of d2l chapters 8-9, every variant behind one interface.
 
-    logits, state = model(idx, state)   # idx (batch, steps) -> logits (batch, steps, vocab)
+    logits, state = model(idx, state)              # idx (batch, steps) -> (batch, steps, vocab)
+    loss, state = model.loss(idx, targets, state)  # the summed cross-entropy, no logits held
 
-A model is: tokens -> input (one-hot, or a learned embedding, then dropout) -> `num_layers`
-recurrent layers (dropout between them) -> dropout -> one Linear layer applied to every step at
-once -> logits. Dropout acts on every non-recurrent connection, never on the state carried from
-step to step (Zaremba et al. 2014). With `tie_weights` the Linear layer's weight IS the embedding
-(Press & Wolf 2017; Inan et al. 2017): one (vocab, hidden) matrix reads tokens and scores them.
-
-For training and held-out scores, `loss, state = model.loss(idx, targets, state)` gives the
-summed cross-entropy without making the caller hold the logits: for a large vocabulary it is
-rnnlab/kernels/softmax.py's fused output layer and loss (one product, no log-softmax copy).
-
-    cell  rnn  | gru  | lstm        state (h,) | (h,) | (h, c), each (num_layers, batch, hidden)
-    impl  scratch: the book's equations, explicit parameters, a Python loop over time steps
-          torch:   nn.RNN (tanh) / nn.GRU / nn.LSTM: cuDNN on a GPU; on the CPU other paths
-                   with the same parameters too (below)
-
-The two impls of a cell (rnnlab/models/scratch.py, rnnlab/models/concise.py) compute the same
-function (tests/models/test_models.py checks logits, state and gradients to 1e-10 in float64), so
-they differ only in speed; so do the paths that can train a stack on the CPU
-(rnnlab/models/dispatch.py). `build_model` is the only place that branches on cell or impl.
-The state a model returns has its parameters' dtype, under autocast too, so the state carried
-from one minibatch to the next never changes dtype.
+tokens -> one-hot or a learned embedding -> `num_layers` recurrent layers -> one Linear layer on
+every step at once -> logits. Dropout acts on every non-recurrent connection, never on the state
+carried from step to step (Zaremba et al. 2014); with `tie_weights` the Linear layer's weight IS
+the embedding (Press & Wolf 2017). A cell (rnn, gru, lstm: state (h,) or (h, c), each
+(num_layers, batch, hidden)) has two impls that compute the same function, `scratch` (the book's
+equations: rnnlab/models/scratch.py) and `torch` (nn.RNN / nn.GRU / nn.LSTM:
+rnnlab/models/concise.py), checked by tests/models/test_models.py. `build_model` is the only
+place that branches on cell or impl. The state keeps the parameters' dtype, under autocast too.
 """
 
 from __future__ import annotations
@@ -43,10 +31,9 @@ from rnnlab.models.scratch import GRUCell, LSTMCell, RNNCell, ScratchRNN
 if TYPE_CHECKING:
     from rnnlab.config import Train, Variant
 
-# From this vocabulary size `RNNLM.loss` scores with rnnlab/kernels/softmax.py's fused output layer and
-# loss, which pays where the (rows, vocab) logits are the big tensor (measured in its docstring
-# at 10,000 words: 0.7-0.8x the time of F.cross_entropy(F.linear)); below it they are small, the
-# separate ops cost little, and the char-level path keeps its `Head` product.
+# From this vocabulary size `RNNLM.loss` scores with rnnlab/kernels/softmax.py's fused output
+# layer and loss, which pays where the (rows, vocab) logits are the big tensor; below it they are
+# small, the separate ops cost little, and the char-level path keeps its `Head` product.
 FUSED_LOSS_VOCAB = 1000
 
 

@@ -3,17 +3,13 @@ over time steps (d2l 8.5, 9.1, 9.2), behind the stack contract of rnnlab/models/
 
 Every scratch cell obeys one contract, in two halves:
 
-    terms = cell.input_terms(x)   # what depends only on the input (x W_x* + b_*), one term per
-                                  # gate, for all time steps at once: (steps, batch, hidden) each
+    terms = cell.input_terms(x)   # x W_x* + b_*, one term per gate, all steps at once (one matmul
+                                  # per gate, outside the time loop): (steps, batch, hidden) each
     state = cell(x_t, state)      # one time step; x_t = those terms at step t: (batch, hidden) each
 
-The input terms do not depend on the state, so they are computed outside the time loop in one
-matmul per gate; only the recurrent part (h W_h*) runs step by step. The rnn and gru cells also
-have `outputs, state = cell.all_steps(terms, state, recurrence)`: the same function over every
-step as one autograd op, the fused (or native) path of the torch impl on the scratch parameters.
-On the CPU (outside autocast) it runs where it measured faster than the loop, and always without
-gradients; the loop over `cell(x_t, state)` runs everywhere else, and the tests check that the
-two agree.
+The rnn and gru cells also have `outputs, state = cell.all_steps(terms, state, recurrence)`: the
+same function over every step as one autograd op (the torch impl's fused or native path on the
+scratch parameters), run on the CPU outside autocast where it measured faster than the loop.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-// The time loops of rnnlab/kernels/fused.py's TanhRecurrence and GRURecurrence in compiled code (the same
-// functions and gradients), and of nn.LSTM's recurrence; built and loaded by rnnlab/kernels/native.py
-// (read its docstring first).
+// The time loops of rnnlab/kernels/fused.py's TanhRecurrence and GRURecurrence in compiled code
+// (the same functions and gradients), and of nn.LSTM's recurrence; built and loaded by
+// rnnlab/kernels/native.py (read its docstring first).
 //
 // Ops (registered below, called as torch.ops.rnnlab.*), float32 and float64 CPU tensors, weights
 // as nn.RNN / nn.GRU / nn.LSTM keep them, w_hh (gates*hidden, hidden):
@@ -32,9 +32,8 @@
 //     step t's product made their dL/dh_{t-1}.
 //   - alone (larger batches, or one thread): ATen's product (MKL, on all threads), then the gate
 //     pass, split by rows over threads when a step is large.
-// Measured on 2 cores (AMD EPYC, Zen 3, AVX2) at a batch of 32, forward and backward: a team took
-// 0.78x (GRU) and 0.59x (tanh RNN) the time of running alone (where MKL's threads split each small
-// product anew and lay the weight out anew at every call), at a batch of 64 0.89x (GRU).
+// A team is for small batches: alone, MKL's threads split each small product anew and lay the
+// weight out anew at every call (docs/kernels.md).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
