@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -265,23 +265,21 @@ def perplexity(model: RNNLM, ids: torch.Tensor, device: torch.device | None = No
     the same predictions. `chunk` bounds memory only: the state carried from chunk to chunk
     makes the result the same for any chunk length (up to float rounding).
     """
-    was_training = model.training
-    model.eval()
-    device = device or next(model.parameters()).device
-    ids = ids.to(device)
     n = len(ids) - 1  # predictions: every token after the first
     if n < 1:
         raise ValueError(f"perplexity needs at least 2 tokens (one input, one target), got {len(ids)}")
-    total, h = torch.zeros((), dtype=torch.float64, device=device), None
-    for i in range(0, n, chunk):
-        j = min(i + chunk, n)
-        x, y = ids[i:j][None], ids[i + 1 : j + 1][None]  # (1, steps): inputs, their next tokens
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss, h = model.loss(x, y, h)  # h carried: chunking changes nothing
-        total += loss.double()  # bf16 logits are scored in float32, float64 models in float64
-    model.train(was_training)
-    mean = float(total) / n
-    return math.exp(mean) if mean <= MAX_LOSS else math.inf
+
+    def summed_loss(ids: torch.Tensor, device: torch.device) -> torch.Tensor:
+        total, h = torch.zeros((), dtype=torch.float64, device=device), None
+        for i in range(0, n, chunk):
+            j = min(i + chunk, n)
+            x, y = ids[i:j][None], ids[i + 1 : j + 1][None]  # (1, steps): inputs, their next tokens
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                loss, h = model.loss(x, y, h)  # h carried: chunking changes nothing
+            total += loss.double()  # bf16 logits are scored in float32, float64 models in float64
+        return total
+
+    return _scored(model, ids, device, summed_loss)
 
 
 @torch.no_grad()
@@ -291,38 +289,53 @@ def streamed_perplexity(model: RNNLM, ids: torch.Tensor, device: torch.device | 
     """`perplexity` of a long split read as `streams` contiguous pieces at once (a batch), for
     the training split's number (docs/evaluation.md): each token after the first is still
     predicted once, and each piece but the first starts `context` tokens early, those predictions
-    unscored, so that its state has read text before its first scored one. A batch of one spends
-    its time in the time loop's per-step overhead; 16 streams cost little more per step and take
-    1/16th of the steps. Splits shorter than `streams` pieces of `context` tokens are read as one
-    sequence (`perplexity` itself)."""
+    unscored, so that its state has read text before its first scored one. Many streams take
+    1/streams of the steps of one, each step costing little more. Splits shorter than `streams`
+    pieces of `context` tokens are read as one sequence (`perplexity` itself)."""
     n = len(ids) - 1  # predictions
     per = -(-n // streams)  # scored predictions per stream (the last may have fewer)
     if streams <= 1 or per <= context:
         return perplexity(model, ids, device, bf16, chunk)
+
+    def summed_loss(ids: torch.Tensor, device: torch.device) -> torch.Tensor:
+        width = context + per  # every stream's inputs, padded at the end
+        x = torch.zeros((streams, width), dtype=ids.dtype, device=device)
+        y = torch.zeros_like(x)
+        scored = torch.zeros((streams, width), dtype=torch.bool, device=device)
+        for k in range(streams):
+            first, end = k * per, min((k + 1) * per, n)  # scored predictions [first, end)
+            begin = max(0, first - context)  # the stream's first input
+            if end <= first:
+                continue
+            x[k, : end - begin] = ids[begin:end]
+            y[k, : end - begin] = ids[begin + 1 : end + 1]
+            scored[k, first - begin : end - begin] = True
+        total, h = torch.zeros((), dtype=torch.float64, device=device), None
+        step = max(1, chunk // streams)
+        for i in range(0, width, step):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                logits, h = model(x[:, i : i + step], h)  # h carried: chunking changes nothing
+            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16: in float32
+            losses = F.cross_entropy(logits.flatten(0, 1), y[:, i : i + step].flatten(),
+                                     reduction="none")
+            total += losses[scored[:, i : i + step].flatten()].double().sum()
+        return total
+
+    return _scored(model, ids, device, summed_loss)
+
+
+def _scored(model: RNNLM, ids: torch.Tensor, device: torch.device | None,
+            summed_loss: Callable[[torch.Tensor, torch.device], torch.Tensor]) -> float:
+    """What both perplexities share: `model` in eval mode for the call (its mode put back after),
+    `ids` on `device` (default: the model's), and exp(summed_loss / predictions), where
+    `summed_loss(ids, device)` is the float64 sum of the losses of all len(ids) - 1 predictions;
+    inf past MAX_LOSS."""
     was_training = model.training
     model.eval()
     device = device or next(model.parameters()).device
-    ids = ids.to(device)
-    width = context + per  # every stream's inputs, padded at the end
-    x = torch.zeros((streams, width), dtype=ids.dtype, device=device)
-    y = torch.zeros_like(x)
-    scored = torch.zeros((streams, width), dtype=torch.bool, device=device)
-    for k in range(streams):
-        first, end = k * per, min((k + 1) * per, n)  # scored predictions [first, end)
-        begin = max(0, first - context)  # the stream's first input
-        if end <= first:
-            continue
-        x[k, : end - begin] = ids[begin:end]
-        y[k, : end - begin] = ids[begin + 1 : end + 1]
-        scored[k, first - begin : end - begin] = True
-    total, h = torch.zeros((), dtype=torch.float64, device=device), None
-    step = max(1, chunk // streams)
-    for i in range(0, width, step):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits, h = model(x[:, i : i + step], h)  # h carried: chunking changes nothing
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16: scored in float32
-        losses = F.cross_entropy(logits.flatten(0, 1), y[:, i : i + step].flatten(), reduction="none")
-        total += losses[scored[:, i : i + step].flatten()].double().sum()
-    model.train(was_training)
-    mean = float(total) / n
+    try:
+        total = summed_loss(ids.to(device), device)
+    finally:
+        model.train(was_training)
+    mean = float(total) / (len(ids) - 1)
     return math.exp(mean) if mean <= MAX_LOSS else math.inf
