@@ -24,6 +24,7 @@ from rnnlab.training.checkpoint import load_checkpoint
 from rnnlab.training.loop import perplexity, prepare_torch, streamed_perplexity
 from rnnlab.training.precision import scoring_bf16
 from rnnlab.training.sampling import continue_text, prefix_tokens
+from stages import TORCH_STAGES
 
 
 def samples_markdown(name: str, samples: dict[str, dict], temperature: float, seed: int) -> str:
@@ -90,7 +91,7 @@ def main() -> None:
     params = load_params(args.params)
     name = args.variant
     cfg, ev = variant_train(params, name), params.evaluate
-    device = prepare_torch(cfg)
+    device = prepare_torch(cfg, TORCH_STAGES)
     tokens = load_tokens(args.data)
     model, vocab, meta = load_checkpoint(Path(args.model) / "best.pt", tokens.vocab, device)
     check_variant(Path(args.model) / "best.pt", name, meta.get("variant"), model.config,

@@ -40,6 +40,7 @@ from rnnlab.training.resume import (
     load_resumable,
 )
 from rnnlab.training.trial import reporter
+from stages import TORCH_STAGES, TRAIN
 
 
 def epoch_line(r: EpochResult, epochs: int) -> str:
@@ -83,13 +84,13 @@ def main() -> None:
     cfg = variant_train(params, name)
     tokens = load_tokens(args.data)
     check_fits(len(tokens.splits["train"]), cfg)  # before any MLflow run or file is made
-    device = prepare_torch(cfg)
+    device = prepare_torch(cfg, TORCH_STAGES)
 
     torch.manual_seed(cfg.seed)
     model = new_model(params.variants[name], cfg, len(tokens.vocab)).to(device)
     state = new_state(model, cfg)
     data_sha1 = folder_sha1(args.data)
-    fp = fingerprint(model.config, cfg, data_sha1, code_root=Path(__file__).resolve().parents[1])
+    fp = fingerprint(model.config, cfg, data_sha1, TRAIN, code_root=Path(__file__).resolve().parents[1])
     resume = load_resumable(work, fp)
     if resume.snapshot:
         state.restore(resume.snapshot)

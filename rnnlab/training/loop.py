@@ -89,11 +89,12 @@ class TrainState:
         self.lr_scale = snap["lr_scale"]
 
 
-def prepare_torch(cfg: Train) -> torch.device:
-    """Apply the thread setting and pick the device. `auto` shares the cores among the trainings
-    that run at once (rnnlab/training/threads.py); it is chosen here, once, and kept for the whole run."""
+def prepare_torch(cfg: Train, stage_modules: tuple[str, ...]) -> torch.device:
+    """Apply the thread setting and pick the device. `auto` shares the cores among the processes
+    of `stage_modules` that run at once (rnnlab/training/threads.py); it is chosen here, once,
+    and kept for the whole run."""
     if cfg.threads == "auto":
-        threads, why = auto_threads(repo_root())
+        threads, why = auto_threads(repo_root(), stage_modules)
         torch.set_num_threads(threads)
         print(f"threads: {threads} ({why})")
     elif cfg.threads:

@@ -41,7 +41,6 @@ from rnnlab.models.lm import ModelConfig
 from rnnlab.training.checkpoint import load_resume, save_checkpoint, save_resume
 from rnnlab.training.loop import EpochResult, TrainState, run_epochs
 
-TRAIN_MODULE = "stages.train"  # the code a resumed run must share: this module and its imports
 COMPILED = "rnnlab/kernels/csrc"  # and the C++ that rnnlab/kernels/native.py compiles
 
 
@@ -68,12 +67,14 @@ class Fingerprint:
         return changes
 
 
-def fingerprint(model: ModelConfig, cfg: Train, data_sha1: str, code_root: Path) -> Fingerprint:
-    """What makes this run's epochs; `code_root`: the folder that holds the train stage's package
-    (stages/) and the project's code it imports (the working directory may be elsewhere)."""
+def fingerprint(model: ModelConfig, cfg: Train, data_sha1: str, stage: str,
+                code_root: Path) -> Fingerprint:
+    """What makes this run's epochs. The code: the module `stage` (the train stage's, which hands
+    its name down) and the project files it imports, under `code_root` (the folder that holds
+    the stage's package; the working directory may be elsewhere)."""
     settings = json.dumps([asdict(model), cfg.model_dump()], sort_keys=True)
     return Fingerprint(settings=hashlib.sha1(settings.encode()).hexdigest(), data=data_sha1,
-                       code={**codedeps.digest(TRAIN_MODULE, code_root), **compiled_digest(code_root)},
+                       code={**codedeps.digest(stage, code_root), **compiled_digest(code_root)},
                        torch=str(torch.__version__))  # a TorchVersion would not load back
 
 

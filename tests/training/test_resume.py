@@ -15,6 +15,7 @@ from rnnlab.models.lm import ModelConfig
 from rnnlab.training.checkpoint import save_resume
 from rnnlab.kernels import choice
 from rnnlab.training.resume import fingerprint, kernel_changes, kernel_record, load_resumable
+from stages import TRAIN
 from tests.conftest import shipped
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -24,7 +25,7 @@ SNAPSHOT = {"epoch": 3, "weights": torch.zeros(4)}
 
 @pytest.fixture
 def fp():
-    return fingerprint(MODEL, shipped(Train, threads=1), "d" * 40, ROOT)
+    return fingerprint(MODEL, shipped(Train, threads=1), "d" * 40, TRAIN, ROOT)
 
 
 def test_the_fingerprint_covers_the_train_stage_code(fp):
@@ -95,8 +96,8 @@ def test_a_damaged_state_starts_over_saying_so(tmp_path, fp):
 
 
 def test_settings_fingerprint_follows_the_settings(fp):
-    assert fingerprint(MODEL, shipped(Train, threads=1, lr=0.5), "d" * 40, ROOT).settings != fp.settings
-    assert fingerprint(MODEL, shipped(Train, threads=1), "d" * 40, ROOT) == fp
+    assert fingerprint(MODEL, shipped(Train, threads=1, lr=0.5), "d" * 40, TRAIN, ROOT).settings != fp.settings
+    assert fingerprint(MODEL, shipped(Train, threads=1), "d" * 40, TRAIN, ROOT) == fp
 
 
 def test_a_resume_file_written_before_the_package_layout_starts_over_naming_the_code(tmp_path, fp):
@@ -107,7 +108,7 @@ def test_a_resume_file_written_before_the_package_layout_starts_over_naming_the_
     shutil.copy(ROOT / "tests/fixtures/premove/resume.pt", work / "resume.pt")
     cfg = shipped(Train, hidden_size=8, threads=1, epochs=12, bf16=False)  # the defaults of then
     model = ModelConfig(vocab_size=24, cell="gru", impl="torch", hidden_size=8)
-    found = load_resumable(work, fingerprint(model, cfg, "0" * 40, ROOT))
+    found = load_resumable(work, fingerprint(model, cfg, "0" * 40, TRAIN, ROOT))
     assert found.snapshot is None
     assert found.why_not.startswith("the code (rnnlab/batches.py, ") and "\n" not in found.why_not
     assert "rnnlab/models/lm.py" in found.why_not and "settings" not in found.why_not
