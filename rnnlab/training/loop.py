@@ -12,6 +12,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -20,11 +21,12 @@ from tqdm import tqdm
 from rnnlab import phases
 from rnnlab.config import Train
 from rnnlab.data.batches import SAMPLERS, min_tokens, num_batches
+from rnnlab.data.corpus import SPLITS
 from rnnlab.errors import UserError
 from rnnlab.fileio import repo_root
 from rnnlab.models.dispatch import detach_state
 from rnnlab.models.lm import RNNLM
-from rnnlab.training.precision import scoring_bf16, training_bf16
+from rnnlab.training.precision import bf16_note, scoring_bf16, training_bf16
 from rnnlab.training.threads import auto_threads
 
 MAX_LOSS = 700.0  # exp(700) is near float64's limit: a mean loss beyond it means divergence
@@ -57,6 +59,7 @@ class TrainState:
     best_epoch: int = 0
     lr_scale: float = 1.0                # lr_schedule plateau: the product of its decays so far
     bf16: bool | None = None             # trains under bfloat16 autocast; None: not decided yet
+    pruned_at: int | None = None         # a study stopped it after this epoch (rnnlab tune)
 
     @property
     def precision(self) -> str:
@@ -87,6 +90,47 @@ class TrainState:
         self.best_val_ppl = snap["best_val_ppl"]
         self.best_epoch = snap["best_epoch"]
         self.lr_scale = snap["lr_scale"]
+
+
+def n_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def training_line(variant: str, model: RNNLM, device: torch.device, cfg: Train,
+                  n_tokens: int) -> str:
+    """What trains, where and on how much: the line the train stage prints before its run."""
+    c = model.config
+    return (f"{variant}: {c.cell} ({c.impl}), {c.num_layers} layer(s) x {c.hidden_size}"
+            f"{', tied embedding' if c.tie_weights else ''}, {n_parameters(model):,} parameters, "
+            f"on {device}{bf16_note(cfg.bf16, device)}; {n_tokens:,} training tokens")
+
+
+def epoch_line(r: EpochResult, epochs: int) -> str:
+    """One epoch's numbers, as the train stage prints them."""
+    return (f"epoch {r.epoch:>3}/{epochs}  train ppl {r.train_ppl:8.3f}  val ppl {r.val_ppl:8.3f}  "
+            f"grad {r.grad_norm:6.3f} (clipped {r.clipped_frac:4.0%})  lr {r.lr:.3g}  "
+            f"{r.tokens_per_sec:>9,.0f} tok/s  {r.seconds:6.1f}s{'  *best' if r.is_best else ''}")
+
+
+def train_summary(state: TrainState, cfg: Train, device: torch.device,
+                  run_id: str | None) -> dict:
+    """train.json, from the epochs trained (state.history, one at least): the best epoch and its
+    validation perplexity, the last training perplexity, the mean speed and total time of the
+    epochs, the size, device and precision, and the MLflow run (None: tracking off)."""
+    h = state.history
+    return {
+        "best_epoch": state.best_epoch,
+        "best_val_ppl": state.best_val_ppl,
+        "final_train_ppl": h[-1]["train_ppl"],
+        "epochs": cfg.epochs,
+        **({"pruned_at": state.pruned_at} if state.pruned_at else {}),  # rnnlab tune stopped it
+        "tokens_per_sec": sum(e["tokens_per_sec"] for e in h) / len(h),
+        "train_seconds": sum(e["seconds"] for e in h),
+        "parameters": n_parameters(state.model),
+        "device": str(device),
+        "precision": state.precision,  # train.bf16: what the steps ran in
+        "mlflow_run_id": run_id,
+    }
 
 
 def prepare_torch(cfg: Train, stage_modules: tuple[str, ...]) -> torch.device:
@@ -166,9 +210,12 @@ def train_step(model: RNNLM, x: torch.Tensor, y: torch.Tensor, h, opt: torch.opt
 
 
 def run_epochs(state: TrainState, train_ids: torch.Tensor, val_ids: torch.Tensor, cfg: Train,
-               device: torch.device) -> Iterator[EpochResult]:
-    """Train from `state.epoch + 1` to `cfg.epochs`, yielding each epoch's numbers."""
-    check_fits(len(train_ids), cfg)
+               device: torch.device, checked: bool = False) -> Iterator[EpochResult]:
+    """Train from `state.epoch + 1` to `cfg.epochs`, yielding each epoch's numbers. A training
+    split too short for one minibatch is refused first (check_fits), unless `checked`: the
+    caller did that itself (the train stage, before it opens a run or makes a file)."""
+    if not checked:
+        check_fits(len(train_ids), cfg)
     train_ids, val_ids = train_ids.to(device), val_ids.to(device)
     sampler = SAMPLERS[cfg.sampling]
     per_epoch = num_batches(len(train_ids), cfg.batch_size, cfg.num_steps)
@@ -255,6 +302,16 @@ def _checked_sum(losses: list[torch.Tensor], epoch: int, first_step: int) -> tor
     return stacked.sum()
 
 
+def split_perplexities(model: RNNLM, splits: dict[str, np.ndarray], device: torch.device,
+                       bf16: bool = False) -> dict[str, float]:
+    """The perplexity of each split by the protocol of docs/evaluation.md: each held-out split
+    read as one sequence (`perplexity`), whatever the training batches; the long training split
+    as TRAIN_STREAMS streams, each with context (`streamed_perplexity`)."""
+    return {s: (streamed_perplexity if s == "train" else perplexity)(
+                model, torch.as_tensor(splits[s]), device, bf16)
+            for s in SPLITS}
+
+
 @torch.no_grad()
 def perplexity(model: RNNLM, ids: torch.Tensor, device: torch.device | None = None,
                bf16: bool = False, chunk: int = EVAL_CHUNK) -> float:
@@ -268,7 +325,8 @@ def perplexity(model: RNNLM, ids: torch.Tensor, device: torch.device | None = No
     """
     n = len(ids) - 1  # predictions: every token after the first
     if n < 1:
-        raise ValueError(f"perplexity needs at least 2 tokens (one input, one target), got {len(ids)}")
+        raise ValueError(f"perplexity needs at least 2 tokens (one input, one target), got "
+                         f"{len(ids)}")
 
     def summed_loss(ids: torch.Tensor, device: torch.device) -> torch.Tensor:
         total, h = torch.zeros((), dtype=torch.float64, device=device), None
