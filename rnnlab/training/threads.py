@@ -1,16 +1,13 @@
 """CPU threads for a stage's PyTorch: `train.threads: auto` shares the cores among parallel work.
 
-On a 2-core machine two trainings at 2 threads each get 3-6x less done than at 1 thread each
-(they preempt each other inside every matmul), so `auto` gives each of the P trainings that run
-at once cpus // P threads (at least 1). P is the larger of
-- the DVC queue workers of this repository (`dvc queue start -j P` starts P of them, before any
-  stage runs, so every stage of the sweep sees the same P from its first step), and
-- the stage processes running on this machine now (`python -m <module>`, for the modules the
-  stage names: stages/__init__.py), this one included: two `dvc exp run --temp` side by side.
+Trainings that share cores preempt each other inside every matmul, so `auto` gives each of the P
+that run at once cpus // P threads (at least 1). P is the larger of this repository's DVC queue
+workers (all started before any stage runs) and the stage processes running on this machine now
+(`python -m <module>` for the modules the stage hands down: stages/__init__.py), this one too.
 
 The number is chosen once, when the stage starts, and kept for the whole run: the thread count
-changes the order of float additions and so the last digits of the results, and a run must be
-deterministic. Set `train.threads` to a number to make a run bit-identical to another.
+changes the order of float additions, so the last digits. Set `train.threads` to a number to
+make a run bit-identical to another.
 """
 
 from __future__ import annotations
