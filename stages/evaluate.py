@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
-
-import torch
 
 from rnnlab.config import flatten, load_params, variant_train
 from rnnlab.data.corpus import SPLITS, load_tokens
@@ -18,12 +15,13 @@ from rnnlab.errors import UserError, run_main
 from rnnlab.fileio import read_json, write_text
 from rnnlab.models.lm import ModelConfig, model_config
 from rnnlab.tracking.records import record_summary, run_params
-from rnnlab.tracking.runs import tracked_run
-from rnnlab.tracking.tags import dvc_tags, folder_sha1, git_tags
+from rnnlab.tracking.runs import experiment_name, stage_run
+from rnnlab.tracking.tags import folder_sha1
 from rnnlab.training.checkpoint import load_checkpoint
-from rnnlab.training.loop import perplexity, prepare_torch, streamed_perplexity
+from rnnlab.training.loop import prepare_torch, split_perplexities
 from rnnlab.training.precision import scoring_bf16
-from rnnlab.training.sampling import continue_text, prefix_tokens
+from rnnlab.training.sampling import prefix_samples, prefix_tokens
+from stages import TORCH_STAGES
 
 
 def samples_markdown(name: str, samples: dict[str, dict], temperature: float, seed: int) -> str:
@@ -47,7 +45,8 @@ def describe(c: ModelConfig) -> str:
 
 def check_variant(path: Path, name: str, saved_name: str | None, saved: ModelConfig,
                   expected: ModelConfig) -> None:
-    """A checkpoint of another variant, or of other settings than params.yaml's, is not this one's."""
+    """A checkpoint of another variant, or of other settings than params.yaml's, is not this
+    one's."""
     if saved_name not in (None, name) or saved != expected:
         raise UserError(
             f"{path}: holds variant {saved_name!r} ({describe(saved)}), but params.yaml's variant "
@@ -63,18 +62,12 @@ def read_train_summary(path: Path, name: str) -> dict:
         raise UserError(f"{path}: not found; run train@{name} first") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UserError(f"{path}: not valid JSON ({err}); run train@{name} again") from None
-    keys = ("final_train_ppl", "tokens_per_sec", "epochs", "best_epoch", "train_seconds", "parameters")
+    keys = ("final_train_ppl", "tokens_per_sec", "epochs", "best_epoch", "train_seconds",
+            "parameters")
     missing = [k for k in keys if not isinstance(trained, dict) or k not in trained]
     if missing:
         raise UserError(f"{path}: no {', '.join(missing)}; run train@{name} again")
     return trained
-
-
-def restored_note(train_run: str | None) -> str:
-    """The description of an evaluation's own run (docs/tracking.md)."""
-    trained = f"MLflow run {train_run}" if train_run else "a run without tracking"
-    return (f"Evaluation of a checkpoint this experiment did not train itself (DVC restored the "
-            f"training from its cache, or it was evaluated before): trained in {trained}.")
 
 
 def main() -> None:
@@ -90,7 +83,7 @@ def main() -> None:
     params = load_params(args.params)
     name = args.variant
     cfg, ev = variant_train(params, name), params.evaluate
-    device = prepare_torch(cfg)
+    device = prepare_torch(cfg, TORCH_STAGES)
     tokens = load_tokens(args.data)
     model, vocab, meta = load_checkpoint(Path(args.model) / "best.pt", tokens.vocab, device)
     check_variant(Path(args.model) / "best.pt", name, meta.get("variant"), model.config,
@@ -101,41 +94,22 @@ def main() -> None:
 
     start = time.perf_counter()
     with phases.phase("evaluation"):
-        # the protocol of docs/evaluation.md: each held-out split as one sequence, whatever the
-        # training batches; the (long) training split as 16 streams, each with context
-        ppl = {s: (streamed_perplexity if s == "train" else perplexity)(
-                   model, torch.as_tensor(tokens.splits[s]), device, scoring_bf16(cfg.bf16))
-               for s in SPLITS}
-        gen = torch.Generator().manual_seed(ev.seed)
-        samples = {
-            prefix: {
-                "greedy": continue_text(model, vocab, prefix, ev.num_tokens, exclude_unk=ev.exclude_unk),
-                "sampled": [continue_text(model, vocab, prefix, ev.num_tokens, ev.temperature, gen, warn=False,
-                                          exclude_unk=ev.exclude_unk)
-                            for _ in range(ev.num_samples)],
-            }
-            for prefix in ev.prefixes
-        }
+        ppl = split_perplexities(model, tokens.splits, device, scoring_bf16(cfg.bf16))
+        samples = prefix_samples(model, vocab, ev)
     metrics = {
         "train_ppl": ppl["train"], "val_ppl": ppl["val"], "test_ppl": ppl["test"],
         "uniform_ppl": len(vocab),
-        **{f"{s}_tokens": len(tokens.splits[s]) - 1 for s in SPLITS},  # predictions scored per split
+        **{f"{s}_tokens": len(tokens.splits[s]) - 1 for s in SPLITS},  # predictions scored
         "final_train_ppl": trained["final_train_ppl"],
         "tokens_per_sec": trained["tokens_per_sec"],
         "epochs": trained["epochs"], "best_epoch": trained["best_epoch"],
         "train_seconds": trained["train_seconds"], "parameters": trained["parameters"],
         "eval_seconds": time.perf_counter() - start,
     }
-    corpus = f"{tokens.stats['corpus']}-{tokens.stats['token']}"
-    exp, train_run = os.environ.get("DVC_EXP_NAME"), trained.get("mlflow_run_id")
-    data_sha1 = folder_sha1(args.data)
-    link = {"rnnlab.evaluated": "true", **({"rnnlab.train_run_id": train_run} if train_run else {})}
-    with tracked_run(params.tracking, corpus, f"{name} [{exp}]" if exp else name, link,
-                     continue_run=train_run, evaluation=True) as tracker:
-        if not tracker.reopened:  # not this experiment's training (restored by DVC) or evaluated before
-            tracker.set_tags({**git_tags(), **dvc_tags(os.environ.get("DVC_STAGE", f"evaluate@{name}"), args.params),
-                              "rnnlab.variant": name, "rnnlab.data_sha1": data_sha1,
-                              "mlflow.note.content": restored_note(train_run)})
+    train_run, data_sha1 = trained.get("mlflow_run_id"), folder_sha1(args.data)
+    with stage_run(params.tracking, name, experiment_name(tokens.stats), data_sha1, args.params,
+                   continue_run=train_run, evaluation=True) as tracker:
+        if not tracker.reopened:  # not this experiment's training (DVC restored it), or evaluated
             tracker.log_params(run_params(params, name, model.config, trained["parameters"]))
         tracker.log_params(flatten({"evaluate": ev}))
         metrics = record_summary(args.metrics, metrics, tracker)
@@ -143,8 +117,9 @@ def main() -> None:
         tracker.log_artifact(args.samples, "samples")
         if params.tracking.registry and train_run:
             tracker.register(params.tracking.registry, train_run, metrics["val_ppl"], data_sha1)
-    print(f"{name}: train ppl {metrics['train_ppl']}  val {metrics['val_ppl']}  test {metrics['test_ppl']}  "
-          f"(uniform {metrics['uniform_ppl']}); best epoch {metrics['best_epoch']}/{metrics['epochs']}")
+    print(f"{name}: train ppl {metrics['train_ppl']}  val {metrics['val_ppl']}  "
+          f"test {metrics['test_ppl']}  (uniform {metrics['uniform_ppl']}); "
+          f"best epoch {metrics['best_epoch']}/{metrics['epochs']}")
     for prefix, s in samples.items():
         print(f"  {s['greedy']!r}")
 

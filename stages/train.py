@@ -1,11 +1,11 @@
 """DVC stage `train@<variant>`: train one variant, keep the checkpoint with the best validation
 perplexity, record per-epoch curves (DVC plots + MLflow). Killed part-way, it resumes from the
-last completed epoch when run again with the same settings, data and code (rnnlab/training/resume.py)."""
+last completed epoch when run again with the same settings, data and code
+(rnnlab/training/resume.py)."""
 
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 from pathlib import Path
 
@@ -15,57 +15,23 @@ from rnnlab.config import load_params, variant_train
 from rnnlab.data.corpus import load_tokens
 from rnnlab.errors import run_main
 from rnnlab.fileio import atomic_path
-from rnnlab.kernels import choice
 from rnnlab.models.lm import new_model
-from rnnlab.tracking.records import (
-    record_curves,
-    record_curves_png,
-    record_summary,
-    run_params,
-)
-from rnnlab.tracking.runs import tracked_run
-from rnnlab.tracking.tags import dvc_tags, folder_sha1, git_tags
+from rnnlab.tracking.mlflow_model import input_example
+from rnnlab.tracking.records import record_curves, record_curves_png, record_summary, run_params
+from rnnlab.tracking.runs import experiment_name, stage_run
+from rnnlab.tracking.tags import folder_sha1
 from rnnlab.training.loop import (
-    EpochResult,
     check_fits,
-    new_state,
+    epoch_line,
+    n_parameters,
     prepare_torch,
+    train_summary,
+    training_line,
 )
-from rnnlab.training.precision import bf16_hardware
-from rnnlab.training.resume import (
-    checkpointed_epochs,
-    fingerprint,
-    finished,
-    kernel_changes,
-    load_resumable,
-)
-from rnnlab.training.trial import reporter
+from rnnlab.training.resume import fingerprint, finished, resumed_state, train_epochs
+from stages import TORCH_STAGES, TRAIN
 
-
-def epoch_line(r: EpochResult, epochs: int) -> str:
-    return (f"epoch {r.epoch:>3}/{epochs}  train ppl {r.train_ppl:8.3f}  val ppl {r.val_ppl:8.3f}  "
-            f"grad {r.grad_norm:6.3f} (clipped {r.clipped_frac:4.0%})  lr {r.lr:.3g}  "
-            f"{r.tokens_per_sec:>9,.0f} tok/s  {r.seconds:6.1f}s{'  *best' if r.is_best else ''}")
-
-
-def kernel_tags() -> dict[str, str]:
-    """The code this run trains with, as measured fastest here (rnnlab/kernels/choice.py)."""
-    return {"rnnlab.kernels": choice.summary(), "rnnlab.kernel_choices": "\n".join(choice.report()),
-            "rnnlab.cpu": choice.machine()}
-
-
-def say_path_changed(name: str, epoch: int, changed: list[str], tracker) -> None:
-    """A resumed run trains on another kernel path than its first epochs (another CPU, a new
-    measurement): it goes on, and says so here and in the run's tags (docs/reliability.md)."""
-    print(f"{name}: the kernel path changed after epoch {epoch} ({'; '.join(changed)}); "
-          "continuing: the paths compute the same function and differ only in the last float "
-          "digits", flush=True)
-    tracker.set_tags({"rnnlab.kernels_changed": f"after epoch {epoch}: {'; '.join(changed)}"})
-
-
-def model_example(tokens) -> str:
-    """The MLflow Model's input example: the start of the validation text."""
-    return tokens.vocab.decode(tokens.splits["val"][:16 if tokens.vocab.token_type == "char" else 4])
+CODE_ROOT = Path(__file__).resolve().parents[1]  # stages/ and the rnnlab/ it imports
 
 
 def main() -> None:
@@ -75,7 +41,8 @@ def main() -> None:
     parser.add_argument("--data", required=True, help="the tokenize stage's output folder")
     parser.add_argument("--out", required=True, help="folder for best.pt and train.json")
     parser.add_argument("--curves", required=True, help="per-epoch CSV (a DVC plots file)")
-    parser.add_argument("--work", required=True, help="folder for resumable state (kept across runs)")
+    parser.add_argument("--work", required=True,
+                        help="folder for resumable state (kept across runs)")
     args = parser.parse_args()
 
     params = load_params(args.params)
@@ -83,78 +50,40 @@ def main() -> None:
     cfg = variant_train(params, name)
     tokens = load_tokens(args.data)
     check_fits(len(tokens.splits["train"]), cfg)  # before any MLflow run or file is made
-    device = prepare_torch(cfg)
+    device = prepare_torch(cfg, TORCH_STAGES)
 
     torch.manual_seed(cfg.seed)
     model = new_model(params.variants[name], cfg, len(tokens.vocab)).to(device)
-    state = new_state(model, cfg)
     data_sha1 = folder_sha1(args.data)
-    fp = fingerprint(model.config, cfg, data_sha1, code_root=Path(__file__).resolve().parents[1])
-    resume = load_resumable(work, fp)
-    if resume.snapshot:
-        state.restore(resume.snapshot)
-        print(f"{name}: resuming after epoch {state.epoch} of {cfg.epochs} from {work / 'resume.pt'}")
-    elif resume.why_not:
-        print(f"{name}: starting over, not resuming: {resume.why_not}")
-    n_params = sum(p.numel() for p in model.parameters())
-    bf16 = (" (bfloat16 autocast)" if cfg.bf16 is True else " (bfloat16 autocast if it measures faster)"
-            if cfg.bf16 == "auto" and bf16_hardware(device) else "")
-    print(f"{name}: {model.config.cell} ({model.config.impl}), {model.config.num_layers} layer(s) x "
-          f"{model.config.hidden_size}{', tied embedding' if model.config.tie_weights else ''}, "
-          f"{n_params:,} parameters, on {device}{bf16}; "
-          f"{len(tokens.splits['train']):,} training tokens")
+    fp = fingerprint(model.config, cfg, data_sha1, TRAIN, CODE_ROOT)
+    state, resume = resumed_state(model, cfg, work, fp, name)
+    print(training_line(name, model, device, cfg, len(tokens.splits["train"])))
 
-    corpus = f"{tokens.stats['corpus']}-{tokens.stats['token']}"
-    exp = os.environ.get("DVC_EXP_NAME")
-    tags = {**git_tags(), **dvc_tags(os.environ.get("DVC_STAGE", f"train@{name}"), args.params),
-            "rnnlab.variant": name, "rnnlab.data_sha1": data_sha1,
-            "rnnlab.threads": torch.get_num_threads()}
-    with tracked_run(params.tracking, corpus, f"{name} [{exp}]" if exp else name, tags,
-                     continue_run=resume.run_id) as tracker:
+    corpus = experiment_name(tokens.stats)
+    with stage_run(params.tracking, name, corpus, data_sha1, args.params,
+                   continue_run=resume.run_id) as tracker:
         if not tracker.reopened:
-            tracker.log_params(run_params(params, name, model.config, n_params))
-            tracker.log_dataset(tokens.splits["train"], args.data, f"{corpus}-train", data_sha1, "training")
+            tracker.log_params(run_params(params, name, model.config, n_parameters(model)))
+            tracker.log_dataset(tokens.splits["train"], args.data, f"{corpus}-train", data_sha1,
+                                "training")
         if state.history:  # resumed: the curves file DVC removed; the epochs this run lacks
             record_curves(args.curves, state.history, tracker, resumed=True)
-        train_ids, val_ids = (torch.as_tensor(tokens.splits[s]) for s in ("train", "val"))
-        resumed_after = state.epoch if resume.snapshot else None
-        report, pruned_at = reporter(name), None  # an Optuna trial's (rnnlab tune), or None
-        for result in checkpointed_epochs(state, train_ids, val_ids, cfg, device, work, fp,
-                                          tokens.vocab, name, tracker.run_id):
+        for result in train_epochs(state, tokens, cfg, device, work, fp, resume, tracker, name):
             record_curves(args.curves, state.history, tracker)
-            tracker.set_tags(kernel_tags())  # what the first epoch chose: the same every epoch
-            if result.epoch - 1 == resumed_after and (changed := kernel_changes(resume.kernels)):
-                say_path_changed(name, resumed_after, changed, tracker)
             print(epoch_line(result, cfg.epochs), flush=True)
-            if report and report(result.epoch, result.val_ppl) and result.epoch < cfg.epochs:
-                pruned_at = result.epoch
-                print(f"{name}: pruned by the study after epoch {pruned_at} of {cfg.epochs}")
-                tracker.set_tags({"rnnlab.pruned": "true", "rnnlab.pruned_at": str(pruned_at)})
-                break
 
         with atomic_path(out / "best.pt") as tmp:
             shutil.copyfile(work / "best.pt", tmp)
-        h = state.history
-        summary = record_summary(out / "train.json", {
-            "best_epoch": state.best_epoch,
-            "best_val_ppl": state.best_val_ppl,
-            "final_train_ppl": h[-1]["train_ppl"],
-            "epochs": cfg.epochs,
-            **({"pruned_at": pruned_at} if pruned_at else {}),  # a study stopped it (rnnlab tune)
-            "tokens_per_sec": sum(e["tokens_per_sec"] for e in h) / len(h),
-            "train_seconds": sum(e["seconds"] for e in h),
-            "parameters": n_params,
-            "device": str(device),
-            "precision": state.precision,  # train.bf16: what the steps ran in
-            "mlflow_run_id": tracker.run_id,
-        }, tracker)
-        record_curves_png(out / "curves.png", h, tracker, title=name)
+        summary = record_summary(out / "train.json",
+                                 train_summary(state, cfg, device, tracker.run_id), tracker)
+        record_curves_png(out / "curves.png", state.history, tracker, title=name)
         tracker.log_artifact(out / "best.pt", "checkpoint")
-        tracker.log_model(out / "best.pt", example=model_example(tokens))
+        tracker.log_model(out / "best.pt", example=input_example(tokens))
         tracker.log_artifact(Path(args.data) / "vocab.json", "checkpoint")
         tracker.log_artifact(args.curves, "curves")
     finished(work)
-    print(f"{name}: best val ppl {summary['best_val_ppl']} at epoch {summary['best_epoch']} -> {out / 'best.pt'}")
+    print(f"{name}: best val ppl {summary['best_val_ppl']} at epoch {summary['best_epoch']} -> "
+          f"{out / 'best.pt'}")
 
 
 if __name__ == "__main__":

@@ -1,11 +1,9 @@
-"""The record of runs: MLflow (where runs go, the run of a stage, its writes), DVC's metrics
-files mirrored to MLflow, the MLflow Model and its registry, the comparison table.
+"""The record of runs: MLflow runs, DVC's metrics files and their mirror, the MLflow Model.
 
     store.py         where runs go (MLFLOW_TRACKING_URI or mlflow.db), the SQLite lock, logins
-    runs.py          `tracked_run`: the MLflow run of one stage execution, ended as it ended
+    runs.py          `stage_run`: the MLflow run of one stage execution, ended as it ended
     tracker.py       `Tracker`: the run's writes, in order, waiting out a server's outage
-    tags.py          the tags that link a run to git and DVC
-    records.py       the one writer of DVC's metrics files and their MLflow mirror
+    tags.py          the tags that link a run to git and DVC; records.py: DVC's metrics files
     mlflow_model.py  the checkpoint as an MLflow Model; registry.py: the Model Registry
     table.py         the one comparison table (rnnlab compare, the report stage, presets)
 

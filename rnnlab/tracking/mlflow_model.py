@@ -1,23 +1,13 @@
 """A trained model as an MLflow Model: `mlflow.pyfunc.load_model("runs:/<run id>/model")`.
 
-The model is the checkpoint itself (`best.pt`: weights, model config, vocabulary with its
-normalisation; plain tensors, numbers and strings) beside an MLmodel file that names this module
-as its loader (`loader_module`), so nothing is pickled, and loading needs the rnnlab package
-installed (`pip install -e <clone>`), as its requirements say.
-
-`predict` takes prefixes (a table with a `prefix` column, or a list of strings) and returns a
-table of the prefix as the model read it (normalised as its corpus) and its continuation. The
-params of `rnnlab.sampling.Options` (num_tokens, temperature, top_k, seed) are the signature's
-params, with the same defaults as `rnnlab generate`:
+The model is the checkpoint (`best.pt`: tensors, numbers, strings) beside an MLmodel file that
+names this module its loader: nothing is pickled. `predict` takes prefixes (a `prefix` column or
+a list of strings) and returns each as read and its continuation; params: sampling's `Options`:
 
     model.predict(["time traveller"], params={"temperature": 0.8, "seed": 1})
 
-A request has bounds, so that none can tie the server up: at most RNNLAB_SERVE_MAX_ROWS prefixes
-(default 16) of at most RNNLAB_SERVE_MAX_PREFIX_CHARS characters each (default 2,000), and
-num_tokens at most RNNLAB_SERVE_MAX_TOKENS (default 500). Set them in the environment of
-`mlflow models serve` (lower for a larger model: a request's work grows with rows x num_tokens).
-A request beyond one is refused before any generation, in one line; a shape met for the first
-time runs without a kernel measurement (`choice.unmeasured`).
+A request beyond its bounds (`CAPS`, from the environment of `mlflow models serve`) is refused in
+one line before any generation; a shape met for the first time is not measured (choice.unmeasured).
 """
 
 from __future__ import annotations
@@ -47,6 +37,13 @@ _PARAM_TYPES = {int: "long", float: "double", bool | None: "boolean"}  # Options
 CAPS = {"rows": ("RNNLAB_SERVE_MAX_ROWS", 16, "prefixes per request"),
         "prefix": ("RNNLAB_SERVE_MAX_PREFIX_CHARS", 2000, "characters per prefix"),
         "tokens": ("RNNLAB_SERVE_MAX_TOKENS", 500, "num_tokens")}
+
+
+def input_example(tokens) -> str:
+    """The MLflow Model's input example: the start of the validation text (rnnlab.data.corpus's
+    Tokens)."""
+    vocab = tokens.vocab
+    return vocab.decode(tokens.splits["val"][:16 if vocab.token_type == "char" else 4])
 
 
 def caps() -> dict[str, int]:

@@ -1,25 +1,12 @@
 """MLflow: each stage execution records its numbers in a run of the experiment that executed it.
 
-Which run (docs/tracking.md, "Runs and DVC experiments"): `train@<v>` starts a new run, or
-continues its own resumed one; `evaluate@<v>` adds to the training run when that run was made by
-the same DVC experiment and has no evaluation yet, and otherwise (a training restored from DVC's
-cache, or evaluated before) gets a run of its own, linked by the tag `rnnlab.train_run_id`. No
-stage ever writes into a run of another experiment (`rnnlab.dvc_exp`).
-
-Where runs go comes from the environment: MLFLOW_TRACKING_URI, else a SQLite store `mlflow.db`
-at the repository root: DVC_ROOT, which DVC sets for every stage and points at the parent
-repository under `dvc exp run --temp` and queued experiments, else the working directory. A SQLite
-store keeps its artifacts beside it, in `mlruns/`. Parallel stages (`dvc queue start -j N`) take
-turns at a SQLite store under a file lock beside it (`mlflow.db.lock`): its creation and every
-write, so there is no schema race and no "database is locked". A tracking server that does not
-answer, or that refuses the login (MLFLOW_TRACKING_USERNAME / _PASSWORD), is reported before any
-training starts. A run that raises is ended FAILED; one stopped by Ctrl-C or SIGTERM is ended
-KILLED; none is left RUNNING.
-
-A server that stops answering during a run (restarted, say) loses nothing: the run's writes wait
-in order and are sent when it answers again, for up to `tracking.patience` seconds at the end of
-the stage; after that the stage fails with one error, and its resumable state lets `dvc repro`
-send what the run lacks (docs/team.md, "Faults").
+`stage_run` opens the run of one variant's stage: `train@<v>` starts a new run, or continues its
+own resumed one; `evaluate@<v>` adds to the training's run when the same DVC experiment made it
+and it holds no evaluation yet, else gets a run of its own linked by `rnnlab.train_run_id`
+(docs/tracking.md, "Runs and DVC experiments"). No stage writes into another experiment's run
+(`rnnlab.dvc_exp`). Where runs go: MLFLOW_TRACKING_URI, else mlflow.db at the repository root
+(rnnlab/tracking/store.py). A run ends FINISHED, FAILED when the stage raises, KILLED on Ctrl-C
+or SIGTERM; a server lost meanwhile loses nothing for `tracking.patience` s (docs/team.md).
 """
 
 
@@ -30,6 +17,7 @@ import signal
 import sys
 import threading
 from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
 from typing import Any, Iterator
 
 import requests
@@ -48,11 +36,58 @@ from rnnlab.tracking.store import (
     store_lock,
     tracking_uri,
 )
+from rnnlab.tracking.tags import dvc_tags, git_tags
 from rnnlab.tracking.tracker import Tracker
 
 
 class Terminated(BaseException):
     """SIGTERM, raised so the run is closed as KILLED like Ctrl-C."""
+
+
+def experiment_name(stats: dict) -> str:
+    """The experiment of a corpus's runs (unless tracking.experiment names one), from the tokenize
+    stage's stats: `<corpus>-<token type>`, e.g. timemachine-char."""
+    return f"{stats['corpus']}-{stats['token']}"
+
+
+@contextmanager
+def stage_run(cfg: Tracking, variant: str, experiment: str, data_sha1: str,
+              params_path: str | Path, continue_run: str | None = None,
+              evaluation: bool = False) -> Iterator[Tracker]:
+    """`tracked_run` of the stage train@`variant`, or evaluate@`variant` with `evaluation`.
+
+    The run is named `<variant> [<DVC_EXP_NAME>]` (`<variant>` outside an experiment) and tagged
+    with what made it: git, DVC (the stage: DVC_STAGE, else `train@<variant>`), the variant and
+    the data's sha1; a training's run also with its PyTorch threads. An evaluation's run is
+    marked `rnnlab.evaluated` and names its training (`continue_run`) in `rnnlab.train_run_id`;
+    added to that training's run it leaves the training's tags as they are, and in a run of its
+    own it sets them, with a note of where its checkpoint was trained.
+    """
+    def made_by() -> dict[str, Any]:
+        stage = os.environ.get("DVC_STAGE", f"{'evaluate' if evaluation else 'train'}@{variant}")
+        return {**git_tags(), **dvc_tags(stage, params_path), "rnnlab.variant": variant,
+                "rnnlab.data_sha1": data_sha1}
+
+    if evaluation:
+        tags = {"rnnlab.evaluated": "true",
+                **({"rnnlab.train_run_id": continue_run} if continue_run else {})}
+    else:
+        import torch
+
+        tags = {**made_by(), "rnnlab.threads": torch.get_num_threads()}
+    exp = os.environ.get("DVC_EXP_NAME")
+    with tracked_run(cfg, experiment, f"{variant} [{exp}]" if exp else variant, tags,
+                     continue_run=continue_run, evaluation=evaluation) as tracker:
+        if evaluation and not tracker.reopened:  # a run of its own: its training's is elsewhere
+            tracker.set_tags({**made_by(), "mlflow.note.content": restored_note(continue_run)})
+        yield tracker
+
+
+def restored_note(train_run: str | None) -> str:
+    """The description of an evaluation's own run (docs/tracking.md)."""
+    trained = f"MLflow run {train_run}" if train_run else "a run without tracking"
+    return (f"Evaluation of a checkpoint this experiment did not train itself (DVC restored the "
+            f"training from its cache, or it was evaluated before): trained in {trained}.")
 
 
 @contextmanager
@@ -64,9 +99,10 @@ def tracked_run(cfg: Tracking, experiment: str, run_name: str, tags: dict[str, A
     the training run of its checkpoint). It is reopened only if `may_continue` allows; otherwise
     a new run is started. `tags` are set on the run either way.
 
-    The run ends FINISHED when the block completes, FAILED when it raises, KILLED on Ctrl-C or
-    SIGTERM (SIGTERM then exits with status 143). A tracking server lost during the block is
-    reported as a UserError naming it.
+    A server that does not answer, or refuses the login, is a UserError before the block. The
+    run ends FINISHED when the block completes, FAILED when it raises, KILLED on Ctrl-C or
+    SIGTERM (SIGTERM then exits with status 143). Writes that wait for a server lost during the
+    block are sent for up to `cfg.patience` s at its end; after that, a UserError names them.
     """
     if not cfg.enabled:
         print("tracking: off (tracking.enabled: false in params.yaml); nothing goes to MLflow")

@@ -4,11 +4,8 @@ stage and `python -m rnnlab.cli.presets --results` all print it.
 A row is a dict: the results of one (experiment or run, variant), keyed as in the metrics JSON
 (`train_ppl`, `test_ppl`, `best_epoch`, ...; None where unknown), plus its `settings`, flat
 (`train.lr`, `model.cell`, ...) and written as MLflow writes params (`str(value)`, None as
-`null`). The table shows the results, then one column per setting whose value is not the same
-in every row: what sets the rows apart, and nothing else.
-
-Few imports on purpose: the `report` stage imports this module, so dvc.yaml lists it, and what
-it imports, as the stage's deps.
+`null`). The table shows the results, then one column per setting that is not the same in every
+row. Few imports on purpose: the `report` stage imports it, so what it imports are its deps.
 """
 
 from __future__ import annotations
@@ -64,12 +61,12 @@ VARIANT = Column("variant", "variant")
 
 
 def setting_text(value: Any) -> str:
-    """A setting as MLflow records it (rnnlab.tracking.Tracker.log_params)."""
+    """A setting as MLflow records it (Tracker.log_params, rnnlab/tracking/tracker.py)."""
     return "null" if value is None else str(value)
 
 
 def variant_settings(params: Params, name: str) -> dict[str, str]:
-    """Every setting of one variant under the names of its MLflow params (rnnlab.records.run_params):
+    """Every setting of one variant under the names of its MLflow params (records.run_params):
     `model.*` (cell, impl, num_layers, embed_size, tie_weights), its resolved `train.*` (overrides applied),
     `data.*`, `tokenize.*` and `evaluate.*`."""
     v = params.variants[name]

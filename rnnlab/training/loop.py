@@ -10,8 +10,9 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -20,11 +21,12 @@ from tqdm import tqdm
 from rnnlab import phases
 from rnnlab.config import Train
 from rnnlab.data.batches import SAMPLERS, min_tokens, num_batches
+from rnnlab.data.corpus import SPLITS
 from rnnlab.errors import UserError
 from rnnlab.fileio import repo_root
 from rnnlab.models.dispatch import detach_state
 from rnnlab.models.lm import RNNLM
-from rnnlab.training.precision import scoring_bf16, training_bf16
+from rnnlab.training.precision import bf16_note, scoring_bf16, training_bf16
 from rnnlab.training.threads import auto_threads
 
 MAX_LOSS = 700.0  # exp(700) is near float64's limit: a mean loss beyond it means divergence
@@ -57,6 +59,7 @@ class TrainState:
     best_epoch: int = 0
     lr_scale: float = 1.0                # lr_schedule plateau: the product of its decays so far
     bf16: bool | None = None             # trains under bfloat16 autocast; None: not decided yet
+    pruned_at: int | None = None         # a study stopped it after this epoch (rnnlab tune)
 
     @property
     def precision(self) -> str:
@@ -89,11 +92,53 @@ class TrainState:
         self.lr_scale = snap["lr_scale"]
 
 
-def prepare_torch(cfg: Train) -> torch.device:
-    """Apply the thread setting and pick the device. `auto` shares the cores among the trainings
-    that run at once (rnnlab/training/threads.py); it is chosen here, once, and kept for the whole run."""
+def n_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def training_line(variant: str, model: RNNLM, device: torch.device, cfg: Train,
+                  n_tokens: int) -> str:
+    """What trains, where and on how much: the line the train stage prints before its run."""
+    c = model.config
+    return (f"{variant}: {c.cell} ({c.impl}), {c.num_layers} layer(s) x {c.hidden_size}"
+            f"{', tied embedding' if c.tie_weights else ''}, {n_parameters(model):,} parameters, "
+            f"on {device}{bf16_note(cfg.bf16, device)}; {n_tokens:,} training tokens")
+
+
+def epoch_line(r: EpochResult, epochs: int) -> str:
+    """One epoch's numbers, as the train stage prints them."""
+    return (f"epoch {r.epoch:>3}/{epochs}  train ppl {r.train_ppl:8.3f}  val ppl {r.val_ppl:8.3f}  "
+            f"grad {r.grad_norm:6.3f} (clipped {r.clipped_frac:4.0%})  lr {r.lr:.3g}  "
+            f"{r.tokens_per_sec:>9,.0f} tok/s  {r.seconds:6.1f}s{'  *best' if r.is_best else ''}")
+
+
+def train_summary(state: TrainState, cfg: Train, device: torch.device,
+                  run_id: str | None) -> dict:
+    """train.json, from the epochs trained (state.history, one at least): the best epoch and its
+    validation perplexity, the last training perplexity, the mean speed and total time of the
+    epochs, the size, device and precision, and the MLflow run (None: tracking off)."""
+    h = state.history
+    return {
+        "best_epoch": state.best_epoch,
+        "best_val_ppl": state.best_val_ppl,
+        "final_train_ppl": h[-1]["train_ppl"],
+        "epochs": cfg.epochs,
+        **({"pruned_at": state.pruned_at} if state.pruned_at else {}),  # rnnlab tune stopped it
+        "tokens_per_sec": sum(e["tokens_per_sec"] for e in h) / len(h),
+        "train_seconds": sum(e["seconds"] for e in h),
+        "parameters": n_parameters(state.model),
+        "device": str(device),
+        "precision": state.precision,  # train.bf16: what the steps ran in
+        "mlflow_run_id": run_id,
+    }
+
+
+def prepare_torch(cfg: Train, stage_modules: tuple[str, ...]) -> torch.device:
+    """Apply the thread setting and pick the device. `auto` shares the cores among the processes
+    of `stage_modules` that run at once (rnnlab/training/threads.py); it is chosen here, once,
+    and kept for the whole run."""
     if cfg.threads == "auto":
-        threads, why = auto_threads(repo_root())
+        threads, why = auto_threads(repo_root(), stage_modules)
         torch.set_num_threads(threads)
         print(f"threads: {threads} ({why})")
     elif cfg.threads:
@@ -165,9 +210,12 @@ def train_step(model: RNNLM, x: torch.Tensor, y: torch.Tensor, h, opt: torch.opt
 
 
 def run_epochs(state: TrainState, train_ids: torch.Tensor, val_ids: torch.Tensor, cfg: Train,
-               device: torch.device) -> Iterator[EpochResult]:
-    """Train from `state.epoch + 1` to `cfg.epochs`, yielding each epoch's numbers."""
-    check_fits(len(train_ids), cfg)
+               device: torch.device, checked: bool = False) -> Iterator[EpochResult]:
+    """Train from `state.epoch + 1` to `cfg.epochs`, yielding each epoch's numbers. A training
+    split too short for one minibatch is refused first (check_fits), unless `checked`: the
+    caller did that itself (the train stage, before it opens a run or makes a file)."""
+    if not checked:
+        check_fits(len(train_ids), cfg)
     train_ids, val_ids = train_ids.to(device), val_ids.to(device)
     sampler = SAMPLERS[cfg.sampling]
     per_epoch = num_batches(len(train_ids), cfg.batch_size, cfg.num_steps)
@@ -254,6 +302,16 @@ def _checked_sum(losses: list[torch.Tensor], epoch: int, first_step: int) -> tor
     return stacked.sum()
 
 
+def split_perplexities(model: RNNLM, splits: dict[str, np.ndarray], device: torch.device,
+                       bf16: bool = False) -> dict[str, float]:
+    """The perplexity of each split by the protocol of docs/evaluation.md: each held-out split
+    read as one sequence (`perplexity`), whatever the training batches; the long training split
+    as TRAIN_STREAMS streams, each with context (`streamed_perplexity`)."""
+    return {s: (streamed_perplexity if s == "train" else perplexity)(
+                model, torch.as_tensor(splits[s]), device, bf16)
+            for s in SPLITS}
+
+
 @torch.no_grad()
 def perplexity(model: RNNLM, ids: torch.Tensor, device: torch.device | None = None,
                bf16: bool = False, chunk: int = EVAL_CHUNK) -> float:
@@ -265,23 +323,22 @@ def perplexity(model: RNNLM, ids: torch.Tensor, device: torch.device | None = No
     the same predictions. `chunk` bounds memory only: the state carried from chunk to chunk
     makes the result the same for any chunk length (up to float rounding).
     """
-    was_training = model.training
-    model.eval()
-    device = device or next(model.parameters()).device
-    ids = ids.to(device)
     n = len(ids) - 1  # predictions: every token after the first
     if n < 1:
-        raise ValueError(f"perplexity needs at least 2 tokens (one input, one target), got {len(ids)}")
-    total, h = torch.zeros((), dtype=torch.float64, device=device), None
-    for i in range(0, n, chunk):
-        j = min(i + chunk, n)
-        x, y = ids[i:j][None], ids[i + 1 : j + 1][None]  # (1, steps): inputs, their next tokens
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss, h = model.loss(x, y, h)  # h carried: chunking changes nothing
-        total += loss.double()  # bf16 logits are scored in float32, float64 models in float64
-    model.train(was_training)
-    mean = float(total) / n
-    return math.exp(mean) if mean <= MAX_LOSS else math.inf
+        raise ValueError(f"perplexity needs at least 2 tokens (one input, one target), got "
+                         f"{len(ids)}")
+
+    def summed_loss(ids: torch.Tensor, device: torch.device) -> torch.Tensor:
+        total, h = torch.zeros((), dtype=torch.float64, device=device), None
+        for i in range(0, n, chunk):
+            j = min(i + chunk, n)
+            x, y = ids[i:j][None], ids[i + 1 : j + 1][None]  # (1, steps): inputs, their next tokens
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                loss, h = model.loss(x, y, h)  # h carried: chunking changes nothing
+            total += loss.double()  # bf16 logits are scored in float32, float64 models in float64
+        return total
+
+    return _scored(model, ids, device, summed_loss)
 
 
 @torch.no_grad()
@@ -291,38 +348,53 @@ def streamed_perplexity(model: RNNLM, ids: torch.Tensor, device: torch.device | 
     """`perplexity` of a long split read as `streams` contiguous pieces at once (a batch), for
     the training split's number (docs/evaluation.md): each token after the first is still
     predicted once, and each piece but the first starts `context` tokens early, those predictions
-    unscored, so that its state has read text before its first scored one. A batch of one spends
-    its time in the time loop's per-step overhead; 16 streams cost little more per step and take
-    1/16th of the steps. Splits shorter than `streams` pieces of `context` tokens are read as one
-    sequence (`perplexity` itself)."""
+    unscored, so that its state has read text before its first scored one. Many streams take
+    1/streams of the steps of one, each step costing little more. Splits shorter than `streams`
+    pieces of `context` tokens are read as one sequence (`perplexity` itself)."""
     n = len(ids) - 1  # predictions
     per = -(-n // streams)  # scored predictions per stream (the last may have fewer)
     if streams <= 1 or per <= context:
         return perplexity(model, ids, device, bf16, chunk)
+
+    def summed_loss(ids: torch.Tensor, device: torch.device) -> torch.Tensor:
+        width = context + per  # every stream's inputs, padded at the end
+        x = torch.zeros((streams, width), dtype=ids.dtype, device=device)
+        y = torch.zeros_like(x)
+        scored = torch.zeros((streams, width), dtype=torch.bool, device=device)
+        for k in range(streams):
+            first, end = k * per, min((k + 1) * per, n)  # scored predictions [first, end)
+            begin = max(0, first - context)  # the stream's first input
+            if end <= first:
+                continue
+            x[k, : end - begin] = ids[begin:end]
+            y[k, : end - begin] = ids[begin + 1 : end + 1]
+            scored[k, first - begin : end - begin] = True
+        total, h = torch.zeros((), dtype=torch.float64, device=device), None
+        step = max(1, chunk // streams)
+        for i in range(0, width, step):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                logits, h = model(x[:, i : i + step], h)  # h carried: chunking changes nothing
+            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16: in float32
+            losses = F.cross_entropy(logits.flatten(0, 1), y[:, i : i + step].flatten(),
+                                     reduction="none")
+            total += losses[scored[:, i : i + step].flatten()].double().sum()
+        return total
+
+    return _scored(model, ids, device, summed_loss)
+
+
+def _scored(model: RNNLM, ids: torch.Tensor, device: torch.device | None,
+            summed_loss: Callable[[torch.Tensor, torch.device], torch.Tensor]) -> float:
+    """What both perplexities share: `model` in eval mode for the call (its mode put back after),
+    `ids` on `device` (default: the model's), and exp(summed_loss / predictions), where
+    `summed_loss(ids, device)` is the float64 sum of the losses of all len(ids) - 1 predictions;
+    inf past MAX_LOSS."""
     was_training = model.training
     model.eval()
     device = device or next(model.parameters()).device
-    ids = ids.to(device)
-    width = context + per  # every stream's inputs, padded at the end
-    x = torch.zeros((streams, width), dtype=ids.dtype, device=device)
-    y = torch.zeros_like(x)
-    scored = torch.zeros((streams, width), dtype=torch.bool, device=device)
-    for k in range(streams):
-        first, end = k * per, min((k + 1) * per, n)  # scored predictions [first, end)
-        begin = max(0, first - context)  # the stream's first input
-        if end <= first:
-            continue
-        x[k, : end - begin] = ids[begin:end]
-        y[k, : end - begin] = ids[begin + 1 : end + 1]
-        scored[k, first - begin : end - begin] = True
-    total, h = torch.zeros((), dtype=torch.float64, device=device), None
-    step = max(1, chunk // streams)
-    for i in range(0, width, step):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits, h = model(x[:, i : i + step], h)  # h carried: chunking changes nothing
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16: scored in float32
-        losses = F.cross_entropy(logits.flatten(0, 1), y[:, i : i + step].flatten(), reduction="none")
-        total += losses[scored[:, i : i + step].flatten()].double().sum()
-    model.train(was_training)
-    mean = float(total) / n
+    try:
+        total = summed_loss(ids.to(device), device)
+    finally:
+        model.train(was_training)
+    mean = float(total) / (len(ids) - 1)
     return math.exp(mean) if mean <= MAX_LOSS else math.inf

@@ -2,17 +2,12 @@
 
     false  float32 throughout
     true   every training step and every score under bfloat16 autocast
-    auto   (the default) each stack trains in whichever of the two ran its first minibatch faster
-           here, where the device multiplies bfloat16 in hardware (a CUDA GPU that supports it, a
-           CPU with AMX or AVX512-BF16); float32 elsewhere, without measuring. Scores (validation,
-           test) stay float32.
+    auto   (the default) whichever of the two ran the first minibatch faster, where the device
+           multiplies bfloat16 in hardware (`bf16_hardware`); float32 elsewhere. Scores: float32.
 
-bfloat16 pays or not by model, not by machine: on one AMD EPYC with AVX512-BF16 it trained the
-lstm 1.7x faster and the gru 0.5x (nn.GRU's oneDNN path against the compiled float32 loop).
-So `auto` is a measured decision like the kernels' (rnnlab/kernels/choice.py, kind `precision`):
-one forward and backward of the whole model on the real first minibatch each way, cached per
-machine and shape, listed in the run's tags and `rnnlab kernels`, forced by
-RNNLAB_PRECISION=float32|bfloat16. The weights and the optimizer stay float32 either way.
+Whether bfloat16 pays depends on the model, so `auto` is measured like a kernel (kind `precision`
+of rnnlab/kernels/choice.py: cached per machine and shape, in the run's tags, forced by
+RNNLAB_PRECISION=float32|bfloat16). The weights and the optimizer stay float32 either way.
 """
 
 from __future__ import annotations
@@ -30,13 +25,21 @@ CANDIDATES = ("float32", "bfloat16")  # the reference first
 
 def bf16_hardware(device: torch.device) -> bool:
     """Whether `device` multiplies bfloat16 in hardware: a CUDA GPU that supports it, a CPU with
-    AMX or AVX512-BF16. Elsewhere oneDNN emulates it: 10x slower than float32 for rnn and gru on
-    an AMD EPYC with AVX2 (docs/benchmark.md), so `auto` does not even measure there."""
+    AMX or AVX512-BF16. Elsewhere oneDNN emulates it, far slower: `auto` does not measure there."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type == "cpu":
         return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
     return False
+
+
+def bf16_note(setting: bool | str, device: torch.device) -> str:
+    """train.bf16 on `device` in words, for the line that says what trains ('' for float32)."""
+    if setting is True:
+        return " (bfloat16 autocast)"
+    if setting == "auto" and bf16_hardware(device):
+        return " (bfloat16 autocast if it measures faster)"
+    return ""
 
 
 def scoring_bf16(setting: bool | str) -> bool:
@@ -63,13 +66,9 @@ def training_bf16(setting: bool | str, model: RNNLM, x: torch.Tensor, y: torch.T
 
 
 def warm_up(model: RNNLM, x: torch.Tensor, y: torch.Tensor, state: State | None = None) -> None:
-    """One untimed bfloat16 step before training, its randomness undone. oneDNN's bfloat16 LSTM
-    computes a process's first step in other digits than its later ones (measured: a 2-layer lstm
-    with dropout, torch 2.13 on an AMD EPYC with AVX512-BF16, trained to another first-epoch
-    perplexity after one bfloat16 pass than without, and to the same after one as after three).
-    Without this, a run that measured the precision (several bfloat16 passes) and a run that read
-    the decision from the cache (none) would train to different numbers, and a resumed epoch
-    would not repeat its first run's."""
+    """One untimed bfloat16 step before training, its randomness undone: oneDNN's first bfloat16
+    pass in a process computes other digits than later ones, so without it a run that measured
+    the precision and one that read it from the cache (or resumed) would train differently."""
     with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
         _step(model, x, y, state, True)
 

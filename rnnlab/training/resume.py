@@ -1,24 +1,13 @@
 """Resumable training: a run killed part-way (Ctrl-C, SIGTERM, even SIGKILL) continues after its
-last complete epoch, but only if the same settings, data and code made it; otherwise it starts
-over and says why. "The code" is every project file the train stage runs, the C++ source of the
-compiled time loops included, and the PyTorch version.
+last complete epoch, but only if the same settings, data and code made it (`Fingerprint`);
+otherwise it starts over and says why. The train stage's work folder (`--work`, kept until the
+variant finishes) holds resume.pt (the TrainState of the last complete epoch, its fingerprint,
+its kernel paths and MLflow run) and best.pt (the best checkpoint so far).
 
-The kernel path (which code trained each layer, rnnlab/kernels/choice.py: measured per machine)
-is kept with the state too. A run resumed on another CPU, or after a new measurement, may take
-another path: it continues, and says so once (`kernel_changes`). The paths compute the same
-function; their results differ only in the last float digits (summation order), far below what
-a seed or an epoch changes, so starting over would throw work away for nothing.
-
-The train stage's work folder (`--work`, kept across runs until the variant finishes):
-
-    resume.pt   the TrainState snapshot of the last complete epoch, its Fingerprint and the id of
-                the MLflow run it was logged to
-    best.pt     the best checkpoint so far
-
-`checkpointed_epochs` is the epoch loop as the train stage runs it: each epoch reaches the caller
-only after its resumable state is on disk, so what the caller then records (curves, MLflow) is
-never ahead of what a resumed run continues from. A kill at any moment loses at most the epoch in
-progress; a resumed run logs exactly the epochs its MLflow run lacks (records.record_curves).
+`train_epochs` is the epoch loop as the train stage runs it: each epoch reaches the caller only
+after its resumable state is on disk, so what the caller records is never ahead of what a resumed
+run continues from. A resumed run on another kernel path (another CPU, a new measurement) goes
+on and says so: the paths compute the same function, apart from the last float digits.
 """
 
 from __future__ import annotations
@@ -28,21 +17,21 @@ import json
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator, Protocol
 
 import torch
 
 from rnnlab import codedeps
 from rnnlab.config import Train
-from rnnlab.data.vocab import Vocab
+from rnnlab.data.corpus import Tokens
 from rnnlab.errors import UserError
 from rnnlab.kernels import choice
-from rnnlab.models.lm import ModelConfig
+from rnnlab.models.lm import RNNLM, ModelConfig
 from rnnlab.training.checkpoint import load_resume, save_checkpoint, save_resume
-from rnnlab.training.loop import EpochResult, TrainState, run_epochs
+from rnnlab.training.loop import EpochResult, TrainState, new_state, run_epochs
+from rnnlab.training.trial import reporter
 
-TRAIN_MODULE = "stages.train"  # the code a resumed run must share: this module and its imports
-COMPILED = "rnnlab/kernels/csrc"  # and the C++ that rnnlab/kernels/native.py compiles
+COMPILED = "rnnlab/kernels/csrc"  # the C++ that kernels/native.py compiles: no import names it
 
 
 @dataclass(frozen=True)
@@ -68,12 +57,14 @@ class Fingerprint:
         return changes
 
 
-def fingerprint(model: ModelConfig, cfg: Train, data_sha1: str, code_root: Path) -> Fingerprint:
-    """What makes this run's epochs; `code_root`: the folder that holds the train stage's package
-    (stages/) and the project's code it imports (the working directory may be elsewhere)."""
+def fingerprint(model: ModelConfig, cfg: Train, data_sha1: str, stage: str,
+                code_root: Path) -> Fingerprint:
+    """What makes this run's epochs. The code: the module `stage` (the train stage's, which hands
+    its name down) and the project files it imports, under `code_root` (the folder that holds
+    the stage's package; the working directory may be elsewhere)."""
     settings = json.dumps([asdict(model), cfg.model_dump()], sort_keys=True)
     return Fingerprint(settings=hashlib.sha1(settings.encode()).hexdigest(), data=data_sha1,
-                       code={**codedeps.digest(TRAIN_MODULE, code_root), **compiled_digest(code_root)},
+                       code={**codedeps.digest(stage, code_root), **compiled_digest(code_root)},
                        torch=str(torch.__version__))  # a TorchVersion would not load back
 
 
@@ -123,18 +114,67 @@ def load_resumable(work: Path, fp: Fingerprint) -> Resumable:
                      kernels=payload.get("kernels"))
 
 
-def checkpointed_epochs(state: TrainState, train_ids: torch.Tensor, val_ids: torch.Tensor,
-                        cfg: Train, device: torch.device, work: Path, fp: Fingerprint,
-                        vocab: Vocab, variant: str, run_id: str | None) -> Iterator[EpochResult]:
-    """run_epochs, each epoch yielded only after work/best.pt (when it is the best) and
-    work/resume.pt hold it."""
-    for result in run_epochs(state, train_ids, val_ids, cfg, device):
+def resumed_state(model: RNNLM, cfg: Train, work: Path, fp: Fingerprint,
+                  variant: str) -> tuple[TrainState, Resumable]:
+    """A new TrainState of `model`, restored from work/resume.pt if `fp` made it; prints which."""
+    state = new_state(model, cfg)
+    resume = load_resumable(work, fp)
+    if resume.snapshot:
+        state.restore(resume.snapshot)
+        print(f"{variant}: resuming after epoch {state.epoch} of {cfg.epochs} from "
+              f"{work / 'resume.pt'}")
+    elif resume.why_not:
+        print(f"{variant}: starting over, not resuming: {resume.why_not}")
+    return state, resume
+
+
+class Run(Protocol):
+    """The MLflow run that `train_epochs` tags (rnnlab/tracking/tracker.py's Tracker)."""
+
+    run_id: str | None
+
+    def set_tags(self, tags: dict[str, Any]) -> None: ...
+
+
+def train_epochs(state: TrainState, tokens: Tokens, cfg: Train, device: torch.device, work: Path,
+                 fp: Fingerprint, resume: Resumable, run: Run,
+                 variant: str) -> Iterator[EpochResult]:
+    """The train stage's epochs, the split already checked (loop.check_fits). Each is yielded
+    once work/best.pt (if it is the best) and work/resume.pt hold it, and `run` has the kernel
+    choices as tags (`kernel_tags`, set again only if they change). After the first epoch of a
+    resumed run, a kernel path other than the saved one is said (printed and tagged). An Optuna
+    trial (rnnlab tune) hears every epoch's validation perplexity; if it prunes the training
+    before its last epoch, that is said, and the epochs stop there (state.pruned_at)."""
+    train_ids, val_ids = (torch.as_tensor(tokens.splits[s]) for s in ("train", "val"))
+    report = reporter(variant)  # an Optuna trial's, or None
+    first, kernels = True, None
+    for result in run_epochs(state, train_ids, val_ids, cfg, device, checked=True):
         if result.is_best:
-            save_checkpoint(work / "best.pt", state.model, vocab, variant=variant,
+            save_checkpoint(work / "best.pt", state.model, tokens.vocab, variant=variant,
                             epoch=result.epoch, val_ppl=result.val_ppl)
-        save_resume(work / "resume.pt", state.snapshot(), asdict(fp), mlflow_run_id=run_id,
+        save_resume(work / "resume.pt", state.snapshot(), asdict(fp), mlflow_run_id=run.run_id,
                     kernels=kernel_record())
+        if kernel_tags() != kernels:
+            kernels = kernel_tags()
+            run.set_tags(kernels)
+        if first and resume.snapshot and (changed := "; ".join(kernel_changes(resume.kernels))):
+            print(f"{variant}: the kernel path changed after epoch {result.epoch - 1} ({changed}); "
+                  "continuing: the paths compute the same function and differ only in the last "
+                  "float digits", flush=True)
+            run.set_tags({"rnnlab.kernels_changed": f"after epoch {result.epoch - 1}: {changed}"})
+        first = False
         yield result
+        if report and report(result.epoch, result.val_ppl) and result.epoch < cfg.epochs:
+            state.pruned_at = result.epoch
+            print(f"{variant}: pruned by the study after epoch {result.epoch} of {cfg.epochs}")
+            run.set_tags({"rnnlab.pruned": "true", "rnnlab.pruned_at": str(result.epoch)})
+            return
+
+
+def kernel_tags() -> dict[str, str]:
+    """The kernel choices this process made so far (rnnlab/kernels/choice.py), as a run's tags."""
+    return {"rnnlab.kernels": choice.summary(), "rnnlab.kernel_choices": "\n".join(choice.report()),
+            "rnnlab.cpu": choice.machine()}
 
 
 def finished(work: Path) -> None:

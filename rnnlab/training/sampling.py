@@ -1,12 +1,10 @@
 """Text from a trained model: the book's prediction after a prefix (d2l 8.5.4), and sampling.
 
-The prefix first becomes tokens as the corpus did (the vocabulary's normalisation and line
-joining: with `book`, "Time Traveller!" is read as "time traveller"). Warm-up: those tokens are
-read in one pass to build the state, then each next token is chosen from the last output (argmax
-for greedy; a softmax with a temperature, over the `top_k` likeliest tokens if set, for sampling)
-and fed back. Generation never chooses `<unk>` when asked to (`exclude_unk`; by default for word
-tokens, where it is one of the commonest words of a corpus like PTB and a greedy model would
-repeat it), and shows `<eos>` as a line break (rnnlab/data/text.py's `detokenize`).
+The prefix becomes tokens as the corpus did (with `book`, "Time Traveller!" is read as "time
+traveller"), read in one pass to build the state; then each next token is chosen from the last
+output (argmax for greedy; a softmax with a temperature, over the `top_k` likeliest if set, for
+sampling) and fed back. Generation never chooses `<unk>` when asked to (`exclude_unk`; by default
+for word tokens, where a greedy model would repeat it), and shows `<eos>` as a line break.
 
 `Options` holds the defaults of text generation outside the pipeline (`rnnlab generate`, the
 MLflow Model's `predict`): the pipeline's own come from params.yaml's `evaluate` section.
@@ -19,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rnnlab.config import Evaluate
 from rnnlab.data.text import detokenize
 from rnnlab.data.vocab import UNK, Vocab
 from rnnlab.errors import UserError
@@ -128,3 +127,20 @@ def continue_text(model: RNNLM, vocab: Vocab, prefix: str, num_tokens: int,
     """The normalised prefix followed by its continuation, as text."""
     return "".join(continuation(model, vocab, prefix, num_tokens, temperature, gen, warn=warn,
                                 exclude_unk=exclude_unk))
+
+
+def prefix_samples(model: RNNLM, vocab: Vocab, ev: Evaluate) -> dict[str, dict]:
+    """The evaluate stage's texts: {prefix: {"greedy": text, "sampled": [text, ...]}} for each
+    of ev.prefixes, ev.num_samples sampled texts each, drawn in order from one generator seeded
+    with ev.seed."""
+    gen = torch.Generator().manual_seed(ev.seed)
+    return {
+        prefix: {
+            "greedy": continue_text(model, vocab, prefix, ev.num_tokens,
+                                    exclude_unk=ev.exclude_unk),
+            "sampled": [continue_text(model, vocab, prefix, ev.num_tokens, ev.temperature, gen,
+                                      warn=False, exclude_unk=ev.exclude_unk)
+                        for _ in range(ev.num_samples)],
+        }
+        for prefix in ev.prefixes
+    }

@@ -1,16 +1,13 @@
 """CPU threads for a stage's PyTorch: `train.threads: auto` shares the cores among parallel work.
 
-On a 2-core machine two trainings at 2 threads each get 3-6x less done than at 1 thread each
-(they preempt each other inside every matmul), so `auto` gives each of the P trainings that run
-at once cpus // P threads (at least 1). P is the larger of
-- the DVC queue workers of this repository (`dvc queue start -j P` starts P of them, before any
-  stage runs, so every stage of the sweep sees the same P from its first step), and
-- the rnnlab stages running on this machine now (`python -m stages.train` / `stages.evaluate`),
-  this one included: two `dvc exp run --temp` or two clones side by side.
+Trainings that share cores preempt each other inside every matmul, so `auto` gives each of the P
+that run at once cpus // P threads (at least 1). P is the larger of this repository's DVC queue
+workers (all started before any stage runs) and the stage processes running on this machine now
+(`python -m <module>` for the modules the stage hands down: stages/__init__.py), this one too.
 
 The number is chosen once, when the stage starts, and kept for the whole run: the thread count
-changes the order of float additions and so the last digits of the results, and a run must be
-deterministic. Set `train.threads` to a number to make a run bit-identical to another.
+changes the order of float additions, so the last digits. Set `train.threads` to a number to
+make a run bit-identical to another.
 """
 
 from __future__ import annotations
@@ -19,9 +16,6 @@ import os
 from pathlib import Path
 
 import psutil
-
-STAGE_MODULES = ("stages.train", "stages.evaluate")
-
 
 def usable_cpus() -> int:
     """The CPUs this process may run on (its affinity mask, e.g. a container's cpuset)."""
@@ -38,17 +32,19 @@ def queue_workers(root: Path, processes: list[dict]) -> int:
     return sum(1 for p in processes if "queue-worker" in p["cmdline"] and _is_relative_to(p["cwd"], wdir))
 
 
-def running_stages(processes: list[dict]) -> int:
-    """Python processes running one of our stage modules (`-m stages.train`), this one included."""
+def running_stages(processes: list[dict], modules: tuple[str, ...]) -> int:
+    """Python processes running one of `modules` (`python -m <module>`), this one included."""
     return sum(1 for p in processes
                if any(p["cmdline"][i:i + 2] == ["-m", m]
-                      for m in STAGE_MODULES for i in range(len(p["cmdline"]) - 1)))
+                      for m in modules for i in range(len(p["cmdline"]) - 1)))
 
 
-def auto_threads(root: Path) -> tuple[int, str]:
-    """Threads for one of the trainings that run at once, and why (for the log)."""
+def auto_threads(root: Path, stage_modules: tuple[str, ...]) -> tuple[int, str]:
+    """Threads for one of the trainings that run at once, and why (for the log); `stage_modules`:
+    the modules whose processes share the CPUs (`running_stages`)."""
     processes = _processes()  # one look at the process table serves both counts
-    cpus, workers, stages = usable_cpus(), queue_workers(root, processes), running_stages(processes)
+    cpus, workers = usable_cpus(), queue_workers(root, processes)
+    stages = running_stages(processes, stage_modules)
     parallel = max(1, workers, stages)
     threads = max(1, cpus // parallel)
     why = (f"auto: {cpus} CPUs shared by {parallel} parallel "

@@ -31,7 +31,7 @@ from rnnlab.tracking.records import (
     record_curves_png,
     record_summary,
 )
-from rnnlab.tracking.runs import tracked_run
+from rnnlab.tracking.runs import experiment_name, stage_run, tracked_run
 from rnnlab.tracking.store import artifact_location
 from rnnlab.tracking.tracker import Tracker
 from tests.conftest import shipped, shipped_params
@@ -285,6 +285,43 @@ def test_a_run_is_continued_only_by_its_own_experiment(repo, monkeypatch):
     assert stage("base", continue_run="0" * 32)[1] is False            # gone from the store
     runs = only_experiment_runs(f"sqlite:///{repo}/mlflow.db", experiment="ownership")
     assert len(runs) == 5 and all(r.info.status == "FINISHED" for r in runs)
+
+
+@pytest.mark.slow
+def test_a_variant_stage_run_is_named_and_tagged_with_what_made_it(repo, monkeypatch, tmp_path):
+    """stage_run: a training's run carries git, DVC, variant, data and threads; its evaluation
+    adds only the link to it; a second evaluation gets a run of its own, tagged as its own,
+    with a note naming the training run."""
+    import torch
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{repo}/mlflow.db")
+    monkeypatch.setenv("DVC_EXP_NAME", "exp-x")
+    monkeypatch.delenv("DVC_STAGE", raising=False)
+    (tmp_path / "params.yaml").write_text("train: {}\n")
+    cfg = shipped(Tracking, enabled=True, experiment="stage-runs")
+    experiment = experiment_name({"corpus": "timemachine", "token": "char"})
+    assert experiment == EXPERIMENT
+
+    def open_run(**kw):
+        with stage_run(cfg, "gru", experiment, "d" * 40, tmp_path / "params.yaml", **kw) as t:
+            return t.run_id, t.reopened
+
+    trained, _ = open_run()
+    assert open_run(continue_run=trained, evaluation=True) == (trained, True)
+    own, reopened = open_run(continue_run=trained, evaluation=True)  # evaluated before
+    assert not reopened and own != trained
+    runs = {r.info.run_id: r for r in only_experiment_runs(f"sqlite:///{repo}/mlflow.db",
+                                                           experiment="stage-runs")}
+    train_tags, own_tags = runs[trained].data.tags, runs[own].data.tags
+    for tags in (train_tags, own_tags):
+        assert tags["mlflow.runName"] == "gru [exp-x]" and tags["rnnlab.dvc_exp"] == "exp-x"
+        assert tags["rnnlab.variant"] == "gru" and tags["rnnlab.data_sha1"] == "d" * 40
+        assert {"rnnlab.git_commit", "rnnlab.params_sha1", "rnnlab.pipeline"} <= set(tags)
+    assert train_tags["rnnlab.dvc_stage"] == "train@gru"  # the evaluation left it as it was
+    assert train_tags["rnnlab.threads"] == str(torch.get_num_threads())
+    assert train_tags["rnnlab.evaluated"] == "true" and train_tags["rnnlab.train_run_id"] == trained
+    assert own_tags["rnnlab.dvc_stage"] == "evaluate@gru" and "rnnlab.threads" not in own_tags
+    assert own_tags["rnnlab.train_run_id"] == trained and trained in own_tags["mlflow.note.content"]
 
 
 @pytest.mark.slow

@@ -7,14 +7,28 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from rnnlab.config import Train
-from rnnlab.models.lm import ModelConfig
+from rnnlab.data.corpus import Tokens
+from rnnlab.data.vocab import build_vocab
+from rnnlab.models.lm import ModelConfig, build_model
+from rnnlab.training import resume
 from rnnlab.training.checkpoint import save_resume
 from rnnlab.kernels import choice
-from rnnlab.training.resume import fingerprint, kernel_changes, kernel_record, load_resumable
+from rnnlab.training.loop import train_summary
+from rnnlab.training.resume import (
+    fingerprint,
+    kernel_changes,
+    kernel_record,
+    kernel_tags,
+    load_resumable,
+    resumed_state,
+    train_epochs,
+)
+from stages import TRAIN
 from tests.conftest import shipped
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -24,7 +38,7 @@ SNAPSHOT = {"epoch": 3, "weights": torch.zeros(4)}
 
 @pytest.fixture
 def fp():
-    return fingerprint(MODEL, shipped(Train, threads=1), "d" * 40, ROOT)
+    return fingerprint(MODEL, shipped(Train, threads=1), "d" * 40, TRAIN, ROOT)
 
 
 def test_the_fingerprint_covers_the_train_stage_code(fp):
@@ -95,8 +109,8 @@ def test_a_damaged_state_starts_over_saying_so(tmp_path, fp):
 
 
 def test_settings_fingerprint_follows_the_settings(fp):
-    assert fingerprint(MODEL, shipped(Train, threads=1, lr=0.5), "d" * 40, ROOT).settings != fp.settings
-    assert fingerprint(MODEL, shipped(Train, threads=1), "d" * 40, ROOT) == fp
+    assert fingerprint(MODEL, shipped(Train, threads=1, lr=0.5), "d" * 40, TRAIN, ROOT).settings != fp.settings
+    assert fingerprint(MODEL, shipped(Train, threads=1), "d" * 40, TRAIN, ROOT) == fp
 
 
 def test_a_resume_file_written_before_the_package_layout_starts_over_naming_the_code(tmp_path, fp):
@@ -107,7 +121,98 @@ def test_a_resume_file_written_before_the_package_layout_starts_over_naming_the_
     shutil.copy(ROOT / "tests/fixtures/premove/resume.pt", work / "resume.pt")
     cfg = shipped(Train, hidden_size=8, threads=1, epochs=12, bf16=False)  # the defaults of then
     model = ModelConfig(vocab_size=24, cell="gru", impl="torch", hidden_size=8)
-    found = load_resumable(work, fingerprint(model, cfg, "0" * 40, ROOT))
+    found = load_resumable(work, fingerprint(model, cfg, "0" * 40, TRAIN, ROOT))
     assert found.snapshot is None
     assert found.why_not.startswith("the code (rnnlab/batches.py, ") and "\n" not in found.why_not
     assert "rnnlab/models/lm.py" in found.why_not and "settings" not in found.why_not
+
+
+# ---------------------------------------------------------------------------------------------
+# train_epochs: the epoch loop as the train stage runs it
+
+TEXT = "the time traveller was expounding a recondite matter to us "
+CPU = torch.device("cpu")
+
+
+class Tagged:
+    """A stand-in for the stage's Tracker with tracking off: the tags it was given, in order."""
+
+    run_id = None
+
+    def __init__(self):
+        self.tags: list[dict] = []
+
+    def set_tags(self, tags: dict) -> None:
+        self.tags.append(dict(tags))
+
+
+def tiny_training(work: Path, epochs: int):
+    """(state, tokens, cfg, fingerprint, resumable) of a 4-unit rnn on 1,200 tokens."""
+    vocab = build_vocab(list(TEXT))
+    ids = np.array(vocab.encode(list(TEXT * 20)))
+    tokens = Tokens(splits={"train": ids, "val": ids[:200], "test": ids[:200]}, vocab=vocab,
+                    stats={})
+    cfg = shipped(Train, hidden_size=4, num_steps=8, batch_size=4, epochs=epochs, threads=1,
+                  device="cpu", bf16=False)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(vocab_size=len(vocab), cell="rnn", impl="torch", hidden_size=4))
+    fp = fingerprint(model.config, cfg, "0" * 40, TRAIN, ROOT)
+    state, found = resumed_state(model, cfg, work, fp, "rnn")
+    return state, found, tokens, cfg, fp
+
+
+def test_an_epoch_reaches_the_stage_saved_and_tagged_with_the_kernel_choices_once(tmp_path):
+    state, found, tokens, cfg, fp = tiny_training(tmp_path, epochs=3)
+    run = Tagged()
+    for result in train_epochs(state, tokens, cfg, CPU, tmp_path, fp, found, run, "rnn"):
+        saved = torch.load(tmp_path / "resume.pt", weights_only=True)
+        assert saved["epoch"] == result.epoch and (tmp_path / "best.pt").is_file()
+    assert state.epoch == 3 and state.pruned_at is None
+    assert run.tags == [kernel_tags()]  # the same choices every epoch: tagged once
+
+
+@pytest.mark.parametrize("prune_at, epochs_run", [(2, 2), (4, 4), (None, 4)],
+                         ids=["pruned", "at-the-last-epoch", "never"])
+def test_a_study_hears_every_epoch_and_a_prune_before_the_last_stops_the_training(
+        tmp_path, monkeypatch, capsys, prune_at, epochs_run):
+    """rnnlab tune's pruner stops a training after an epoch that is not its last; train.json says
+    where (pruned_at), and the run is tagged; a prune at the last epoch changes nothing."""
+    heard = []
+
+    def report(epoch: int, val_ppl: float) -> bool:
+        heard.append(epoch)
+        return epoch == prune_at
+
+    monkeypatch.setattr(resume, "reporter", lambda variant: report)
+    state, found, tokens, cfg, fp = tiny_training(tmp_path, epochs=4)
+    run = Tagged()
+    results = list(train_epochs(state, tokens, cfg, CPU, tmp_path, fp, found, run, "rnn"))
+    assert [r.epoch for r in results] == heard == list(range(1, epochs_run + 1))
+    summary = train_summary(state, cfg, CPU, run_id=None)
+    keys = ["best_epoch", "best_val_ppl", "final_train_ppl", "epochs", "tokens_per_sec",
+            "train_seconds", "parameters", "device", "precision", "mlflow_run_id"]
+    out = capsys.readouterr().out
+    if epochs_run < 4:
+        assert state.pruned_at == 2 and "rnn: pruned by the study after epoch 2 of 4" in out
+        assert run.tags[-1] == {"rnnlab.pruned": "true", "rnnlab.pruned_at": "2"}
+        assert list(summary) == keys[:4] + ["pruned_at"] + keys[4:] and summary["pruned_at"] == 2
+    else:
+        assert state.pruned_at is None and "pruned" not in out
+        assert list(summary) == keys and not any("rnnlab.pruned" in t for t in run.tags)
+    assert summary["epochs"] == 4
+    assert summary["parameters"] == sum(p.numel() for p in state.model.parameters())
+
+
+def test_a_resumed_run_on_another_kernel_path_says_so_once(tmp_path, monkeypatch, capsys):
+    state, found, tokens, cfg, fp = tiny_training(tmp_path, epochs=3)
+    found = dataclasses.replace(found, snapshot=state.snapshot())
+    state.epoch = 1  # as if resumed after epoch 1
+    changed = ["layer rnn torch: fused -> native"]
+    monkeypatch.setattr(resume, "kernel_changes", lambda saved: changed)
+    run = Tagged()
+    list(train_epochs(state, tokens, cfg, CPU, tmp_path, fp, found, run, "rnn"))
+    out = capsys.readouterr().out
+    assert out.count("the kernel path changed") == 1
+    assert ("rnn: the kernel path changed after epoch 1 (layer rnn torch: fused -> native); "
+            "continuing") in out
+    assert {"rnnlab.kernels_changed": "after epoch 1: layer rnn torch: fused -> native"} in run.tags

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 from rnnlab.training.threads import auto_threads, queue_workers, running_stages
+from stages import TORCH_STAGES
 
 ROOT = Path("/work/repo")
 PROCESSES = [
@@ -21,7 +22,7 @@ PROCESSES = [
 
 def test_counts_this_repositorys_workers_and_our_stage_processes_only():
     assert queue_workers(ROOT, PROCESSES) == 2
-    assert running_stages(PROCESSES) == 2
+    assert running_stages(PROCESSES, TORCH_STAGES) == 2
 
 
 def test_each_of_the_parallel_trainings_gets_its_share(monkeypatch):
@@ -29,8 +30,8 @@ def test_each_of_the_parallel_trainings_gets_its_share(monkeypatch):
 
     monkeypatch.setattr(threads, "usable_cpus", lambda: 8)
     monkeypatch.setattr(threads, "_processes", lambda: PROCESSES)
-    assert auto_threads(ROOT) == (4, "auto: 8 CPUs shared by 2 parallel DVC queue workers")
+    assert auto_threads(ROOT, TORCH_STAGES) == (4, "auto: 8 CPUs shared by 2 parallel DVC queue workers")
     monkeypatch.setattr(threads, "_processes", lambda: PROCESSES[3:] * 3)  # 6 stages, no queue
-    assert auto_threads(ROOT) == (1, "auto: 8 CPUs shared by 6 parallel stages")
+    assert auto_threads(ROOT, TORCH_STAGES) == (1, "auto: 8 CPUs shared by 6 parallel stages")
     monkeypatch.setattr(threads, "_processes", lambda: [])
-    assert auto_threads(ROOT) == (8, "auto: all 8 CPUs, nothing else running")
+    assert auto_threads(ROOT, TORCH_STAGES) == (8, "auto: all 8 CPUs, nothing else running")
