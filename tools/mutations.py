@@ -46,14 +46,14 @@ MUTATIONS = {
     "resume-code": Mutation(
         "the resume fingerprint's code hash: left out",
         "rnnlab/training/resume.py",
-        "code={**codedeps.digest(TRAIN_MODULE, code_root), **compiled_digest(code_root)},",
+        "code={**codedeps.digest(stage, code_root), **compiled_digest(code_root)},",
         "code={},",
         ("tests/training/test_resume.py", "tests/stages/test_reliability.py")),
     "resume-cpp": Mutation(
         "the resume fingerprint: the compiled loops' C++ left out",
         "rnnlab/training/resume.py",
-        "code={**codedeps.digest(TRAIN_MODULE, code_root), **compiled_digest(code_root)},",
-        "code={**codedeps.digest(TRAIN_MODULE, code_root)},",
+        "code={**codedeps.digest(stage, code_root), **compiled_digest(code_root)},",
+        "code={**codedeps.digest(stage, code_root)},",
         ("tests/training/test_resume.py",)),
     "secret-source": Mutation(
         "a data.source with a login or a signature: accepted",
