@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import atexit
+import logging
 import os
 import sys
 from typing import Callable
@@ -35,3 +37,37 @@ def run_main(main: Callable[[], None]) -> None:
     except BrokenPipeError:  # output piped into `head` and the like: not an error
         sys.stderr.close()
         raise SystemExit(0) from None
+
+
+def run_program(main: Callable[[], None]) -> None:
+    """`run_main(main)` as the whole program (`python -m stages.X`), with the same exit status,
+    but without the interpreter's teardown of thousands of modules.
+
+    Python still ends the program as usual: it prints an escaping exception and runs the exit
+    handlers registered from here on (MLflow's among them). The last of those, registered here,
+    flushes the standard streams and logging and leaves with the status at once. Child processes
+    still alive get the usual exit instead.
+    """
+    status: list[int] = [1]  # an exception that escapes: Python prints it and exits with 1
+    atexit.register(_leave, status)
+    try:
+        run_main(main)
+    except SystemExit as err:
+        code = err.code
+        status[0] = code if isinstance(code, int) else 0 if code is None else 1
+        raise
+    status[0] = 0
+
+
+def _leave(status: list[int]) -> None:
+    import multiprocessing
+
+    if multiprocessing.active_children():  # the usual exit joins or ends them
+        return
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed (a broken pipe): nothing left to write
+            pass
+    os._exit(status[0])

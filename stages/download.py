@@ -13,7 +13,7 @@ from pathlib import Path
 
 from rnnlab.config import load_params
 from rnnlab.data.download import prepare_raw
-from rnnlab.errors import run_main
+from rnnlab.errors import run_program
 
 
 def main() -> None:
@@ -42,4 +42,4 @@ def summary(info: dict, out: Path) -> str:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_program(main)

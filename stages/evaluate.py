@@ -11,7 +11,7 @@ from pathlib import Path
 from rnnlab.config import flatten, load_params, variant_train
 from rnnlab.data.corpus import SPLITS, load_tokens
 from rnnlab import phases
-from rnnlab.errors import UserError, run_main
+from rnnlab.errors import UserError, run_program
 from rnnlab.fileio import read_json, write_text
 from rnnlab.models.lm import ModelConfig, model_config
 from rnnlab.tracking.records import record_summary, run_params
@@ -125,4 +125,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_program(main)

@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import FormatStrFormatter  # noqa: E402
 
 from rnnlab.config import Params, load_params  # noqa: E402
-from rnnlab.errors import UserError, run_main  # noqa: E402
+from rnnlab.errors import UserError, run_program  # noqa: E402
 from rnnlab.fileio import atomic_path, read_json, write_text  # noqa: E402
 from rnnlab.tracking.table import VARIANT, by_test_ppl, comparison, row  # noqa: E402
 
@@ -106,4 +106,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_program(main)

@@ -6,7 +6,7 @@ import argparse
 
 from rnnlab.config import load_params
 from rnnlab.data.corpus import read_raw, save_tokens, summary_line, tokenize_corpus
-from rnnlab.errors import run_main
+from rnnlab.errors import run_program
 
 
 def main() -> None:
@@ -25,4 +25,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_program(main)

@@ -13,7 +13,7 @@ import torch
 
 from rnnlab.config import load_params, variant_train
 from rnnlab.data.corpus import load_tokens
-from rnnlab.errors import run_main
+from rnnlab.errors import run_program
 from rnnlab.fileio import atomic_path
 from rnnlab.models.lm import new_model
 from rnnlab.tracking.mlflow_model import input_example
@@ -87,4 +87,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_program(main)
