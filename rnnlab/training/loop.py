@@ -7,6 +7,7 @@ run needs lives in a `TrainState`, whose `snapshot()` is what a resumable checkp
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -51,7 +52,7 @@ class EpochResult:
 @dataclass
 class TrainState:
     model: RNNLM
-    optimizer: torch.optim.Optimizer
+    optimizer: Optimizer
     gen: torch.Generator                 # minibatch order and offsets
     epoch: int = 0                       # epochs completed
     history: list[dict] = field(default_factory=list)
@@ -155,7 +156,92 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def make_optimizer(model: nn.Module, cfg: Train) -> torch.optim.Optimizer:
+class PlainOptimizer:
+    """train.optimizer (sgd | adam) on CPU parameters: the numbers of torch.optim's SGD and Adam
+    with their defaults (its single-tensor path, which it takes on the CPU) to the bit, and the
+    same state_dict, so that either loads the other's. Without torch.optim.Optimizer, whose first
+    call imports torch._dynamo, seconds of every training process.
+    """
+
+    DEFAULTS = {  # torch.optim's param_groups keys and defaults, in its order
+        "sgd": {"momentum": 0, "dampening": 0, "weight_decay": 0.0, "nesterov": False,
+                "maximize": False, "foreach": None, "differentiable": False, "fused": None},
+        "adam": {"betas": (0.9, 0.999), "eps": 1e-08, "weight_decay": 0.0, "amsgrad": False,
+                 "maximize": False, "foreach": None, "capturable": False,
+                 "differentiable": False, "fused": None, "decoupled_weight_decay": False},
+    }
+
+    def __init__(self, kind: str, params, lr: float, weight_decay: float):
+        self.kind = kind
+        group = {"lr": lr, **self.DEFAULTS[kind], "weight_decay": weight_decay}
+        self.param_groups = [{**group, "params": list(params)}]
+        self.state: dict[torch.Tensor, dict] = {}
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.param_groups[0]["params"]:
+            if set_to_none:
+                p.grad = None
+            elif p.grad is not None:
+                p.grad.detach_().zero_()
+
+    @torch.no_grad()
+    def step(self) -> None:
+        g = self.param_groups[0]
+        lr, wd = g["lr"], g["weight_decay"]
+        for p in g["params"]:
+            if p.grad is None:
+                continue
+            grad = p.grad if wd == 0 else p.grad.add(p, alpha=wd)
+            if self.kind == "sgd":
+                p.add_(grad, alpha=-lr)
+                continue
+            st = self.state.setdefault(p, {})
+            if not st:  # as torch.optim: a float32 step on the CPU (float64 by default dtype)
+                wide = torch.get_default_dtype() == torch.float64
+                dtype = torch.float64 if wide else torch.float32
+                st["step"] = torch.tensor(0.0, dtype=dtype)
+                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            (beta1, beta2), m, v = g["betas"], st["exp_avg"], st["exp_avg_sq"]
+            st["step"] += 1
+            m.lerp_(grad, 1 - beta1)
+            v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            step = st["step"].item()
+            denom = (v.sqrt() / (1 - beta2**step) ** 0.5).add_(g["eps"])
+            p.addcdiv_(m, denom, value=-(lr / (1 - beta1**step)))
+
+    def state_dict(self) -> dict:
+        """torch.optim's format: state by parameter index, the group with indices for params."""
+        params = self.param_groups[0]["params"]
+        index = {id(p): i for i, p in enumerate(params)}
+        return {"state": {index[id(p)]: dict(s) for p, s in self.state.items()},
+                "param_groups": [{**self.param_groups[0], "params": list(range(len(params)))}]}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """What `state_dict` (this class's or torch.optim's) holds; tensors of the state moved
+        to their parameter's dtype and device as torch.optim moves them (`step` stays)."""
+        [saved] = state_dict["param_groups"]
+        params = self.param_groups[0]["params"]
+        if len(saved["params"]) != len(params):
+            raise ValueError("loaded state dict contains a parameter group that doesn't match "
+                             "the size of optimizer's group")
+        by_id = dict(zip(saved["params"], params))
+        self.state = {by_id[i]: {k: (x if k == "step" or not torch.is_tensor(x) else
+                                     x.to(dtype=by_id[i].dtype, device=by_id[i].device))
+                                 for k, x in s.items()}
+                      for i, s in state_dict["state"].items()}
+        self.param_groups = [{**copy.deepcopy({k: x for k, x in saved.items() if k != "params"}),
+                              "params": params}]
+
+
+Optimizer = PlainOptimizer | torch.optim.Optimizer
+
+
+def make_optimizer(model: nn.Module, cfg: Train) -> Optimizer:
+    """torch.optim's numbers: PlainOptimizer where every parameter is on the CPU, torch.optim's
+    own elsewhere (on a GPU it takes another path, a foreach one)."""
+    if all(p.device.type == "cpu" for p in model.parameters()):
+        return PlainOptimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay)
     if cfg.optimizer == "adam":
         return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.SGD(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -192,7 +278,7 @@ def check_fits(n_tokens: int, cfg: Train) -> None:
         )
 
 
-def train_step(model: RNNLM, x: torch.Tensor, y: torch.Tensor, h, opt: torch.optim.Optimizer,
+def train_step(model: RNNLM, x: torch.Tensor, y: torch.Tensor, h, opt: Optimizer,
                clip_theta: float, bf16: bool = False):
     """One minibatch from state h (detached, or None): forward, loss, backward, clip, step.
 
