@@ -22,8 +22,8 @@ from rnnlab.fileio import CACHE_ENV
 from rnnlab.kernels import cpu, fused, native
 
 HAS_CXX = shutil.which("c++") is not None
-TIGHT = {"rtol": 0, "atol": 1e-10}  # float64, as tests/test_models.py
-LOOSE = {"rtol": 1e-4, "atol": 1e-5}  # float32, as tests/test_models.py
+TIGHT = {"rtol": 0, "atol": 1e-10}  # float64, as tests/models/test_models.py
+LOOSE = {"rtol": 1e-4, "atol": 1e-5}  # float32, as tests/models/test_models.py
 # (steps, batch, hidden, input): batch 1, one step, hidden not a multiple of the vector width, and
 # the C++'s other code paths: on 2 threads a team of 2 (hidden >= 64, batch <= 64; slices of 32
 # and 38 units), and past the team (batch 260 > 64: MKL threads the products, batch >= 256: the

@@ -1,5 +1,5 @@
 """The training loop: clipping, determinism, divergence, checkpoints, sampling.
-(The perplexity protocol itself: tests/test_evaluation.py.)"""
+(The perplexity protocol itself: tests/training/test_evaluation.py.)"""
 
 import copy
 from pathlib import Path
