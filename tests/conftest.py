@@ -136,6 +136,17 @@ def new_store(empty_store):
     return functools.partial(store_copy, empty_store)
 
 
+@pytest.fixture(scope="module")
+def environment_restored():
+    """os.environ as it was before the module's first test, put back after its last: for a
+    module whose tests log in to a server through the environment, as MLflow's client reads it
+    (`pytestmark = pytest.mark.usefixtures("environment_restored")`)."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 @pytest.fixture(scope="session")
 def tiny_tokens(shared_tmp) -> Path:
     """data/tokens of the first 40,000 characters of The Time Machine (4,000 training tokens),

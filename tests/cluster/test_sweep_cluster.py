@@ -37,7 +37,8 @@ from deploy.stack import remote_commands
 from deploy.throwaway import shell_env
 from tests.repos import copy_repo
 
-pytestmark = pytest.mark.slow
+# runs_of() logs in through os.environ: environment_restored puts it back (conftest.py)
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("environment_restored")]
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 EXPERIMENT = "cluster-sweeps"
@@ -205,14 +206,6 @@ def runs_of(login: dict[str, str], name: str) -> list:
 
 def md5(path: Path) -> str:
     return hashlib.md5(path.read_bytes()).hexdigest()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def environment_restored():
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
 
 
 GRID = ["-S", "train.lr=0.01,0.03", "-S", "train.seed=1,2", "--name", "grid"]

@@ -41,7 +41,8 @@ from rnnlab.redact import TOKEN_ENV, TOKEN_HOSTS_ENV
 from tests.deploy.leaks import CommandLines, git_objects, leaks, leaks_in_files
 from tests.repos import copy_repo
 
-pytestmark = pytest.mark.slow
+# mlflow_client() logs in through os.environ: environment_restored puts it back (conftest.py)
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("environment_restored")]
 BIN = Path(sys.executable).parent
 EXPERIMENT = "team-e2e"   # the lab's shared MLflow experiment
 TOKEN = f"{PLANTED}download-token-{secrets.token_hex(4)}"  # the corpus server's bearer token
@@ -126,15 +127,6 @@ def mlflow_client(login: dict[str, str]):
 
     os.environ.update(login)
     return MlflowClient(login["MLFLOW_TRACKING_URI"])
-
-
-@pytest.fixture(scope="module", autouse=True)
-def environment_restored():
-    """mlflow_client() logs in through os.environ: leave it as it was for the tests after these."""
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
 
 
 @pytest.fixture(scope="module")

@@ -22,8 +22,8 @@ from rnnlab.fileio import CACHE_ENV
 from rnnlab.kernels import cpu, fused, native
 
 HAS_CXX = shutil.which("c++") is not None
-TIGHT = {"rtol": 0, "atol": 1e-10}  # float64, as tests/test_models.py
-LOOSE = {"rtol": 1e-4, "atol": 1e-5}  # float32, as tests/test_models.py
+TIGHT = {"rtol": 0, "atol": 1e-10}  # float64, as tests/models/test_models.py
+LOOSE = {"rtol": 1e-4, "atol": 1e-5}  # float32, as tests/models/test_models.py
 # (steps, batch, hidden, input): batch 1, one step, hidden not a multiple of the vector width, and
 # the C++'s other code paths: on 2 threads a team of 2 (hidden >= 64, batch <= 64; slices of 32
 # and 38 units), and past the team (batch 260 > 64: MKL threads the products, batch >= 256: the
@@ -182,7 +182,7 @@ def test_native_lstm_saturated_gates_float32(ops):
 
 
 @pytest.mark.parametrize("cell", ["gru", "rnn"])
-def test_saturated_gates_float32(ops, cell):
+def test_saturated_gates_stay_finite_as_in_nn_gru_and_nn_rnn(ops, cell):
     """Pre-activations far past exp's float32 range (|a| > 88): the gates saturate to 0 / 1 and
     tanh to -1 / 1 without inf or NaN, as in nn.GRU / nn.RNN."""
     steps, batch, hidden = 4, 3, 9
@@ -226,7 +226,7 @@ def test_nan_stays_nan(ops, cell, dtype):
 
 @pytest.mark.parametrize("use", ["outputs", "last"])
 @pytest.mark.parametrize("cell", ["gru", "rnn"])
-def test_one_output_unused(ops, cell, use):
+def test_an_unused_output_or_last_state_gets_zero_gradients(ops, cell, use):
     """A loss of the outputs only, or of the last state only: the other's gradient is zeros."""
     steps, batch, hidden = 4, 2, 6
     gen = torch.Generator().manual_seed(5)
@@ -246,7 +246,7 @@ def test_one_output_unused(ops, cell, use):
     assert_all_close(*results, TIGHT)
 
 
-def test_non_contiguous_inputs(ops):
+def test_native_gru_takes_views_as_the_scratch_cells_pass_them(ops):
     """Views in, as the scratch cells pass them (a transposed weight, a slice of the terms)."""
     steps, batch, hidden = 3, 2, 5
     gen = torch.Generator().manual_seed(7)
@@ -433,6 +433,7 @@ print(json.dumps({"ok": ok, "why": native.why_not(), "compiles": len(compiles), 
 """
 
 
+@pytest.mark.slow  # a fresh Python each, importing torch and loading the compiled library
 @pytest.mark.parametrize("case", ["good", "garbage", "rebuilt-garbage"])
 def test_a_library_that_does_not_load_is_compiled_again_once(ops, tmp_path, case):
     """In a fresh process and cache: a good library loads as it is (and is marked used); one
