@@ -42,7 +42,7 @@ MUTATIONS = {
         "rnnlab/tracking/store.py",
         '    if not uri.startswith("sqlite:///"):\n        return nullcontext()\n    return _StoreLock(',
         '    if True:\n        return nullcontext()\n    return _StoreLock(',
-        ("tests/tracking/test_tracking.py", "tests/stages/test_sweep.py")),
+        ("tests/tracking/test_tracking.py", "tests/stages/test_queue.py")),
     "resume-code": Mutation(
         "the resume fingerprint's code hash: left out",
         "rnnlab/training/resume.py",
@@ -78,7 +78,7 @@ MUTATIONS = {
         "rnnlab/tracking/runs.py",
         '    if tags.get("rnnlab.dvc_exp") != os.environ.get("DVC_EXP_NAME"):\n        return False\n',
         "",
-        ("tests/tracking/test_tracking.py", "tests/stages/test_sweep.py")),
+        ("tests/tracking/test_tracking.py", "tests/stages/test_queue.py")),
     "eos": Mutation(
         "<eos> at line ends: none",
         "rnnlab/data/text.py",
