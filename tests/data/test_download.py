@@ -11,7 +11,6 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import threading
 import zipfile
 from collections import Counter
@@ -28,6 +27,7 @@ from rnnlab.data.download import prepare_raw
 from rnnlab.data.fetch import fetch
 from rnnlab.errors import UserError
 from tests.conftest import shipped, shipped_params
+from tests.stagerun import in_process
 
 REPO = Path(__file__).resolve().parents[2]
 BODY = b"The Time Traveller (for so it will be convenient to speak of him)\n" * 40
@@ -657,15 +657,10 @@ def test_success_replaces_old_out_dir(tmp_path):
 
 
 def _stage(tmp_path: Path, data: dict, out: Path) -> subprocess.CompletedProcess:
-    """stages.download on params.yaml with `data` changed."""
+    """stages.download on params.yaml with `data` changed, as DVC runs it (tests/stagerun.py)."""
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(shipped_params({"data": data})))
-    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true",
-           "DVC_NO_ANALYTICS": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "stages.download", "--params", str(path), "--out", str(out)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=60,
-    )
+    return in_process("download", "--params", path, "--out", out, cwd=REPO)
 
 
 def test_stage_bad_params(tmp_path):

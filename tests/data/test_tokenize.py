@@ -1,9 +1,7 @@
 """Text preparation, the vocabulary, and the tokenize stage's splits."""
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +19,8 @@ from rnnlab.data.text import EOS, detokenize, prepare_text, text_tokens, tokeniz
 from rnnlab.data.vocab import UNK, Vocab, build_vocab
 from rnnlab.errors import UserError
 from tests.conftest import shipped, shipped_params
+from tests.stagerun import in_process
 
-REPO = Path(__file__).resolve().parents[2]
 
 TEXT = "The Time Machine, by H. G. Wells\n\nThe Time Traveller (for so\nit will be convenient) of\ncheerfulness 42.\n"
 
@@ -236,17 +234,14 @@ def test_ptb_char_tokens_end_lines_with_a_newline():
 
 
 def _tokenize_stage(tmp_path: Path, overlay: dict, raw: dict[str, str]) -> subprocess.CompletedProcess:
-    """`python -m stages.tokenize` in tmp_path on params.yaml with `overlay`, raw/<split>.txt = raw."""
+    """`python -m stages.tokenize` in tmp_path on params.yaml with `overlay`, raw/<split>.txt = raw,
+    as DVC runs it (tests/stagerun.py)."""
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(shipped_params(overlay)))
     (tmp_path / "raw").mkdir()
     for split, text in raw.items():
         (tmp_path / "raw" / f"{split}.txt").write_text(text, encoding="utf-8")
-    env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_DISABLE_TELEMETRY": "true",
-           "DO_NOT_TRACK": "true", "DVC_NO_ANALYTICS": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "stages.tokenize", "--params", "params.yaml", "--raw", "raw", "--out", "out"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
-    )
+    return in_process("tokenize", "--params", "params.yaml", "--raw", "raw", "--out", "out",
+                      cwd=tmp_path)
 
 
 def test_tokenize_stage_on_ptb_prints_its_counts(tmp_path):

@@ -433,6 +433,7 @@ print(json.dumps({"ok": ok, "why": native.why_not(), "compiles": len(compiles), 
 """
 
 
+@pytest.mark.slow  # a fresh Python each, importing torch and loading the compiled library
 @pytest.mark.parametrize("case", ["good", "garbage", "rebuilt-garbage"])
 def test_a_library_that_does_not_load_is_compiled_again_once(ops, tmp_path, case):
     """In a fresh process and cache: a good library loads as it is (and is marked used); one

@@ -64,7 +64,7 @@ def test_train_step_moves_the_weights_by_lr_times_the_clipped_gradient(theta, cl
 @pytest.mark.parametrize("sampling", ["sequential", "random"])
 @pytest.mark.parametrize("cell,impl", [("rnn", "scratch"), ("gru", "torch"), ("lstm", "torch")])
 def test_training_lowers_perplexity_and_reruns_identically(cell, impl, sampling):
-    c = cfg(sampling=sampling, epochs=3)
+    c = cfg(sampling=sampling, epochs=2)
     results, _ = train(tiny(cell, impl), c)
     again, _ = train(tiny(cell, impl), c)
     assert results[-1].val_ppl < results[0].val_ppl < len(VOCAB)
@@ -86,10 +86,10 @@ def test_each_epochs_val_ppl_is_the_evaluation_protocols():
 
 
 def test_resume_from_snapshot_matches_an_uninterrupted_run():
-    c = cfg(epochs=4, dropout=0.1, lr_schedule="cosine")
+    c = cfg(epochs=2, dropout=0.1, lr_schedule="cosine")
     full, _ = train(tiny(), c)
     state = new_state(tiny(), c)
-    first = list(islice(run_epochs(state, IDS, IDS[:200], c, torch.device("cpu")), 2))
+    first = list(islice(run_epochs(state, IDS, IDS[:200], c, torch.device("cpu")), 1))
     snap = state.snapshot()
     later = new_state(tiny(seed=99), c)       # different weights, restored from the snapshot
     later.restore(snap)
@@ -353,6 +353,7 @@ print(repr(float(loss)))
 """
 
 
+@pytest.mark.slow  # two fresh Pythons, each importing torch and paying oneDNN's first bf16 pass
 def test_bf16_training_is_the_same_after_a_measurement_as_without(monkeypatch):
     """A process's first bfloat16 pass through oneDNN's LSTM computes other digits than later
     ones; the warm-up step of `training_bf16` makes a run that measured the precision (bfloat16
