@@ -177,6 +177,7 @@ def test_predict_takes_a_list_a_table_or_a_string_and_rejects_bad_params(tmp_pat
         assert err.value.error_code == "INVALID_PARAMETER_VALUE"
 
 
+@pytest.mark.slow  # imports MLflow's model machinery: seconds
 def test_word_models_continue_with_words(tmp_path):
     model = RNNLMPredictor(tiny_checkpoint(tmp_path / "best.pt", token_type="word"))
     out = model.predict(["the time"], {"num_tokens": 4}).loc[0]
