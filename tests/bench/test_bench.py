@@ -61,7 +61,7 @@ def test_the_book_settings_count():
                       "lstm": 3 * (2 * 256 * 1024 + 2 * 256 * 28)}
 
 
-def test_the_word_rows_count():
+def test_flops_of_the_word_lstm_by_hand():
     """Zaremba et al.'s small LSTM (embedding 200, 2 x 200 hidden, vocab 10,000; width 4*200 = 800):
     input 2*200*800 per layer (the embedding feeds the first), recurrent the same per layer, the
     10,000-wide head 2*200*10000. The head is three quarters of the FLOPs."""
@@ -72,7 +72,7 @@ def test_the_word_rows_count():
         "input": (400, 200, 800), "recurrent": (20, 200, 800), "output": (400, 200, 10_000)}
 
 
-def test_bound():
+def test_the_speed_bound_is_flops_per_second_over_flops_per_token():
     assert bound_tokens_per_sec(flops_per_token=500, flops_per_sec=1e9) == 2e6
 
 
@@ -176,7 +176,7 @@ def test_ptb_ids_numbers_words_by_frequency(tmp_path):
         streams.ptb_ids(path)
 
 
-def test_zipf_ids():
+def test_zipf_ids_are_reproducible_and_fall_as_one_over_the_rank():
     """Reproducible, within the vocabulary, frequencies falling with the id as 1 / (id + 1)."""
     ids = streams.zipf_ids(20_000, 100)
     assert torch.equal(ids, streams.zipf_ids(20_000, 100))

@@ -43,7 +43,7 @@ def test_overrides_reproduce_the_merged_params(name, tmp_path):
     assert read_yaml(tmp_path / "params.yaml") == merged(read_yaml(ROOT / "params.yaml"), overlay)
 
 
-def test_hydra_values():
+def test_a_value_becomes_the_text_of_its_hydra_override():
     assert hydra_value("sgd") == "sgd"
     assert hydra_value("time traveller") == "'time traveller'"
     assert hydra_value("null") == "'null'" and hydra_value(None) == "null"

@@ -122,7 +122,7 @@ def server():
 # fetch over HTTP
 
 
-def test_fetch_good_file(server, tmp_path):
+def test_fetch_writes_the_checked_file_and_no_temporary_one(server, tmp_path):
     dest = tmp_path / "out.txt"
     assert fetch(f"{server.url}/good", dest, BODY_SHA1, **FAST) == BODY_SHA1
     assert dest.read_bytes() == BODY
@@ -160,7 +160,7 @@ def test_fetch_dropped_connection_is_retried_then_fails(server, tmp_path):
 
 
 @pytest.mark.parametrize("path", ["/slow", "/stall"])
-def test_fetch_timeout(server, tmp_path, path):
+def test_fetch_retries_a_timeout_then_names_it(server, tmp_path, path):
     with pytest.raises(UserError, match=r"timed out after 0\.3 s") as err:
         fetch(f"{server.url}{path}", tmp_path / "out.txt", retries=1, timeout=0.3,
               progress=False, backoff=0.0)
@@ -169,7 +169,7 @@ def test_fetch_timeout(server, tmp_path, path):
     assert os.listdir(tmp_path) == []
 
 
-def test_fetch_500_then_success(server, tmp_path):
+def test_fetch_retries_a_500_until_it_succeeds(server, tmp_path):
     dest = tmp_path / "out.txt"
     assert fetch(f"{server.url}/flaky", dest, BODY_SHA1, retries=1, **FAST) == BODY_SHA1
     assert dest.read_bytes() == BODY
@@ -182,7 +182,7 @@ def test_fetch_5xx_gives_up_after_retries(server, tmp_path):
     assert server.hits["/down"] == 3
 
 
-def test_fetch_connection_refused(tmp_path):
+def test_a_refused_connection_is_one_error_that_says_check_the_network(tmp_path):
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -204,7 +204,7 @@ def test_fetch_failure_keeps_an_old_file(server, tmp_path):
 
 
 @pytest.mark.parametrize("as_uri", [False, True])
-def test_fetch_local(tmp_path, as_uri):
+def test_fetch_copies_a_local_path_or_file_uri(tmp_path, as_uri):
     src = tmp_path / "src.txt"
     src.write_bytes(BODY)
     dest = tmp_path / "out" / "copy.txt"
@@ -212,13 +212,13 @@ def test_fetch_local(tmp_path, as_uri):
     assert dest.read_bytes() == BODY
 
 
-def test_fetch_local_missing(tmp_path):
+def test_a_missing_local_file_is_one_error_leaving_nothing(tmp_path):
     with pytest.raises(UserError, match="nope.txt: file not found"):
         fetch(str(tmp_path / "nope.txt"), tmp_path / "out.txt")
     assert os.listdir(tmp_path) == []
 
 
-def test_fetch_unknown_scheme(tmp_path):
+def test_an_unknown_url_scheme_is_refused(tmp_path):
     with pytest.raises(UserError, match="unsupported URL scheme 'ftp'"):
         fetch("ftp://example.com/x.txt", tmp_path / "out.txt")
 
@@ -326,7 +326,7 @@ def _source_json(out: Path) -> dict:
     return json.loads((out / "source.json").read_text(encoding="utf-8"))
 
 
-def test_bundled_timemachine(tmp_path):
+def test_the_bundled_timemachine_is_copied_with_its_record(tmp_path):
     out = tmp_path / "raw"
     info = prepare_raw(shipped(Data), out)
     bundled = BUILTIN["timemachine"].bundled_path()
@@ -347,7 +347,7 @@ def test_bundled_copy_is_checked(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("as_uri", [False, True])
-def test_builtin_with_local_source(tmp_path, as_uri):
+def test_a_local_copy_of_a_builtin_corpus_is_taken_when_its_sha1_fits(tmp_path, as_uri):
     copy = tmp_path / "tm.txt"
     copy.write_bytes(BUILTIN["timemachine"].bundled_path().read_bytes())
     source = copy.as_uri() if as_uri else str(copy)
@@ -356,7 +356,7 @@ def test_builtin_with_local_source(tmp_path, as_uri):
     assert (tmp_path / "raw" / "corpus.txt").read_bytes() == copy.read_bytes()
 
 
-def test_builtin_with_wrong_local_source(tmp_path):
+def test_a_local_copy_of_another_sha1_is_refused_naming_data_source(tmp_path):
     other = tmp_path / "other.txt"
     other.write_text("not the time machine\n")
     with pytest.raises(UserError, match="other.txt: sha1 mismatch.*data.source"):
@@ -368,7 +368,7 @@ def test_builtin_rejects_a_different_data_sha1(tmp_path):
         prepare_raw(shipped(Data, sha1="1" * 40), tmp_path / "raw")
 
 
-def test_builtin_zip_member(tmp_path, monkeypatch):
+def test_a_builtin_zip_gives_its_member_as_the_corpus(tmp_path, monkeypatch):
     zpath = tmp_path / "lyrics.zip"
     _replace_builtin(monkeypatch, "jaychou_lyrics", sha1=_lyrics_zip(zpath))
     out = tmp_path / "raw"
@@ -377,7 +377,7 @@ def test_builtin_zip_member(tmp_path, monkeypatch):
     assert info["member"] == "jaychou_lyrics.txt" and info["chars"] == len(LYRICS)
 
 
-def test_builtin_zip_over_http(server, tmp_path, monkeypatch):
+def test_a_builtin_zip_over_http_gives_its_member(server, tmp_path, monkeypatch):
     zpath = tmp_path / "lyrics.zip"
     _replace_builtin(monkeypatch, "jaychou_lyrics", sha1=_lyrics_zip(zpath))
     server.files["/lyrics.zip"] = zpath.read_bytes()
@@ -387,7 +387,7 @@ def test_builtin_zip_over_http(server, tmp_path, monkeypatch):
     assert (tmp_path / "raw" / "corpus.txt").read_text(encoding="utf-8") == LYRICS
 
 
-def test_builtin_zip_unknown_member(tmp_path, monkeypatch):
+def test_a_builtin_zip_without_its_member_names_what_it_holds(tmp_path, monkeypatch):
     zpath = tmp_path / "lyrics.zip"
     _replace_builtin(monkeypatch, "jaychou_lyrics", sha1=_lyrics_zip(zpath, member="other.txt"))
     with pytest.raises(UserError, match="no member 'jaychou_lyrics.txt'.*other.txt"):
@@ -458,7 +458,7 @@ def test_builtin_ptb_default_source_is_its_url(server, tmp_path, monkeypatch):
     assert info["source"] == f"{server.url}/ptb.zip"
 
 
-def test_builtin_ptb_wrong_sha1(tmp_path, monkeypatch):
+def test_a_ptb_zip_of_another_sha1_is_refused_leaving_nothing(tmp_path, monkeypatch):
     zpath = tmp_path / "ptb.zip"
     actual = _ptb_zip(zpath)
     _replace_builtin(monkeypatch, "ptb", sha1="0" * 40)
@@ -467,7 +467,7 @@ def test_builtin_ptb_wrong_sha1(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["ptb.zip"]
 
 
-def test_builtin_ptb_zip_missing_a_member(tmp_path, monkeypatch):
+def test_a_ptb_zip_missing_a_split_names_what_it_holds(tmp_path, monkeypatch):
     zpath = tmp_path / "ptb.zip"
     files = {k: v for k, v in PTB_FILES.items() if k != "ptb/ptb.valid.txt"}
     _replace_builtin(monkeypatch, "ptb", sha1=_ptb_zip(zpath, files))
@@ -503,7 +503,7 @@ def _custom(source: Path | str, sha1: str | None = None) -> Data:
 SPLITS = {"train.txt": "one two three\n", "valid.txt": "four five\n", "test.txt": "six seven\n"}
 
 
-def test_custom_text_file(tmp_path):
+def test_a_custom_text_file_is_copied_without_its_bom(tmp_path):
     src = tmp_path / "my.txt"
     src.write_bytes("\ufeffhello wörld\n".encode("utf-8"))  # the BOM is dropped
     info = prepare_raw(_custom(src), tmp_path / "raw")
@@ -520,7 +520,7 @@ def test_custom_sha1_is_checked(tmp_path):
     assert os.listdir(tmp_path) == ["my.txt"]
 
 
-def test_custom_folder_with_splits(tmp_path):
+def test_a_custom_folder_of_splits_gives_train_val_and_test(tmp_path):
     folder = tmp_path / "corpus"
     folder.mkdir()
     for name, text in SPLITS.items():
@@ -533,7 +533,7 @@ def test_custom_folder_with_splits(tmp_path):
     assert info["chars"] == sum(len(t) for t in SPLITS.values())
 
 
-def test_custom_zip_with_splits(tmp_path):
+def test_a_custom_zip_of_splits_in_a_folder_gives_the_splits(tmp_path):
     zpath = tmp_path / "corpus.zip"
     with zipfile.ZipFile(zpath, "w") as zf:  # inside one folder, as `zip -r` makes it
         for name, text in SPLITS.items():
@@ -545,7 +545,7 @@ def test_custom_zip_with_splits(tmp_path):
     assert info["splits"] is True and info["sha1"] == hashlib.sha1(zpath.read_bytes()).hexdigest()
 
 
-def test_custom_folder_missing_a_split(tmp_path):
+def test_a_custom_folder_without_a_split_names_the_files_it_needs(tmp_path):
     folder = tmp_path / "corpus"
     folder.mkdir()
     (folder / "train.txt").write_text("a\n")
@@ -554,7 +554,7 @@ def test_custom_folder_missing_a_split(tmp_path):
         prepare_raw(_custom(folder), tmp_path / "raw")
 
 
-def test_custom_folder_empty_split(tmp_path):
+def test_a_custom_folder_with_an_empty_split_names_it(tmp_path):
     folder = tmp_path / "corpus"
     folder.mkdir()
     for name, text in {**SPLITS, "test.txt": " \n\n"}.items():
@@ -572,7 +572,7 @@ def test_custom_folder_empty_split(tmp_path):
     ],
     ids=["latin1", "empty", "whitespace"],
 )
-def test_custom_bad_text(tmp_path, content, message):
+def test_custom_text_not_utf8_or_empty_is_refused_naming_the_file(tmp_path, content, message):
     src = tmp_path / "bad.txt"
     src.write_bytes(content)
     with pytest.raises(UserError, match=message) as err:
@@ -581,7 +581,7 @@ def test_custom_bad_text(tmp_path, content, message):
     assert os.listdir(tmp_path) == ["bad.txt"]
 
 
-def test_custom_missing_path(tmp_path):
+def test_a_missing_custom_source_is_one_error_leaving_nothing(tmp_path):
     with pytest.raises(UserError, match="nothing-here.txt: file not found"):
         prepare_raw(_custom(tmp_path / "nothing-here.txt"), tmp_path / "raw")
     assert os.listdir(tmp_path) == []
@@ -663,7 +663,7 @@ def _stage(tmp_path: Path, data: dict, out: Path) -> subprocess.CompletedProcess
     return in_process("download", "--params", path, "--out", out, cwd=REPO)
 
 
-def test_stage_bad_params(tmp_path):
+def test_stage_names_an_unknown_corpus_and_the_known_ones(tmp_path):
     run = _stage(tmp_path, {"corpus": "nope"}, tmp_path / "raw")
     assert run.returncode == 2
     assert run.stderr.startswith("error: ")
@@ -679,7 +679,7 @@ def test_stage_missing_source_is_one_line(tmp_path):
     assert run.stderr == f"error: {missing}: file not found (check data.source)\n"
 
 
-def test_stage_prints_one_line(tmp_path):
+def test_stage_prints_what_it_wrote_in_one_line(tmp_path):
     run = _stage(tmp_path, {}, tmp_path / "raw")
     assert run.returncode == 0, run.stderr
     assert run.stdout == (

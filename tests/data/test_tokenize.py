@@ -37,7 +37,7 @@ def test_book_normalisation_and_joining():
     assert prepare_text("想要有直升机\n想要和你飞到宇宙去", "plain", "space") == "想要有直升机 想要和你飞到宇宙去"
 
 
-def test_tokenize_char_and_word():
+def test_char_tokens_are_characters_word_tokens_split_on_whitespace():
     assert tokenize("ab c", "char") == ["a", "b", " ", "c"]
     assert tokenize("ab  c\nd", "word") == ["ab", "c", "d"]
 

@@ -182,7 +182,7 @@ def test_native_lstm_saturated_gates_float32(ops):
 
 
 @pytest.mark.parametrize("cell", ["gru", "rnn"])
-def test_saturated_gates_float32(ops, cell):
+def test_saturated_gates_stay_finite_as_in_nn_gru_and_nn_rnn(ops, cell):
     """Pre-activations far past exp's float32 range (|a| > 88): the gates saturate to 0 / 1 and
     tanh to -1 / 1 without inf or NaN, as in nn.GRU / nn.RNN."""
     steps, batch, hidden = 4, 3, 9
@@ -226,7 +226,7 @@ def test_nan_stays_nan(ops, cell, dtype):
 
 @pytest.mark.parametrize("use", ["outputs", "last"])
 @pytest.mark.parametrize("cell", ["gru", "rnn"])
-def test_one_output_unused(ops, cell, use):
+def test_an_unused_output_or_last_state_gets_zero_gradients(ops, cell, use):
     """A loss of the outputs only, or of the last state only: the other's gradient is zeros."""
     steps, batch, hidden = 4, 2, 6
     gen = torch.Generator().manual_seed(5)
@@ -246,7 +246,7 @@ def test_one_output_unused(ops, cell, use):
     assert_all_close(*results, TIGHT)
 
 
-def test_non_contiguous_inputs(ops):
+def test_native_gru_takes_views_as_the_scratch_cells_pass_them(ops):
     """Views in, as the scratch cells pass them (a transposed weight, a slice of the terms)."""
     steps, batch, hidden = 3, 2, 5
     gen = torch.Generator().manual_seed(7)
