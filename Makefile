@@ -50,7 +50,9 @@ run: setup                            ## run the whole pipeline on params.yaml
 
 # Both run on every core (pytest-xdist: tests that share a server stay on one worker) and end with
 # the 10 slowest tests, so that whoever adds the next slow one sees it. PYTEST_ARGS: more options.
-PYTEST := $(BIN)/python -m pytest -q -n auto --dist loadgroup --durations=10 $(PYTEST_ARGS)
+# Bytecode is cached even where PYTHONDONTWRITEBYTECODE is set: each worker would otherwise compile
+# and rewrite every module again (about 4 CPU-s a worker).
+PYTEST := PYTHONDONTWRITEBYTECODE= $(BIN)/python -m pytest -q -n auto --dist loadgroup --durations=10 $(PYTEST_ARGS)
 
 test: setup                           ## the whole test suite, end-to-end tests included (what CI runs)
 	$(PYTEST)
