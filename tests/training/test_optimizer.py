@@ -95,6 +95,7 @@ def test_make_optimizer_is_plain_on_the_cpu():
         assert isinstance(make_optimizer(model, cfg), PlainOptimizer)
 
 
+@pytest.mark.slow  # a fresh Python is the point: whether the import happens at all
 def test_a_training_step_imports_no_dynamo():
     code = ("import sys, torch\n"
             "from rnnlab.training.loop import PlainOptimizer\n"
