@@ -84,8 +84,9 @@ profile-run: setup                    ## where a fresh clone's `dvc repro` spend
 bench-sweep: setup                    ## 4 queued experiments with -j 1, then -j 2 (bench/sweep.py)
 	$(BIN)/python -m bench.sweep
 
-ui: setup                             ## the MLflow UI on the local store (http://127.0.0.1:5000)
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000 --workers 1
+UI_PORT ?= 5000
+ui: setup                             ## the MLflow UI on the local store (http://127.0.0.1:$(UI_PORT)); UI_PORT=5001: another
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port $(UI_PORT) --workers 1
 
 team-up: setup                        ## the local team stack (docs/team.md): PostgreSQL, S3, MLflow with auth; eval "$$(make -s team-up)"
 	@$(BIN)/python -m deploy.stack up
