@@ -19,16 +19,18 @@ import shutil
 import signal
 import subprocess
 import sys
+import typing
 import zipfile
 from pathlib import Path
 
+import pydantic
 import pytest
 import torch
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rnnlab.config import Data, Params, Train, load_params, validate_params
+from rnnlab.config import Data, Params, Train, Variant, load_params, validate_params
 from rnnlab.data.corpus import load_tokens, save_tokens, tokenize_corpus
 from rnnlab.data.download import prepare_raw
 from rnnlab.data.vocab import build_vocab
@@ -256,11 +258,19 @@ def mutations(draw):
     return p, "tokenize.split"
 
 
-KNOWN_KEYS = {"data", "tokenize", "train", "variants", "evaluate", "tracking", "corpus", "source",
-              "sha1", "max_tokens", "token", "normalize", "join_lines", "min_freq", "split", "val",
-              "test", "cell", "impl", "num_layers", "embed_size", "bidirectional", "prefixes",
-              "num_tokens", "temperature", "num_samples", "seed", "enabled", "experiment",
-              *Params.model_fields["train"].annotation.model_fields}
+def schema_keys(model=Params) -> set[str]:
+    """Every key the params schema knows, at any depth (hypothesis also draws the code's own
+    string constants, such as a real key: it is no typo)."""
+    keys = set()
+    for name, field in model.model_fields.items():
+        keys.add(name)
+        for t in (field.annotation, *typing.get_args(field.annotation)):
+            if isinstance(t, type) and issubclass(t, pydantic.BaseModel):
+                keys |= schema_keys(t)
+    return keys
+
+
+KNOWN_KEYS = {"val", "test", *schema_keys(), *schema_keys(Variant)}
 
 
 @settings(max_examples=400, deadline=None)
