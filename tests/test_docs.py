@@ -167,8 +167,9 @@ def env_names_in_code() -> set[str]:
     for f in tracked():
         if f.endswith(".py") and (not f.startswith("tests/") or f == "tests/conftest.py"):
             for node in ast.walk(ast.parse((ROOT / f).read_text())):
-                if isinstance(node, ast.Constant) and isinstance(node.value, str):
-                    found.update(n for n in [node.value] if name.fullmatch(n))
+                if isinstance(node, ast.Constant) and isinstance(node.value, str) \
+                        and name.fullmatch(node.value):
+                    found.add(node.value)
                 elif isinstance(node, ast.keyword) and node.arg and name.fullmatch(node.arg):
                     found.add(node.arg)
     for f in ("Makefile", ".ci/run"):
