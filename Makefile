@@ -54,7 +54,14 @@ run: setup                            ## run the whole pipeline on params.yaml
 # and rewrite every module again (about 4 CPU-s a worker).
 PYTEST := PYTHONDONTWRITEBYTECODE= $(BIN)/python -m pytest -q -n auto --dist loadgroup --durations=10 $(PYTEST_ARGS)
 
-test: setup                           ## the whole test suite, end-to-end tests included (what CI runs)
+# The browser check's npm packages (tests/ui/package-lock.json pins them), where npm is installed;
+# without npm that one test is skipped, and says so.
+UI_PACKAGES := tests/ui/node_modules/.package-lock.json
+$(UI_PACKAGES): tests/ui/package-lock.json
+	@if command -v npm >/dev/null; then npm ci --prefix tests/ui --no-audit --no-fund; \
+	else echo "npm not found: the browser check (tests/ui/test_ui.py) will be skipped"; fi
+
+test: setup $(UI_PACKAGES)            ## the whole test suite, end-to-end tests included (what CI runs)
 	$(PYTEST)
 
 test-fast: setup                      ## the fast tests only (half a minute)
