@@ -2,7 +2,7 @@
 a real `dvc repro`, each training run's Models column links its logged model, the model's page
 names its run, and the compare view shows the runs' params and metrics.
 
-Needs Node.js, Debian's `chromium` and `npm ci --prefix tests/ui`, which .ci/run installs; there
+Needs Node.js, Debian's `chromium` (.ci/run installs it) and `npm ci --prefix tests/ui` (make test); in CI
 RNNLAB_NO_SKIPS=1 makes their absence a failure, elsewhere a skip that says what to install.
 """
 
